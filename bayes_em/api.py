@@ -1,0 +1,301 @@
+"""The NumPyro-style object API: ``EM(model, ...).run(rng_key, *args, **kwargs)``."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from bayes_em import em as core
+from bayes_em.mstep import LBFGS
+from bayes_em.sites import ModelError, ModelSites, discover_sites
+
+__all__ = ["EM", "EMResult", "EStep", "AscentWarning"]
+
+
+class EStep(NamedTuple):
+    """The E-step at given parameters: log p(X|θ), log p(θ) and the posterior over latents."""
+
+    log_likelihood: float
+    log_prior: float
+    posterior: dict  # latent site -> marginal p(z | X, θ), plates first
+    most_probable: dict  # latent site -> jointly most probable value
+
+
+class AscentWarning(UserWarning):
+    """The objective log p(X|θ) + log p(θ) fell between two iterations by more than round-off."""
+
+
+@dataclass(frozen=True)
+class EMResult:
+    """The outcome of :meth:`EM.run`: the best restart, and every restart's trajectory.
+
+    ``params`` are constrained values keyed by site name. ``history`` holds, per restart and
+    iteration (iteration 0 is the start), the objective log p(X|θ) + log p(θ), the log prior and
+    the log-likelihood; entries after a restart stopped are NaN. ``posterior`` gives each latent
+    site's posterior marginal at the best parameters (plates first, then the site's values) and
+    ``most_probable`` the jointly most probable value of each latent.
+    """
+
+    params: dict
+    objective: float
+    log_likelihood: float
+    log_prior: float
+    n_iter: int
+    status: str
+    best_restart: int
+    restart_params: dict  # site -> array with a leading restart axis
+    restart_objective: np.ndarray  # (R,)
+    restart_n_iter: np.ndarray  # (R,)
+    restart_status: tuple  # (R,) status names
+    n_decreases: np.ndarray  # (R,)
+    history: dict  # "objective" / "log_prior" / "log_likelihood": (R, max_iter + 1)
+    posterior: dict
+    most_probable: dict
+    sites: ModelSites = field(repr=False)
+
+    @property
+    def converged(self) -> bool:
+        return self.status == "converged"
+
+    @property
+    def n_restarts(self) -> int:
+        return len(self.restart_objective)
+
+    def trace(self, restart: int | None = None) -> dict:
+        """History of one restart (default: the best), trimmed to the iterations it ran."""
+        r = self.best_restart if restart is None else restart
+        n = int(self.restart_n_iter[r]) + 1
+        return {k: v[r, :n] for k, v in self.history.items()}
+
+
+def _split_data(args, kwargs):
+    """Array leaves of (args, kwargs) become jit arguments; everything else is static."""
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    dynamic = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
+    data = [x for x, d in zip(leaves, dynamic) if d]
+    static = tuple(None if d else x for x, d in zip(leaves, dynamic))
+
+    def rebuild(data_leaves):
+        it = iter(data_leaves)
+        full = [next(it) if d else s for s, d in zip(static, dynamic)]
+        return jax.tree.unflatten(treedef, full)
+
+    try:
+        key = hash((treedef, static, tuple(dynamic)))
+    except TypeError:  # unhashable static argument: no reuse of compiled code
+        key = object()
+    return data, rebuild, key
+
+
+def _sites_key(sites):
+    return (
+        tuple((p.name, p.kind, repr(p.constraint), jnp.shape(p.init)) for p in sites.params),
+        sites.latents,
+        sites.plate_order,
+        sites.max_plate_nesting,
+    )
+
+
+class EM:
+    """Exact EM (maximum likelihood or MAP) for a NumPyro model with discrete latents.
+
+    :param model: a NumPyro model. ``numpyro.param`` sites are fitted by maximum likelihood,
+        continuous ``numpyro.sample`` sites without ``obs`` by MAP under their prior, and discrete
+        sample sites without ``obs`` are enumerated exactly.
+    :param restarts: number of starts. The first is the model's declared initial values
+        (``numpyro.param`` inits; for MAP sites ``init_values`` or the prior mean); the others
+        start from one M-step under random posterior weights. The best final objective wins.
+    :param max_iter: maximum number of EM iterations.
+    :param tol: stop when |Δ objective| ≤ tol · |objective| (at least a few ulps of the dtype);
+        ``tol=0`` runs exactly ``max_iter`` iterations.
+    :param hard: hard EM: the E-step puts all weight on the most probable configuration.
+    :param init_values: dict of constrained initial values, overriding any site's.
+    :param mstep: settings of the numeric M-step (:class:`bayes_em.LBFGS`).
+    :param strict: raise if the objective ever decreases (default: warn).
+    :param progress_bar: show a tqdm bar with the iteration and the best objective.
+    :param memory_limit: bytes the enumerated tensors may take; checked before allocating.
+    :param restart_noise: scale of the Gumbel noise behind the random starts.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        restarts: int = 1,
+        max_iter: int = 500,
+        tol: float = 1e-8,
+        hard: bool = False,
+        init_values: dict | None = None,
+        mstep: LBFGS = LBFGS(),
+        strict: bool = False,
+        progress_bar: bool = True,
+        memory_limit: float = 2 * 2**30,
+        restart_noise: float = 1.0,
+    ):
+        if not isinstance(restarts, (int, np.integer)) or restarts < 1:
+            raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}.")
+        if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+            raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
+        if not tol >= 0:
+            raise ValueError(f"tol must be >= 0, got {tol!r}.")
+        if not isinstance(mstep, LBFGS) or mstep.max_steps < 1:
+            raise ValueError(f"mstep must be an LBFGS(...) with max_steps >= 1, got {mstep!r}.")
+        self.model = model
+        self.restarts = int(restarts)
+        self.max_iter = int(max_iter)
+        self.tol = float(tol)
+        self.hard = bool(hard)
+        self.init_values = dict(init_values or {})
+        self.mstep = mstep
+        self.strict = bool(strict)
+        self.progress_bar = progress_bar
+        self.memory_limit = memory_limit
+        self.restart_noise = float(restart_noise)
+        self._compiled = {}
+
+    # -- compiled pieces, one set per model structure and static arguments ----------------------
+    def _functions(self, sites, rebuild, key):
+        cache_key = (key, _sites_key(sites))
+        if cache_key not in self._compiled:
+            problem = core.make_problem(
+                self.model, sites, rebuild, self.max_iter, self.tol, self.hard, self.strict, self.mstep
+            )
+            noise = self.restart_noise
+
+            def start(u0, data, keys):
+                def one(i_key):
+                    i, k = i_key
+                    u = lax.cond(
+                        i == 0,
+                        lambda: u0,
+                        lambda: core.random_start(problem, u0, data, k, noise),
+                    )
+                    return core.init(problem, u, data)
+
+                return lax.map(one, (jnp.arange(keys.shape[0]), keys))
+
+            def advance(states, data, stop_at):
+                return lax.map(lambda s: core.run(problem, s, data, stop_at), states)
+
+            def latents(u, data):
+                log_z, log_prior, _ = core.e_step(problem, u, data, semiring="sum")
+                return (
+                    core.latent_posterior(problem, u, data),
+                    core.most_probable(problem, u, data),
+                    log_z,
+                    log_prior,
+                )
+
+            self._compiled[cache_key] = (
+                problem,
+                jax.jit(start),
+                jax.jit(advance),
+                jax.jit(latents),
+            )
+        return self._compiled[cache_key]
+
+    def _prepare(self, rng_key, init_values, args, kwargs):
+        from bayes_em.checks import check_enumeration, check_initial_density
+
+        data, rebuild, key = _split_data(args, kwargs)
+        sites = discover_sites(self.model, args, kwargs, init_values, rng_key)
+        problem, *functions = self._functions(sites, rebuild, key)
+        init_params = {p.name: jnp.asarray(p.init) for p in sites.params}
+        check_enumeration(problem, init_params, data, self.memory_limit)
+        u0 = core.unconstrain(problem, init_params)
+        for p in sites.params:
+            if not bool(jnp.all(jnp.isfinite(u0[p.name]))):
+                raise ModelError(
+                    f"Initial value of site '{p.name}' is on the boundary of its support "
+                    f"({p.constraint}); choose an interior value."
+                )
+        check_initial_density(problem, u0, data)
+        return problem, functions, u0, data
+
+    def e_step(self, params, *args, **kwargs) -> EStep:
+        """The exact E-step at ``params`` (constrained values; sites not given take their initial
+        values): log p(X|θ), log p(θ), posterior marginals and the most probable latents."""
+        init_values = {**self.init_values, **params}
+        problem, functions, u, data = self._prepare(
+            jax.random.PRNGKey(0), init_values, args, kwargs
+        )
+        posterior, mode, log_z, log_prior = functions[2](u, data)
+        return EStep(float(log_z - log_prior), float(log_prior), posterior, mode)
+
+    def run(self, rng_key, *args, **kwargs) -> EMResult:
+        """Fit the model to the data in ``args`` / ``kwargs`` (passed on to the model)."""
+        key_sites, key_starts = jax.random.split(rng_key)
+        problem, (start, advance, latents), u0, data = self._prepare(
+            key_sites, self.init_values, args, kwargs
+        )
+        states = start(u0, data, jax.random.split(key_starts, self.restarts))
+        states = self._iterate(advance, states, data)
+        return self._result(problem, states, data, latents)
+
+    def _iterate(self, advance, states, data):
+        if not self.progress_bar:
+            return advance(states, data, self.max_iter)
+        from tqdm.auto import tqdm
+
+        chunk = max(1, self.max_iter // 100)
+        with tqdm(total=self.max_iter, desc="EM", unit="it") as bar:
+            done = 0
+            while done < self.max_iter and bool(jnp.any(states.status == core.RUNNING)):
+                done = min(done + chunk, self.max_iter)
+                states = advance(states, data, done)
+                n = int(jnp.max(states.n_iter))
+                bar.update(n - bar.n)
+                bar.set_postfix(objective=f"{float(jnp.nanmax(states.objective)):.6g}")
+        return states
+
+    def _result(self, problem, states, data, latents):
+        objective = np.asarray(states.objective)
+        finite = np.isfinite(objective)
+        if not finite.any():
+            raise FloatingPointError(
+                "Every restart reached a non-finite objective; the fit has no valid parameters."
+            )
+        best = int(np.argmax(np.where(finite, objective, -np.inf)))
+        status = tuple(core.STATUS[int(s)] for s in np.asarray(states.status))
+        n_decreases = np.asarray(states.n_decreases)
+        if n_decreases.any():
+            msg = (
+                f"The objective decreased by more than round-off in {int(n_decreases.sum())} "
+                f"iteration(s) (restarts {np.flatnonzero(n_decreases).tolist()})."
+            )
+            if self.strict:
+                raise RuntimeError(msg)
+            warnings.warn(msg, AscentWarning, stacklevel=3)
+        restart_params = jax.vmap(lambda u: core.constrain(problem, u))(states.params)
+        u_best = jax.tree.map(lambda x: x[best], states.params)
+        posterior, mode, _, _ = latents(u_best, data)
+        history = np.asarray(states.history)
+        return EMResult(
+            params={k: v[best] for k, v in restart_params.items()},
+            objective=float(objective[best]),
+            log_likelihood=float(objective[best] - states.log_prior[best]),
+            log_prior=float(states.log_prior[best]),
+            n_iter=int(states.n_iter[best]),
+            status=status[best],
+            best_restart=best,
+            restart_params=restart_params,
+            restart_objective=objective,
+            restart_n_iter=np.asarray(states.n_iter),
+            restart_status=status,
+            n_decreases=n_decreases,
+            history={
+                "objective": history[..., 0],
+                "log_prior": history[..., 1],
+                "log_likelihood": history[..., 0] - history[..., 1],
+            },
+            posterior=posterior,
+            most_probable=mode,
+            sites=problem.sites,
+        )

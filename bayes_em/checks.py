@@ -1,0 +1,112 @@
+"""Checks run once before a fit: enumeration size and structure, density at the start."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bayes_em import em as core
+from bayes_em.sites import ModelError
+
+__all__ = ["enumeration_bytes", "check_enumeration", "check_initial_density"]
+
+# log-factors, their weights, the Q evaluation and the contraction's intermediates
+_COPIES = 4
+
+
+def _abstract_factors(problem, params, data):
+    """Shapes of the enumerated log-factors, found without allocating them."""
+    box = {}
+
+    def factors(params, data):
+        args, kwargs = problem.rebuild(data)
+        arrays, metas = core.log_factors(problem.enum_model, params, args, kwargs)
+        box["metas"] = metas
+        return arrays
+
+    try:
+        shapes = jax.eval_shape(factors, params, data)
+    except ValueError as err:
+        if "Ran out of free dims" in str(err):
+            raise ModelError(
+                f"Too many enumerated latent sites outside plates ({len(problem.sites.latents)}: "
+                f"{list(problem.sites.latents)}): each needs its own tensor dimension. Put "
+                "independent latents in a numpyro.plate, or chain them with "
+                "numpyro.contrib.control_flow.scan / markov."
+            ) from err
+        raise
+    return shapes, box["metas"]
+
+
+def enumeration_bytes(problem, params, data):
+    """Estimated bytes of the enumerated tensors, and each site's share."""
+    shapes, _ = _abstract_factors(problem, params, data)
+    per_site = {
+        k: _COPIES * math.prod(s.shape) * jnp.dtype(s.dtype).itemsize for k, s in shapes.items()
+    }
+    return sum(per_site.values()), per_site
+
+
+def check_enumeration(problem, params, data, memory_limit):
+    """Refuse an enumeration larger than ``memory_limit`` bytes, naming the sites that blow it up;
+    refuse continuous sites whose density depends on an enumerated latent."""
+    shapes, metas = _abstract_factors(problem, params, data)
+    latents = set(problem.sites.latents)
+    for meta in metas:
+        if meta.name in problem.sites.param_names:
+            parents = sorted({n for _, n in meta.dim_to_name} & latents)
+            if parents:
+                raise ModelError(
+                    f"Continuous site '{meta.name}' depends on the discrete latent(s) {parents}: "
+                    "EM point-estimates continuous sites as parameters, so they must not depend "
+                    "on enumerated latents."
+                )
+    per_site = {
+        m.name: _COPIES * math.prod(m.shape) * jnp.dtype(shapes[m.name].dtype).itemsize
+        for m in metas
+    }
+    total = sum(per_site.values())
+    if total > memory_limit:
+        worst = sorted(per_site, key=per_site.get, reverse=True)[:3]
+        detail = ", ".join(
+            f"'{n}' {per_site[n] / 2**20:.0f} MiB over dims {_dims(metas, n)}" for n in worst
+        )
+        raise MemoryError(
+            f"Enumerating the latents needs about {total / 2**30:.2f} GiB, over the memory_limit of "
+            f"{memory_limit / 2**30:.2f} GiB. Largest sites: {detail}. Reduce the number of "
+            "latents a site depends on, or raise EM(memory_limit=...)."
+        )
+    return total
+
+
+def _dims(metas, name):
+    meta = next(m for m in metas if m.name == name)
+    return [f"{n}={meta.shape[d]}" for d, n in meta.dim_to_name]
+
+
+def check_initial_density(problem, u, data):
+    """Raise if log p(X|θ_0) + log p(θ_0) is not finite, naming the sites responsible."""
+    objective, arrays = jax.jit(
+        lambda u, data: (
+            core.e_step(problem, u, data, semiring="sum")[0],
+            core._factors(problem, u, data)[0],
+        )
+    )(u, data)
+    if bool(jnp.isfinite(objective)):
+        return
+    bad = []
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        if np.isnan(a).any() or np.isposinf(a).any():
+            bad.append(f"'{name}' (NaN or +inf)")
+    if not bad:
+        for name, a in arrays.items():
+            if np.isneginf(np.asarray(a)).any():
+                bad.append(f"'{name}' (zero density)")
+    raise ModelError(
+        f"The log-density at the initial values is not finite ({float(objective)}); "
+        f"sites: {', '.join(bad) or 'unknown'}. Check the initial values and the data."
+    )

@@ -1,0 +1,228 @@
+"""The EM algorithm as pure functions over an immutable state.
+
+    E-step:  w_f = ∂ log Z(θ_t) / ∂ log f           (posterior marginals of every factor)
+    M-step:  θ_{t+1} = argmax_θ Σ_f ⟨w_f, log f(θ)⟩   (= Q(θ; θ_t) + log p(θ))
+
+``init`` builds an :class:`EMState`, ``step`` does one iteration, ``run`` iterates under
+``lax.while_loop`` until the relative change of log p(X|θ) + log p(θ) drops below ``tol`` or
+``max_iter`` iterations are done. With ``hard=True`` the E-step is max-product: all weight on the
+most probable configuration (K-means, Viterbi training).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from numpyro.distributions.transforms import biject_to
+
+from bayes_em.enumeration import enumerated_model, log_factors, posterior_weights, site_marginal
+from bayes_em.mstep import LBFGS, maximize
+from bayes_em.sites import ModelSites
+
+__all__ = [
+    "RUNNING",
+    "CONVERGED",
+    "MAX_ITER",
+    "NONFINITE",
+    "DECREASED",
+    "STATUS",
+    "EMProblem",
+    "EMState",
+    "make_problem",
+    "constrain",
+    "unconstrain",
+    "e_step",
+    "q_function",
+    "init",
+    "step",
+    "run",
+    "random_start",
+    "latent_posterior",
+    "most_probable",
+]
+
+RUNNING, CONVERGED, MAX_ITER, NONFINITE, DECREASED = 0, 1, 2, 3, 4
+STATUS = {
+    RUNNING: "running",
+    CONVERGED: "converged",
+    MAX_ITER: "max_iter",
+    NONFINITE: "nonfinite",
+    DECREASED: "decreased",
+}
+
+
+class EMProblem(NamedTuple):
+    """Everything static about a fit: the enumerated model and its settings."""
+
+    enum_model: Callable
+    sites: ModelSites
+    rebuild: Callable  # data leaves -> (args, kwargs)
+    max_iter: int
+    tol: float
+    hard: bool = False
+    strict: bool = False
+    solver: LBFGS = LBFGS()
+
+
+class EMState(NamedTuple):
+    params: dict  # unconstrained parameters θ_t
+    objective: Any  # log p(X|θ_t) + log p(θ_t)  (max_Z log p(X,Z|θ_t) + log p(θ_t) if hard)
+    log_prior: Any  # log p(θ_t)
+    weights: dict  # E-step weights at θ_t
+    n_iter: Any  # M-steps done
+    status: Any  # one of STATUS
+    n_decreases: Any  # iterations whose objective fell by more than round-off
+    history: Any  # (max_iter + 1, 2): objective and log prior after each iteration
+
+
+def make_problem(model, sites, rebuild, max_iter, tol, hard=False, strict=False, solver=LBFGS()):
+    return EMProblem(
+        enumerated_model(model, sites.max_plate_nesting),
+        sites,
+        rebuild,
+        max_iter,
+        tol,
+        hard,
+        strict,
+        solver,
+    )
+
+
+def constrain(problem, u):
+    return {p.name: biject_to(p.constraint)(u[p.name]) for p in problem.sites.params}
+
+
+def unconstrain(problem, params):
+    return {p.name: biject_to(p.constraint).inv(params[p.name]) for p in problem.sites.params}
+
+
+def _factors(problem, u, data):
+    args, kwargs = problem.rebuild(data)
+    return log_factors(problem.enum_model, constrain(problem, u), args, kwargs)
+
+
+def _log_prior(problem, arrays):
+    return sum(
+        (jnp.sum(arrays[p.name]) for p in problem.sites.params if p.kind == "map"),
+        jnp.zeros((), jnp.result_type(*arrays.values())),
+    )
+
+
+def e_step(problem, u, data, semiring=None):
+    """``(log Z, log p(θ), weights)`` at ``u``; log Z = log p(X|θ) + log p(θ)."""
+    arrays, metas = _factors(problem, u, data)
+    semiring = semiring or ("max" if problem.hard else "sum")
+    log_z, weights = posterior_weights(arrays, metas, semiring)
+    return log_z, _log_prior(problem, arrays), weights
+
+
+def q_function(problem, u, weights, data):
+    """Q(θ; θ_t) + log p(θ) = Σ_f ⟨w_f, log f(θ)⟩ (weights held fixed)."""
+    arrays, _ = _factors(problem, u, data)
+    weights = jax.lax.stop_gradient(weights)
+    return sum(jnp.sum(weights[k] * jnp.where(weights[k] > 0, arrays[k], 0.0)) for k in arrays)
+
+
+def _roundoff(x):
+    return 100 * jnp.finfo(jnp.result_type(x)).eps * jnp.maximum(1.0, jnp.abs(x))
+
+
+def init(problem, u, data):
+    """The state at θ_0 = ``u`` (unconstrained), after its first E-step."""
+    objective, log_prior, weights = e_step(problem, u, data)
+    history = jnp.full((problem.max_iter + 1, 2), jnp.nan, jnp.result_type(objective))
+    history = history.at[0].set(jnp.stack([objective, log_prior]))
+    status = jnp.where(jnp.isfinite(objective), RUNNING, NONFINITE)
+    zero = jnp.zeros((), jnp.int32)
+    return EMState(u, objective, log_prior, weights, zero, status, zero, history)
+
+
+def step(problem, state, data):
+    """One EM iteration: M-step from the state's weights, then the E-step at the new θ."""
+    u, _ = maximize(lambda v: q_function(problem, v, state.weights, data), state.params, problem.solver)
+    objective, log_prior, weights = e_step(problem, u, data)
+    finite = jnp.isfinite(objective)
+    change = objective - state.objective
+    decreased = finite & (change < -_roundoff(state.objective))
+    tol = problem.tol
+    if tol > 0:
+        tol = max(tol, 4 * float(jnp.finfo(jnp.result_type(objective)).eps))
+        converged = jnp.abs(change) <= tol * jnp.abs(state.objective)
+    else:
+        converged = jnp.zeros((), bool)
+    n_iter = state.n_iter + 1
+    status = jnp.select(
+        [~finite, decreased & problem.strict, converged, n_iter >= problem.max_iter],
+        [NONFINITE, DECREASED, CONVERGED, MAX_ITER],
+        RUNNING,
+    )
+    new = EMState(
+        u,
+        objective,
+        log_prior,
+        weights,
+        n_iter,
+        status,
+        state.n_decreases + decreased.astype(jnp.int32),
+        state.history.at[n_iter].set(jnp.stack([objective, log_prior])),
+    )
+    # A non-finite objective keeps the last finite parameters: no fit returns NaN.
+    keep = jax.tree.map(lambda old, nw: jnp.where(finite, nw, old), state, new)
+    return keep._replace(status=status, n_iter=n_iter, history=new.history)
+
+
+def run(problem, state, data, stop_at=None):
+    """Iterate ``step`` until the state stops running (or ``n_iter`` reaches ``stop_at``)."""
+    stop_at = problem.max_iter if stop_at is None else stop_at
+    return lax.while_loop(
+        lambda s: (s.status == RUNNING) & (s.n_iter < stop_at),
+        lambda s: step(problem, s, data),
+        state,
+    )
+
+
+def random_start(problem, u, data, rng_key, noise=1.0):
+    """θ from one M-step under random posterior weights (random responsibilities).
+
+    The weights come from enumerating the model with the observed factors switched off and
+    Gumbel noise of scale ``noise`` added to every latent factor, so they stay consistent
+    (marginals of one joint distribution over the latents) whatever the model's structure.
+    """
+    arrays, metas = _factors(problem, u, data)
+    latents = set(problem.sites.latents)
+    keys = jax.random.split(rng_key, len(metas))
+    noisy = {}
+    for key, meta in zip(keys, metas):
+        a = arrays[meta.name]
+        if meta.is_observed:
+            noisy[meta.name] = jnp.zeros_like(a)
+        elif meta.name in latents:
+            noisy[meta.name] = a + noise * jax.random.gumbel(key, a.shape, a.dtype)
+        else:
+            noisy[meta.name] = a
+    _, weights = posterior_weights(noisy, metas, "sum")
+    u_new, _ = maximize(lambda v: q_function(problem, v, weights, data), u, problem.solver)
+    return u_new
+
+
+def latent_posterior(problem, u, data):
+    """Posterior marginal of every latent site: plates first, then the site's values."""
+    arrays, metas = _factors(problem, u, data)
+    _, weights = posterior_weights(arrays, metas, "sum")
+    order = problem.sites.plate_order
+    return {m.name: site_marginal(weights[m.name], m, order) for m in metas if m.name in problem.sites.latents}
+
+
+def most_probable(problem, u, data):
+    """The jointly most probable value of every latent site (max-product, ties broken by index)."""
+    arrays, metas = _factors(problem, u, data)
+    _, weights = posterior_weights(arrays, metas, "max")
+    order = problem.sites.plate_order
+    return {
+        m.name: jnp.argmax(site_marginal(weights[m.name], m, order), axis=-1)
+        for m in metas
+        if m.name in problem.sites.latents
+    }

@@ -1,0 +1,182 @@
+"""Exact enumeration of discrete latents: log-factors, log-partition and posterior weights.
+
+A model traced under NumPyro's parallel enumeration gives one log-factor array ``log f`` per
+sample site. Their sum-product over enumerated, plate and Markov (time) dims is
+
+    log Z(θ) = log Σ_Z Π_f f(Z; θ) = log p(X | θ) + log p(θ),
+
+and the posterior weights of every factor are ``w_f = ∂ log Z / ∂ log f`` (one reverse-mode pass):
+the posterior marginal of the latents in the factor's scope, or 1 for factors without any.
+
+The contraction mirrors ``numpyro.contrib.funsor.infer_util._enum_log_density`` but takes the
+log-factor arrays as inputs, so that they can be differentiated. It reuses helpers that NumPyro
+keeps private; ``tests/test_enumeration.py`` checks it against brute-force enumeration.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, defaultdict
+from typing import NamedTuple
+
+import funsor
+import jax
+import jax.numpy as jnp
+from numpyro.contrib.funsor import enum, config_enumerate
+from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
+from numpyro.contrib.funsor.infer_util import (
+    _get_shift,
+    compute_markov_factors,
+    plate_to_enum_plate,
+)
+from numpyro.distributions.util import is_identically_one
+from numpyro.handlers import substitute
+
+funsor.set_backend("jax")
+
+__all__ = [
+    "FactorMeta",
+    "enumerated_model",
+    "log_factors",
+    "log_partition",
+    "posterior_weights",
+    "site_marginal",
+]
+
+
+class FactorMeta(NamedTuple):
+    """Static description of one log-factor array (hashable, carries no arrays)."""
+
+    name: str
+    dim_to_name: tuple  # ((dim, name), ...) as in NumPyro's packed trace
+    is_observed: bool
+    plates: frozenset  # names of the plates the site sits in
+    shape: tuple
+
+
+def enumerated_model(model, max_plate_nesting):
+    """``model`` with every enumerable discrete latent enumerated in parallel."""
+    first_dim = -max_plate_nesting - 1
+    return enum(config_enumerate(model), first_available_dim=first_dim)
+
+
+def log_factors(enum_model, params, args, kwargs):
+    """Trace ``enum_model`` at ``params``; return ``({site: log f}, (FactorMeta, ...))``.
+
+    ``log f`` is the site's (scaled, masked) log-density, one entry per enumerated value and plate
+    index. Parameters are substituted at their constrained values: no Jacobian enters.
+    """
+    with plate_to_enum_plate():
+        tr = packed_trace(substitute(enum_model, data=params)).get_trace(*args, **kwargs)
+    arrays, metas = {}, []
+    for site in tr.values():
+        if site["type"] != "sample":
+            continue
+        fn, value = site["fn"], site["value"]
+        if site["intermediates"]:
+            log_prob = fn.log_prob(value, site["intermediates"])
+        else:
+            log_prob = fn.log_prob(value)
+        scale = site["scale"]
+        if scale is not None and not is_identically_one(scale):
+            log_prob = scale * log_prob
+        dim_to_name = site["infer"]["dim_to_name"]
+        if all(d == 1 for d in jnp.shape(log_prob)) and dim_to_name == OrderedDict():
+            log_prob = jnp.squeeze(log_prob)
+        arrays[site["name"]] = log_prob
+        plates = frozenset(f.name for f in site["cond_indep_stack"] if f.dim is not None)
+        metas.append(
+            FactorMeta(
+                site["name"],
+                tuple(dim_to_name.items()),
+                bool(site["is_observed"]),
+                plates,
+                tuple(jnp.shape(log_prob)),
+            )
+        )
+    return arrays, tuple(metas)
+
+
+def _lazy_contraction(arrays, metas, sum_op, prod_op):
+    log_factors_, sum_vars, prod_vars = [], frozenset(), frozenset()
+    time_to_factors = defaultdict(list)
+    time_to_init_vars = defaultdict(frozenset)
+    time_to_markov_dims = defaultdict(frozenset)
+    history = 0
+    dim_to_name_of = {m.name: OrderedDict(m.dim_to_name) for m in metas}
+    for meta in metas:
+        dim_to_name = dim_to_name_of[meta.name]
+        log_prob = arrays[meta.name]
+        factor = funsor.to_funsor(log_prob, output=funsor.Real, dim_to_name=dim_to_name)
+        time_dim = None
+        for dim, name in dim_to_name.items():
+            if name.startswith("_time"):
+                time_dim = funsor.Variable(name, funsor.Bint[log_prob.shape[dim]])
+                history = max(history, max(_get_shift(s) for s in dim_to_name.values()))
+                if history == 0:
+                    log_factors_.append(factor)
+                    prod_vars |= frozenset({name})
+                else:
+                    time_to_factors[time_dim].append(factor)
+                time_to_init_vars[time_dim] |= frozenset(
+                    s for s in dim_to_name.values() if s.startswith("_PREV_")
+                )
+                break
+        if time_dim is None:
+            log_factors_.append(factor)
+        if not meta.is_observed:
+            sum_vars |= frozenset({meta.name})
+        prod_vars |= meta.plates
+    for time_dim, init_vars in time_to_init_vars.items():
+        for var in init_vars:
+            curr = var[len("_PREV_") * _get_shift(var):]
+            names = dim_to_name_of[curr].values()
+            if var in names:
+                time_to_markov_dims[time_dim] |= frozenset(names)
+    if time_to_factors:
+        log_factors_ = log_factors_ + compute_markov_factors(
+            time_to_factors,
+            time_to_init_vars,
+            time_to_markov_dims,
+            sum_vars,
+            prod_vars,
+            history,
+            sum_op,
+            prod_op,
+        )
+    with funsor.interpretations.lazy:
+        return funsor.sum_product.sum_product(
+            sum_op, prod_op, log_factors_, eliminate=sum_vars | prod_vars, plates=prod_vars
+        )
+
+
+def log_partition(arrays, metas, semiring="sum"):
+    """log Z: sum-product (``"sum"``) or max-product (``"max"``) of the log-factors."""
+    sum_op = funsor.ops.logaddexp if semiring == "sum" else funsor.ops.max
+    lazy = _lazy_contraction(arrays, metas, sum_op, funsor.ops.add)
+    result = funsor.optimizer.apply_optimizer(lazy)
+    if result.inputs:
+        raise ValueError(
+            "The enumerated log-density did not reduce to a scalar; check the plates of sites "
+            f"{sorted({k.split('__BOUND')[0] for k in result.inputs})}."
+        )
+    return result.data
+
+
+def posterior_weights(arrays, metas, semiring="sum"):
+    """``(log Z, {site: ∂ log Z / ∂ log f})``; the weights are posterior marginals of the
+    factors' scopes (``"sum"``) or the indicator of the most probable configuration (``"max"``)."""
+    return jax.value_and_grad(lambda a: log_partition(a, metas, semiring))(arrays)
+
+
+def site_marginal(weight, meta, plate_order):
+    """Posterior marginal of latent site ``meta.name`` from the weights of its own factor.
+
+    Sums out the other enumerated dims (parents); returns an array with the site's plates in
+    ``plate_order`` (outermost first) followed by the site's values.
+    """
+    w = funsor.to_funsor(weight, output=funsor.Real, dim_to_name=OrderedDict(meta.dim_to_name))
+    own = [n for n in plate_order if n in w.inputs] + [meta.name]
+    others = frozenset(w.inputs) - frozenset(own)
+    if others:
+        w = w.reduce(funsor.ops.add, others)
+    return w.align(tuple(n for n in own if n in w.inputs)).data
