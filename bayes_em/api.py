@@ -195,6 +195,7 @@ class EM:
 
             self._compiled[cache_key] = (
                 problem,
+                jax.jit(lambda u, data: core.e_step(problem, u, data, semiring="sum")[0]),
                 jax.jit(start),
                 jax.jit(advance),
                 jax.jit(latents),
@@ -216,7 +217,7 @@ class EM:
                     f"Initial value of site '{p.name}' is on the boundary of its support "
                     f"({p.constraint}); choose an interior value."
                 )
-        check_initial_density(problem, u0, data)
+        check_initial_density(problem, functions[0], u0, data)
         return problem, functions, u0, data
 
     def e_step(self, params, *args, **kwargs) -> EStep:
@@ -226,13 +227,13 @@ class EM:
         problem, functions, u, data = self._prepare(
             jax.random.PRNGKey(0), init_values, args, kwargs
         )
-        posterior, mode, log_z, log_prior = functions[2](u, data)
+        posterior, mode, log_z, log_prior = functions[3](u, data)
         return EStep(float(log_z - log_prior), float(log_prior), posterior, mode)
 
     def run(self, rng_key, *args, **kwargs) -> EMResult:
         """Fit the model to the data in ``args`` / ``kwargs`` (passed on to the model)."""
         key_sites, key_starts = jax.random.split(rng_key)
-        problem, (start, advance, latents), u0, data = self._prepare(
+        problem, (_, start, advance, latents), u0, data = self._prepare(
             key_sites, self.init_values, args, kwargs
         )
         states = start(u0, data, jax.random.split(key_starts, self.restarts))

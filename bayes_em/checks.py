@@ -87,25 +87,16 @@ def _dims(metas, name):
     return [f"{n}={meta.shape[d]}" for d, n in meta.dim_to_name]
 
 
-def check_initial_density(problem, u, data):
+def check_initial_density(problem, objective_fn, u, data):
     """Raise if log p(X|θ_0) + log p(θ_0) is not finite, naming the sites responsible."""
-    objective, arrays = jax.jit(
-        lambda u, data: (
-            core.e_step(problem, u, data, semiring="sum")[0],
-            core._factors(problem, u, data)[0],
-        )
-    )(u, data)
+    objective = objective_fn(u, data)
     if bool(jnp.isfinite(objective)):
         return
-    bad = []
-    for name, a in arrays.items():
-        a = np.asarray(a)
-        if np.isnan(a).any() or np.isposinf(a).any():
-            bad.append(f"'{name}' (NaN or +inf)")
+    arrays, _ = core._factors(problem, u, data)
+    bad = [f"'{k}' (NaN or +inf)" for k, a in arrays.items()
+           if np.isnan(a).any() or np.isposinf(a).any()]
     if not bad:
-        for name, a in arrays.items():
-            if np.isneginf(np.asarray(a)).any():
-                bad.append(f"'{name}' (zero density)")
+        bad = [f"'{k}' (zero density)" for k, a in arrays.items() if np.isneginf(a).any()]
     raise ModelError(
         f"The log-density at the initial values is not finite ({float(objective)}); "
         f"sites: {', '.join(bad) or 'unknown'}. Check the initial values and the data."

@@ -55,6 +55,19 @@ def _map_init(name, fn, rng_key):
     return jnp.median(draws, axis=0)
 
 
+def _base(fn):
+    while isinstance(fn, (dist.MaskedDistribution, dist.ExpandedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
+def _placeholder(msg):
+    """A value for sites that cannot be sampled (improper priors), so that tracing goes on."""
+    if msg["type"] == "sample" and isinstance(_base(msg["fn"]), dist.ImproperUniform):
+        return jnp.zeros(msg["fn"].shape())
+    return None
+
+
 def _check_in_support(name, constraint, value):
     ok = constraint(jnp.asarray(value))
     if not bool(jnp.all(ok)) or not bool(jnp.all(jnp.isfinite(jnp.asarray(value)))):
@@ -71,7 +84,9 @@ def discover_sites(model, args, kwargs, init_values=None, rng_key=None):
     init_values = dict(init_values or {})
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     key_model, key_init = jax.random.split(rng_key)
-    tr = trace(seed(substitute(model, data=init_values), key_model)).get_trace(*args, **kwargs)
+    tr = trace(seed(substitute(model, substitute_fn=_placeholder), key_model)).get_trace(
+        *args, **kwargs
+    )
 
     params, latents, observed, dims = [], [], [], {}
     for name, site in tr.items():
@@ -80,13 +95,11 @@ def discover_sites(model, args, kwargs, init_values=None, rng_key=None):
                 dims[frame.name] = frame.dim
         if site["type"] == "param":
             constraint = site["kwargs"].get("constraint", constraints.real)
-            value = jnp.asarray(site["value"])
+            value = jnp.asarray(init_values.get(name, site["value"]))
             _check_in_support(name, constraint, value)
             params.append(ParamSite(name, "param", constraint, value))
         elif site["type"] == "sample":
-            fn = site["fn"]
-            while isinstance(fn, (dist.MaskedDistribution, dist.ExpandedDistribution)):
-                fn = fn.base_dist
+            fn = _base(site["fn"])
             if site["is_observed"]:
                 value = site["value"]
                 if jnp.issubdtype(jnp.result_type(value), jnp.inexact) and not bool(

@@ -1,0 +1,38 @@
+"""Every Python code block in README.md and docs/ runs, and every example script runs."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def python_blocks(path):
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+BLOCKS = [
+    pytest.param(path, i, code, id=f"{path.relative_to(ROOT)}#{i}")
+    for path in DOCS
+    for i, code in enumerate(python_blocks(path))
+]
+
+
+@pytest.mark.parametrize("path,index,code", BLOCKS)
+def test_code_block_runs(path, index, code):
+    exec(compile(code, f"{path.name}#{index}", "exec"), {"__name__": "__docs__"})
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
+def test_example_runs(script):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip()

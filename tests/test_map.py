@@ -1,0 +1,81 @@
+"""MAP-EM against closed-form posterior modes written out here."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from scipy.stats import norm
+
+from bayes_em import EM, LBFGS
+
+PRECISE = LBFGS(max_steps=500, gtol=1e-13)
+LOCS = np.array([-2.0, 0.0, 3.0])
+
+
+def weights_model(x, alpha):
+    w = numpyro.sample("w", dist.Dirichlet(alpha))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(jnp.asarray(LOCS)[z], 1.0), obs=x)
+
+
+def responsibilities(x, w, locs, scales):
+    joint = np.log(w) + norm.logpdf(x[:, None], locs, scales)
+    return np.exp(joint - np.logaddexp.reduce(joint, axis=1, keepdims=True))
+
+
+def data(seed=0, n=200):
+    rng = np.random.default_rng(seed)
+    z = rng.choice(3, size=n, p=[0.2, 0.5, 0.3])
+    return LOCS[z] + rng.standard_normal(n)
+
+
+def test_dirichlet_weights_one_iteration_closed_form():
+    x, alpha, w0 = data(), np.array([2.0, 3.0, 1.5]), np.array([0.2, 0.3, 0.5])
+    em = EM(weights_model, max_iter=1, tol=0.0, init_values=dict(w=w0), mstep=PRECISE,
+            progress_bar=False)
+    result = em.run(jax.random.PRNGKey(0), jnp.asarray(x), jnp.asarray(alpha))
+    n_k = responsibilities(x, w0, LOCS, 1.0).sum(0)
+    expected = (n_k + alpha - 1) / (len(x) + alpha.sum() - len(alpha))
+    np.testing.assert_allclose(result.params["w"], expected, atol=1e-8)
+    expected_prior = dist.Dirichlet(jnp.asarray(alpha)).log_prob(jnp.asarray(expected))
+    np.testing.assert_allclose(result.log_prior, expected_prior, rtol=1e-6)
+
+
+def test_dirichlet_weights_fixed_point():
+    x, alpha = data(1), np.array([5.0, 1.0, 2.0])
+    em = EM(weights_model, max_iter=500, tol=1e-14, mstep=PRECISE, progress_bar=False)
+    result = em.run(jax.random.PRNGKey(0), jnp.asarray(x), jnp.asarray(alpha))
+    w = np.asarray(result.params["w"])
+    n_k = responsibilities(x, w, LOCS, 1.0).sum(0)
+    np.testing.assert_allclose(w, (n_k + alpha - 1) / (len(x) + alpha.sum() - 3), atol=1e-8)
+    obj = result.trace()["objective"]
+    assert np.all(np.diff(obj) >= -1e-12 * np.abs(obj).max())
+
+
+A, B = 3.0, 2.0
+W = np.array([0.4, 0.6])
+MU = np.array([-1.0, 2.0])
+
+
+def variance_model(x):
+    with numpyro.plate("components", 2):
+        var = numpyro.sample("var", dist.InverseGamma(A, B))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(jnp.asarray(W)))
+        numpyro.sample("x", dist.Normal(jnp.asarray(MU)[z], jnp.sqrt(var[z])), obs=x)
+
+
+def test_inverse_gamma_variance_closed_form_mode():
+    rng = np.random.default_rng(2)
+    z = rng.choice(2, size=150, p=W)
+    x = MU[z] + np.array([0.7, 1.5])[z] * rng.standard_normal(150)
+    var0 = np.array([0.5, 2.0])
+    em = EM(variance_model, max_iter=1, tol=0.0, init_values=dict(var=var0), mstep=PRECISE,
+            progress_bar=False)
+    result = em.run(jax.random.PRNGKey(0), jnp.asarray(x))
+    r = responsibilities(x, W, MU, np.sqrt(var0))
+    ss = (r * (x[:, None] - MU) ** 2).sum(0)
+    expected = (B + ss / 2) / (A + 1 + r.sum(0) / 2)  # mode of the inverse-gamma posterior
+    np.testing.assert_allclose(result.params["var"], expected, atol=1e-8)
