@@ -18,7 +18,12 @@ import jax.numpy as jnp
 from jax import lax
 from numpyro.distributions.transforms import biject_to
 
-from bayes_em.enumeration import enumerated_model, log_factors, posterior_weights, site_marginal
+from bayes_em.enumeration import (
+    chain_marginals,
+    enumerated_model,
+    log_factors,
+    posterior_weights,
+)
 from bayes_em.mstep import LBFGS, maximize
 from bayes_em.sites import ModelSites
 
@@ -213,7 +218,7 @@ def latent_posterior(problem, u, data):
     arrays, metas = _factors(problem, u, data)
     _, weights = posterior_weights(arrays, metas, "sum")
     order = problem.sites.plate_order
-    return {m.name: site_marginal(weights[m.name], m, order) for m in metas if m.name in problem.sites.latents}
+    return {n: chain_marginals(weights, metas, n, order) for n in problem.sites.latents}
 
 
 def most_probable(problem, u, data):
@@ -222,7 +227,6 @@ def most_probable(problem, u, data):
     _, weights = posterior_weights(arrays, metas, "max")
     order = problem.sites.plate_order
     return {
-        m.name: jnp.argmax(site_marginal(weights[m.name], m, order), axis=-1)
-        for m in metas
-        if m.name in problem.sites.latents
+        n: jnp.argmax(chain_marginals(weights, metas, n, order), axis=-1)
+        for n in problem.sites.latents
     }

@@ -40,6 +40,7 @@ __all__ = [
     "log_partition",
     "posterior_weights",
     "site_marginal",
+    "chain_marginals",
 ]
 
 
@@ -171,12 +172,31 @@ def posterior_weights(arrays, metas, semiring="sum"):
 def site_marginal(weight, meta, plate_order):
     """Posterior marginal of latent site ``meta.name`` from the weights of its own factor.
 
-    Sums out the other enumerated dims (parents); returns an array with the site's plates in
-    ``plate_order`` (outermost first) followed by the site's values.
+    Sums out the other enumerated dims (parents); returns an array with the site's time dim (for
+    sites inside ``scan``), then its plates in ``plate_order`` (outermost first), then its values.
     """
     w = funsor.to_funsor(weight, output=funsor.Real, dim_to_name=OrderedDict(meta.dim_to_name))
-    own = [n for n in plate_order if n in w.inputs] + [meta.name]
+    times = sorted(n for n in w.inputs if n.startswith("_time"))
+    own = times + [n for n in plate_order if n in w.inputs] + [meta.name]
     others = frozenset(w.inputs) - frozenset(own)
     if others:
         w = w.reduce(funsor.ops.add, others)
     return w.align(tuple(n for n in own if n in w.inputs)).data
+
+
+def chain_marginals(weights, metas, name, plate_order):
+    """Marginals of latent ``name`` over its whole chain: the factors of the first steps of a
+    ``scan`` (``_PREV_name``, ...) are stacked before the time-stacked factor ``name``."""
+    by_name = {m.name: m for m in metas}
+    parts = []
+    for k in range(8, 0, -1):
+        prev = "_PREV_" * k + name
+        if prev in by_name:
+            meta = by_name[prev]._replace(name=prev)
+            parts.append(site_marginal(weights[prev], meta, plate_order)[None])
+    own = site_marginal(weights[name], by_name[name], plate_order)
+    if not parts:
+        return own
+    if not any(n.startswith("_time") for _, n in by_name[name].dim_to_name):
+        own = own[None]
+    return jnp.concatenate(parts + [own], axis=0)

@@ -142,3 +142,21 @@ def test_continuous_site_depending_on_latent():
 def test_invalid_settings_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         EM(mixture, **kwargs)
+
+
+def test_collapsing_ml_mixture_returns_finite_parameters():
+    """ML is unbounded when a component shrinks onto one point; the fit must not return NaN."""
+
+    def model(x):
+        loc = numpyro.param("loc", jnp.array([0.0, 10.0]))
+        scale = numpyro.param("scale", jnp.array([1.0, 1e-3]), constraint=constraints.positive)
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(jnp.array([0.5, 0.5])))
+            numpyro.sample("x", dist.Normal(loc[z], scale[z]), obs=x)
+
+    x = jnp.array([-0.5, 0.0, 0.3, 0.7, 10.0])
+    result = EM(model, max_iter=50, progress_bar=False).run(KEY, x)
+    for v in result.params.values():
+        assert np.all(np.isfinite(np.asarray(v)))
+    assert np.isfinite(result.objective)
+    assert result.status in ("converged", "nonfinite", "max_iter")

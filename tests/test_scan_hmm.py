@@ -1,0 +1,64 @@
+"""A scan HMM through the generic engine, against an explicit sum over all K^T paths."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.contrib.control_flow import scan
+from numpyro.distributions import constraints
+from scipy.special import logsumexp
+
+from bayes_em import EM
+
+
+def hmm(ys, K, V):
+    init = numpyro.param("init", jnp.ones(K) / K, constraint=constraints.simplex)
+    trans = numpyro.param("trans", jnp.ones((K, K)) / K, constraint=constraints.simplex)
+    emit = numpyro.param("emit", jnp.ones((K, V)) / V, constraint=constraints.simplex)
+
+    def step(z_prev, y):
+        z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
+        numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
+        return z, None
+
+    z0 = numpyro.sample("z0", dist.Categorical(init))
+    scan(step, z0, ys)
+
+
+def test_scan_hmm_matches_brute_force():
+    rng = np.random.default_rng(0)
+    K, V, T = 3, 4, 5
+    ys = rng.integers(V, size=T)
+    p = dict(init=rng.dirichlet(np.ones(K)), trans=rng.dirichlet(np.ones(K), size=K),
+             emit=rng.dirichlet(np.ones(V), size=K))
+    estep = EM(hmm, progress_bar=False).e_step(p, jnp.asarray(ys), K=K, V=V)
+    logps, paths = [], list(itertools.product(range(K), repeat=T + 1))
+    for path in paths:  # path[0] is z0, path[t] emits ys[t-1]
+        lp = np.log(p["init"][path[0]])
+        for t in range(1, T + 1):
+            lp += np.log(p["trans"][path[t - 1], path[t]]) + np.log(p["emit"][path[t], ys[t - 1]])
+        logps.append(lp)
+    logps = np.array(logps)
+    post = np.exp(logps - logsumexp(logps))
+    marg = np.zeros((T + 1, K))
+    for path, pr in zip(paths, post):
+        marg[np.arange(T + 1), path] += pr
+    np.testing.assert_allclose(estep.log_likelihood, logsumexp(logps), rtol=1e-10)
+    np.testing.assert_allclose(estep.posterior["z0"], marg[0], atol=1e-10)
+    np.testing.assert_allclose(estep.posterior["z"], marg[1:], atol=1e-10)
+    best = paths[int(np.argmax(logps))]
+    assert int(estep.most_probable["z0"]) == best[0]
+    np.testing.assert_array_equal(estep.most_probable["z"], best[1:])
+
+
+def test_scan_hmm_fit_never_decreases():
+    ys = jnp.asarray(np.random.default_rng(1).integers(3, size=60))
+    result = EM(hmm, restarts=3, max_iter=40, tol=0.0, progress_bar=False, strict=True).run(
+        jax.random.PRNGKey(0), ys, K=2, V=3)
+    for r in range(3):
+        obj = result.trace(r)["objective"]
+        assert np.all(np.diff(obj) >= -1e-10 * np.abs(obj).max())
+    assert result.posterior["z"].shape == (60, 2)
