@@ -59,6 +59,8 @@ class EMResult:
     posterior: dict
     most_probable: dict
     sites: ModelSites = field(repr=False)
+    problem: core.EMProblem = field(repr=False, compare=False, default=None)  # for diagnostics
+    data: tuple = field(repr=False, compare=False, default=())  # array leaves of the model args
 
     @property
     def converged(self) -> bool:
@@ -299,4 +301,6 @@ class EM:
             posterior=posterior,
             most_probable=mode,
             sites=problem.sites,
+            problem=problem,
+            data=tuple(data),
         )
