@@ -70,11 +70,58 @@ class EMResult:
     def n_restarts(self) -> int:
         return len(self.restart_objective)
 
+    @property
+    def mstep_paths(self) -> dict:
+        """How each parameter site was updated: ``"closed-form <family>"`` or ``"numeric"``."""
+        closed = {c.param: c for c in (self.problem.closed if self.problem else ())}
+        return {
+            name: f"closed-form {closed[name].family}" + (f" ({closed[name].prior} MAP)" if closed[name].prior else "")
+            if name in closed else "numeric"
+            for name in self.sites.param_names
+        }
+
     def trace(self, restart: int | None = None) -> dict:
         """History of one restart (default: the best), trimmed to the iterations it ran."""
         r = self.best_restart if restart is None else restart
         n = int(self.restart_n_iter[r]) + 1
         return {k: v[r, :n] for k, v in self.history.items()}
+
+    # -- diagnostics (thin wrappers over bayes_em.diagnostics) -----------------------------------
+    def to_inference_data(self, **kwargs):
+        """ArviZ ``InferenceData``: see :func:`bayes_em.diagnostics.to_inference_data`."""
+        from bayes_em import diagnostics
+
+        return diagnostics.to_inference_data(self, **kwargs)
+
+    def standard_errors(self, restart: int | None = None) -> dict:
+        """Delta-method standard errors: see :func:`bayes_em.diagnostics.standard_errors`."""
+        from bayes_em import diagnostics
+
+        return diagnostics.standard_errors(self, restart)
+
+    def summary(self, prob: float = 0.9, **kwargs) -> None:
+        """Print estimate, standard error and interval of every parameter entry."""
+        from bayes_em import diagnostics
+
+        diagnostics.print_summary(self, prob, **kwargs)
+
+    def bic(self) -> float:
+        """−2 log p(X|θ̂) + k log n: see :func:`bayes_em.diagnostics.bic`."""
+        from bayes_em import diagnostics
+
+        return diagnostics.bic(self)
+
+    def aic(self) -> float:
+        """−2 log p(X|θ̂) + 2k: see :func:`bayes_em.diagnostics.aic`."""
+        from bayes_em import diagnostics
+
+        return diagnostics.aic(self)
+
+    def icl(self) -> float:
+        """BIC + 2 H[p(Z|X,θ̂)]: see :func:`bayes_em.diagnostics.icl`."""
+        from bayes_em import diagnostics
+
+        return diagnostics.icl(self)
 
 
 def _split_data(args, kwargs):
@@ -124,6 +171,8 @@ class EM:
     :param progress_bar: show a tqdm bar with the iteration and the best objective.
     :param memory_limit: bytes the enumerated tensors may take; checked before allocating.
     :param restart_noise: scale of the Gumbel noise behind the random starts.
+    :param closed_form: update parameters that qualify by closed-form conjugate M-steps
+        (``bayes_em.conjugate``); ``False`` forces the numeric M-step everywhere.
     """
 
     def __init__(
@@ -140,6 +189,7 @@ class EM:
         progress_bar: bool = True,
         memory_limit: float = 2 * 2**30,
         restart_noise: float = 1.0,
+        closed_form: bool = True,
     ):
         if not isinstance(restarts, (int, np.integer)) or restarts < 1:
             raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}.")
@@ -160,15 +210,22 @@ class EM:
         self.progress_bar = progress_bar
         self.memory_limit = memory_limit
         self.restart_noise = float(restart_noise)
+        self.closed_form = bool(closed_form)
         self._compiled = {}
 
     # -- compiled pieces, one set per model structure and static arguments ----------------------
-    def _functions(self, sites, rebuild, key):
+    def _functions(self, sites, rebuild, key, data):
         cache_key = (key, _sites_key(sites))
         if cache_key not in self._compiled:
             problem = core.make_problem(
                 self.model, sites, rebuild, self.max_iter, self.tol, self.hard, self.strict, self.mstep
             )
+            if self.closed_form:
+                from bayes_em.conjugate import detect_closed_forms
+
+                args, kwargs = rebuild(data)
+                init = {p.name: jnp.asarray(p.init) for p in sites.params}
+                problem = problem._replace(closed=detect_closed_forms(problem, init, args, kwargs))
             noise = self.restart_noise
 
             def start(u0, data, keys):
@@ -209,9 +266,10 @@ class EM:
 
         data, rebuild, key = _split_data(args, kwargs)
         sites = discover_sites(self.model, args, kwargs, init_values, rng_key)
-        problem, *functions = self._functions(sites, rebuild, key)
         init_params = {p.name: jnp.asarray(p.init) for p in sites.params}
-        check_enumeration(problem, init_params, data, self.memory_limit)
+        bare = core.make_problem(self.model, sites, rebuild, self.max_iter, self.tol)
+        check_enumeration(bare, init_params, data, self.memory_limit)
+        problem, *functions = self._functions(sites, rebuild, key, data)
         u0 = core.unconstrain(problem, init_params)
         for p in sites.params:
             if not bool(jnp.all(jnp.isfinite(u0[p.name]))):

@@ -15,9 +15,11 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from numpyro.distributions.transforms import biject_to
 
+from bayes_em.conjugate import closed_form_update
 from bayes_em.enumeration import (
     chain_marginals,
     enumerated_model,
@@ -42,6 +44,7 @@ __all__ = [
     "e_step",
     "q_function",
     "init",
+    "m_step",
     "step",
     "run",
     "random_start",
@@ -70,6 +73,7 @@ class EMProblem(NamedTuple):
     hard: bool = False
     strict: bool = False
     solver: LBFGS = LBFGS()
+    closed: tuple = ()  # conjugate.ClosedForm plans: parameters updated in closed form
 
 
 class EMState(NamedTuple):
@@ -84,6 +88,7 @@ class EMState(NamedTuple):
 
 
 def make_problem(model, sites, rebuild, max_iter, tol, hard=False, strict=False, solver=LBFGS()):
+    """The static problem; closed-form plans are added with ``problem._replace(closed=...)``."""
     return EMProblem(
         enumerated_model(model, sites.max_plate_nesting),
         sites,
@@ -101,7 +106,14 @@ def constrain(problem, u):
 
 
 def unconstrain(problem, params):
-    return {p.name: biject_to(p.constraint).inv(params[p.name]) for p in problem.sites.params}
+    """Unconstrained values; a value on the boundary (a zero probability from a closed-form
+    update) maps to a large finite number whose constrained image is that boundary value."""
+    out = {}
+    for p in problem.sites.params:
+        u = biject_to(p.constraint).inv(params[p.name])
+        big = 2 * float(np.log(jnp.finfo(jnp.result_type(u)).max))
+        out[p.name] = jnp.nan_to_num(u, nan=jnp.nan, posinf=big, neginf=-big)
+    return out
 
 
 def _factors(problem, u, data):
@@ -145,9 +157,28 @@ def init(problem, u, data):
     return EMState(u, objective, log_prior, weights, zero, status, zero, history)
 
 
+def m_step(problem, u, weights, data):
+    """θ_{t+1}: closed-form updates for the planned parameters (in order, each conditional on
+    the ones before), then L-BFGS on Q + log p over the rest, with the closed-form ones fixed."""
+    closed = {c.param for c in problem.closed}
+    if closed:
+        args, kwargs = problem.rebuild(data)
+        params = closed_form_update(problem, problem.closed, constrain(problem, u), weights, args, kwargs)
+        u = {**u, **{k: v for k, v in unconstrain(problem, params).items() if k in closed}}
+    numeric = [p.name for p in problem.sites.params if p.name not in closed]
+    if numeric:
+        sub, _ = maximize(
+            lambda v: q_function(problem, {**u, **v}, weights, data),
+            {k: u[k] for k in numeric},
+            problem.solver,
+        )
+        u = {**u, **sub}
+    return u
+
+
 def step(problem, state, data):
     """One EM iteration: M-step from the state's weights, then the E-step at the new θ."""
-    u, _ = maximize(lambda v: q_function(problem, v, state.weights, data), state.params, problem.solver)
+    u = m_step(problem, state.params, state.weights, data)
     objective, log_prior, weights = e_step(problem, u, data)
     finite = jnp.isfinite(objective)
     change = objective - state.objective
@@ -209,8 +240,7 @@ def random_start(problem, u, data, rng_key, noise=1.0):
         else:
             noisy[meta.name] = a
     _, weights = posterior_weights(noisy, metas, "sum")
-    u_new, _ = maximize(lambda v: q_function(problem, v, weights, data), u, problem.solver)
-    return u_new
+    return m_step(problem, u, weights, data)
 
 
 def latent_posterior(problem, u, data):

@@ -1,0 +1,344 @@
+"""Closed-form M-steps from expected sufficient statistics.
+
+A parameter θ qualifies when its only use in the model is one distribution argument of one
+observed or latent site, and that argument is a *selection* of θ (``loc[z]``, ``trans[z_prev]``,
+``probs``, broadcasts): every entry of the argument is one entry (or one row / matrix) of θ. Then
+
+    Q(θ) = Σ_e w_e log p(x_e | θ[idx_e])  ⇒  θ_j = argmax Σ_{e: idx_e = j} w_e log p(x_e | θ_j) + log p(θ_j)
+
+is the weighted ML / conjugate-MAP update of the family, from sufficient statistics reduced over
+the broadcast dims and scattered onto θ along the index map ``idx``. The index map is found by
+evaluating the argument at *coded* parameter values (row j set to j + 1), so it follows latent
+and data indices without pattern-matching the model's source.
+
+Supported (argument ← parameter constraint, prior for MAP):
+    Categorical / Multinomial ``probs`` ← simplex rows, Dirichlet
+    Bernoulli / Binomial ``probs`` ← unit interval, Beta
+    Poisson ``rate`` / Exponential ``rate`` ← positive, Gamma
+    Normal ``loc`` ← real, Normal;  Normal ``scale`` ← positive, InverseGamma (on the scale)
+    MultivariateNormal ``loc`` ← real vectors;  ``covariance_matrix`` / ``scale_tril`` ← matrices
+Everything else keeps the numeric M-step.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
+from numpyro.contrib.funsor.infer_util import plate_to_enum_plate
+from numpyro.distributions import constraints
+from numpyro.distributions.distribution import validation_enabled
+from numpyro.handlers import substitute
+
+__all__ = ["ClosedForm", "detect_closed_forms", "closed_form_update"]
+
+
+class ClosedForm(NamedTuple):
+    """Plan for one parameter's closed-form update (static)."""
+
+    param: str
+    site: str
+    family: str  # key of _FAMILIES
+    prior: str | None  # prior family of a MAP site, None for ML
+
+
+# family -> (base distribution types, argument attribute, event ndim of the argument, constraint)
+_FAMILIES = {
+    "categorical": ((dist.CategoricalProbs,), "probs", 1, constraints.simplex),
+    "multinomial": ((dist.MultinomialProbs,), "probs", 1, constraints.simplex),
+    "bernoulli": ((dist.BernoulliProbs,), "probs", 0, constraints.unit_interval),
+    "binomial": ((dist.BinomialProbs,), "probs", 0, constraints.unit_interval),
+    "poisson": ((dist.Poisson,), "rate", 0, constraints.positive),
+    "exponential": ((dist.Exponential,), "rate", 0, constraints.positive),
+    "normal_loc": ((dist.Normal,), "loc", 0, constraints.real),
+    "normal_scale": ((dist.Normal,), "scale", 0, constraints.positive),
+    "mvn_loc": ((dist.MultivariateNormal,), "loc", 1, constraints.real_vector),
+    "mvn_cov": ((dist.MultivariateNormal,), "covariance_matrix", 2, constraints.positive_definite),
+    "mvn_tril": ((dist.MultivariateNormal,), "scale_tril", 2, constraints.lower_cholesky),
+}
+# family -> prior distribution types with a conjugate closed-form mode
+_PRIORS = {
+    "categorical": (dist.Dirichlet,),
+    "multinomial": (dist.Dirichlet,),
+    "bernoulli": (dist.Beta,),
+    "binomial": (dist.Beta,),
+    "poisson": (dist.Gamma,),
+    "exponential": (dist.Gamma,),
+    "normal_loc": (dist.Normal,),
+    "normal_scale": (dist.InverseGamma,),
+    "mvn_loc": (),
+    "mvn_cov": (),
+    "mvn_tril": (),
+}
+# order of updates inside one M-step (conditional maximisation: locations before scales)
+_ORDER = ["categorical", "multinomial", "bernoulli", "binomial", "poisson", "exponential",
+          "normal_loc", "mvn_loc", "normal_scale", "mvn_cov", "mvn_tril"]
+
+
+def _unwrap(fn):
+    """Base distribution, mask and number of event dims reinterpreted by ``to_event``."""
+    mask, reinterpreted = None, 0
+    while True:
+        if isinstance(fn, dist.MaskedDistribution):
+            if fn._mask is not True and fn._mask is not None:
+                m = jnp.asarray(fn._mask)
+                mask = m if mask is None else mask & m
+            fn = fn.base_dist
+        elif isinstance(fn, dist.Independent):
+            reinterpreted += fn.reinterpreted_batch_ndims
+            fn = fn.base_dist
+        elif isinstance(fn, dist.ExpandedDistribution):
+            fn = fn.base_dist
+        else:
+            return fn, mask, reinterpreted
+
+
+def _arg(fn, family):
+    name = _FAMILIES[family][1]
+    if name == "covariance_matrix" and "covariance_matrix" not in fn.__dict__:
+        return None
+    return getattr(fn, name)
+
+
+def _trace(enum_model, params, args, kwargs):
+    # coded parameter values are not valid distribution arguments: switch validation off
+    with plate_to_enum_plate(), validation_enabled(False):
+        return packed_trace(substitute(enum_model, data=params)).get_trace(*args, **kwargs)
+
+
+def _coded(value, event_ndim, family):
+    """θ with row j (trailing ``event_ndim`` dims) set to j + 1; SPD-coded for covariances."""
+    shape = jnp.shape(value)
+    batch = shape[: len(shape) - event_ndim]
+    codes = jnp.arange(1, int(np.prod(batch)) + 1, dtype=jnp.result_type(value)).reshape(batch)
+    if family in ("mvn_cov", "mvn_tril"):
+        eye = jnp.eye(shape[-1], dtype=jnp.result_type(value))
+        return codes[..., None, None] * eye
+    return jnp.broadcast_to(codes.reshape(batch + (1,) * event_ndim), shape)
+
+
+def _index_map(arg_coded, event_ndim):
+    """Row index of θ selected by each argument entry (decoded from the coded evaluation)."""
+    first = arg_coded[(...,) + (0,) * event_ndim] if event_ndim else arg_coded
+    return jnp.round(first).astype(jnp.int32) - 1
+
+
+def _leaves(fn):
+    """Array attributes of a (possibly wrapped) distribution, keyed 'Type.attr'."""
+    out = {}
+    while fn is not None:
+        for k, v in vars(fn).items():
+            if isinstance(v, (jax.Array, np.ndarray)) and jnp.issubdtype(v.dtype, jnp.inexact):
+                out[f"{type(fn).__name__}.{k}"] = v
+        fn = getattr(fn, "base_dist", None)
+    return out
+
+
+# argument leaves a family's parameter may reach (MVN derives scale_tril from the covariance)
+_ALLOWED = {"mvn_cov": ("covariance_matrix", "scale_tril")}
+_CONSTRAINTS = {"mvn_loc": (constraints.real, constraints.real_vector)}
+
+
+def detect_closed_forms(problem, params, args, kwargs, rng_key=None):
+    """Which parameters take a closed-form update: a tuple of :class:`ClosedForm`, found once
+    before the fit by concrete checks at ``params``."""
+    sites = problem.sites
+    rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+    param_names = set(sites.param_names)
+
+    def trace_at(p):
+        return _trace(problem.enum_model, p, args, kwargs)
+
+    def dependencies(p):
+        out = {}
+        for name, site in trace_at(p).items():
+            if site["type"] == "sample":
+                out[name] = _leaves(site["fn"])
+                if name not in param_names:
+                    out[name]["value"] = site["value"]
+        return out
+
+    tr = trace_at(params)
+    plans = []
+    for p in sites.params:
+        # where does θ enter? one JVP with a random tangent on θ alone
+        key, rng_key = jax.random.split(rng_key)
+        tangent = jax.tree.map(jnp.zeros_like, params)
+        value = params[p.name]
+        tangent[p.name] = jax.random.normal(key, jnp.shape(value), jnp.result_type(value))
+        _, dots = jax.jvp(dependencies, (params,), (tangent,))
+        users = {(s, leaf) for s, leaves in dots.items() for leaf, d in leaves.items()
+                 if jnp.issubdtype(jnp.result_type(d), jnp.inexact) and bool(jnp.any(d != 0))}
+        user_sites = {s for s, _ in users}
+        if len(user_sites) != 1 or next(iter(user_sites)) in param_names:
+            continue
+        (site_name,) = user_sites
+        base = _unwrap(tr[site_name]["fn"])[0]
+        used = {leaf.split(".", 1)[1] for _, leaf in users}
+        candidates = []
+        for family, (types, attr, event_ndim, constraint) in _FAMILIES.items():
+            allowed = _CONSTRAINTS.get(family, (constraint,))
+            if not isinstance(base, types) or str(p.constraint) not in map(str, allowed):
+                continue
+            if not used <= set(_ALLOWED.get(family, (attr,))) or attr not in used:
+                continue
+            arg = _arg(base, family)
+            if arg is None or jnp.ndim(value) < event_ndim:
+                continue
+            # a pure selection: the coded evaluation decodes to valid rows, and the argument
+            # equals θ's rows gathered along that index map
+            coded = _coded(value, event_ndim, family)
+            arg_coded = _arg(_unwrap(trace_at({**params, p.name: coded})[site_name]["fn"])[0], family)
+            if arg_coded is None or jnp.shape(arg_coded) != jnp.shape(arg):
+                continue
+            idx = _index_map(arg_coded, event_ndim)
+            batch = jnp.shape(value)[: jnp.ndim(value) - event_ndim]
+            n_rows = int(np.prod(batch))
+            if bool(jnp.any((idx < 0) | (idx >= n_rows))):
+                continue
+            if not bool(jnp.array_equal(_coded_check(arg_coded, idx, event_ndim, family), arg_coded)):
+                continue
+            rows = jnp.reshape(value, (n_rows,) + jnp.shape(value)[len(batch):])
+            if not bool(jnp.allclose(rows[idx], arg, rtol=1e-6, atol=1e-12)):
+                continue
+            candidates.append(family)
+        if len(candidates) != 1:
+            continue
+        family = candidates[0]
+        prior = None
+        if p.kind == "map":
+            prior_fn = _unwrap(tr[p.name]["fn"])[0]
+            if not isinstance(prior_fn, _PRIORS[family]):
+                continue
+            prior = type(prior_fn).__name__
+        plans.append(ClosedForm(p.name, site_name, family, prior))
+    return tuple(sorted(plans, key=lambda c: _ORDER.index(c.family)))
+
+
+def _coded_check(arg_coded, idx, event_ndim, family):
+    """What the coded argument must equal if it is a selection: the code of its row."""
+    code = (idx + 1).astype(jnp.result_type(arg_coded))
+    if family in ("mvn_cov", "mvn_tril"):
+        return code[..., None, None] * jnp.eye(arg_coded.shape[-1], dtype=arg_coded.dtype)
+    return jnp.broadcast_to(code.reshape(code.shape + (1,) * event_ndim), arg_coded.shape)
+
+
+def _reduce_to(x, shape):
+    """Sum ``x`` over the leading dims and the dims where ``shape`` is 1."""
+    lead = x.ndim - len(shape)
+    x = jnp.sum(x, axis=tuple(range(lead))) if lead > 0 else x
+    axes = tuple(i for i, (a, b) in enumerate(zip(shape, x.shape)) if a == 1 and b != 1)
+    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def _scatter(stat, idx, n_rows, event_shape):
+    """Add the per-entry statistics onto θ's rows along the index map."""
+    idx_b = jnp.broadcast_to(idx, stat.shape[: stat.ndim - len(event_shape)])
+    flat = stat.reshape((-1,) + event_shape)
+    return jnp.zeros((n_rows,) + event_shape, stat.dtype).at[idx_b.reshape(-1)].add(flat)
+
+
+def _dirichlet_mode(counts, alpha):
+    """argmax_p Σ_j (c_j + α_j − 1) log p_j on the simplex; KKT: p_j ∝ max(c_j + α_j − 1, 0)."""
+    a = jnp.maximum(counts + alpha - 1.0, 0.0)
+    return a / jnp.sum(a, axis=-1, keepdims=True)
+
+
+def closed_form_update(problem, plans, params, weights, args, kwargs):
+    """New constrained values of the planned parameters; the others are returned unchanged."""
+    params = dict(params)
+    for plan in plans:
+        tr = _trace(problem.enum_model, params, args, kwargs)
+        site = tr[plan.site]
+        base, mask, reinterpreted = _unwrap(site["fn"])
+        types, attr, event_ndim, _ = _FAMILIES[plan.family]
+        value = params[plan.param]
+        n_rows = int(np.prod(jnp.shape(value)[: jnp.ndim(value) - event_ndim]))
+        event_shape = tuple(jnp.shape(value)[jnp.ndim(value) - event_ndim:])
+        arg = _arg(base, plan.family)
+        coded = _coded(value, event_ndim, plan.family)
+        tr_c = _trace(problem.enum_model, {**params, plan.param: coded}, args, kwargs)
+        idx = _index_map(_arg(_unwrap(tr_c[plan.site]["fn"])[0], plan.family), event_ndim)
+        arg_batch = jnp.shape(arg)[: jnp.ndim(arg) - event_ndim]
+
+        # effective weight of every entry of the site's log-density
+        w = weights[plan.site]
+        if site["scale"] is not None:
+            w = w * site["scale"]
+        if mask is not None:
+            w = w * mask
+        x = site["value"]
+        # align w with the base distribution's batch (to_event dims appended)
+        w = w.reshape(jnp.shape(w) + (1,) * reinterpreted)
+
+        def stat(t, t_event=()):
+            """Σ over broadcast entries of w·t, scattered onto θ's rows."""
+            wt = w.reshape(w.shape + (1,) * len(t_event)) * t if t_event else w * t
+            red = _reduce_to(wt, arg_batch + tuple(t_event))
+            return _scatter(red, idx, n_rows, tuple(t_event))
+
+        prior_fn = _unwrap(tr[plan.param]["fn"])[0] if plan.prior else None
+
+        def hyper(name):
+            return jnp.broadcast_to(getattr(prior_fn, name), jnp.shape(value)).reshape(
+                (n_rows,) + event_shape
+            )
+
+        fam = plan.family
+        if fam in ("categorical", "multinomial"):
+            V = event_shape[0]
+            t = jax.nn.one_hot(x, V, dtype=w.dtype) if fam == "categorical" else x
+            counts = stat(t, (V,))
+            alpha = hyper("concentration") if prior_fn is not None else jnp.ones_like(counts)
+            new = _dirichlet_mode(counts, alpha)
+        elif fam in ("bernoulli", "binomial"):
+            total = 1.0 if fam == "bernoulli" else base.total_count
+            c1 = stat(x)
+            n = stat(jnp.broadcast_to(total, jnp.broadcast_shapes(jnp.shape(x), jnp.shape(total))) * jnp.ones_like(x))
+            if prior_fn is not None:
+                a, b = hyper("concentration1"), hyper("concentration0")
+                c1, n = c1 + a - 1.0, n + a + b - 2.0
+            new = c1 / n
+        elif fam in ("poisson", "exponential"):
+            n, s = stat(jnp.ones_like(x)), stat(x)
+            if fam == "poisson":
+                num, den = s, n
+            else:
+                num, den = n, s
+            if prior_fn is not None:
+                num, den = num + hyper("concentration") - 1.0, den + hyper("rate")
+            new = num / den
+        elif fam == "normal_loc":
+            prec = 1.0 / jnp.square(base.scale)
+            a, b = stat(prec * jnp.ones_like(x)), stat(prec * x)
+            if prior_fn is not None:
+                p0 = 1.0 / jnp.square(hyper("scale"))
+                a, b = a + p0, b + p0 * hyper("loc")
+            new = b / a
+        elif fam == "normal_scale":
+            n, s = stat(jnp.ones_like(x)), stat(jnp.square(x - base.loc))
+            if prior_fn is None:
+                new = jnp.sqrt(s / n)
+            else:  # mode of n·(−log σ) − s/(2σ²) − (a+1) log σ − b/σ
+                a, b = hyper("concentration"), hyper("rate")
+                c = a + 1.0 + n
+                new = (b + jnp.sqrt(b * b + 4.0 * c * s)) / (2.0 * c)
+        elif fam == "mvn_loc":
+            D = event_shape[0]
+            n = stat(jnp.ones(jnp.shape(x)[:-1], w.dtype)[..., None] * jnp.ones(D, w.dtype), (D,))
+            new = stat(x, (D,)) / n
+        else:  # covariance about the current (already updated) location
+            D = event_shape[0]
+            r = x - base.loc
+            n = stat(jnp.ones(jnp.shape(r)[:-1], w.dtype))
+            s = stat(r[..., :, None] * r[..., None, :], (D, D))
+            cov = s / n[:, None, None] if n.ndim == 1 else s / n
+            new = cov if fam == "mvn_cov" else jnp.linalg.cholesky(cov)
+        new = new.reshape(jnp.shape(value)).astype(jnp.result_type(value))
+        ok = jnp.all(jnp.isfinite(new))
+        params[plan.param] = jnp.where(ok, new, value)
+    return params
