@@ -22,6 +22,7 @@ Everything else keeps the numeric M-step.
 
 from __future__ import annotations
 
+import string
 from typing import NamedTuple
 
 import jax
@@ -143,11 +144,10 @@ _ALLOWED = {"mvn_cov": ("covariance_matrix", "scale_tril")}
 _CONSTRAINTS = {"mvn_loc": (constraints.real, constraints.real_vector)}
 
 
-def detect_closed_forms(problem, params, args, kwargs, rng_key=None):
+def detect_closed_forms(problem, params, args, kwargs):
     """Which parameters take a closed-form update: a tuple of :class:`ClosedForm`, found once
     before the fit by concrete checks at ``params``."""
     sites = problem.sites
-    rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     param_names = set(sites.param_names)
 
     def trace_at(p):
@@ -162,48 +162,82 @@ def detect_closed_forms(problem, params, args, kwargs, rng_key=None):
                     out[name]["value"] = site["value"]
         return out
 
-    tr = trace_at(params)
+    def family_args(p):
+        out = {}
+        for name, site in trace_at(p).items():
+            if site["type"] == "sample" and name not in param_names:
+                base = _unwrap(site["fn"])[0]
+                out[name] = {f: _arg(base, f) for f, spec in _FAMILIES.items()
+                             if isinstance(base, spec[0])}
+        return out
+
+    # jit-compiled once each: eager tracing of an enumerated model is slow
+    def to_numpy(f):
+        return lambda *a: jax.tree.map(np.asarray, f(*a))
+
+    tangent_of = to_numpy(jax.jit(lambda p, t: jax.jvp(dependencies, (p,), (t,))[1]))
+    args_at = to_numpy(jax.jit(family_args))
+    bases = {}
+
+    def capture_bases(p):
+        for name, site in trace_at(p).items():
+            if site["type"] == "sample":
+                bases[name] = _unwrap(site["fn"])[0]
+        return jnp.zeros(())
+
+    jax.eval_shape(capture_bases, params)  # distribution types, without running anything
+    args_now = args_at(params)
+    params = jax.tree.map(np.asarray, params)
+    np_rng = np.random.default_rng(0)
     plans = []
     for p in sites.params:
         # where does θ enter? one JVP with a random tangent on θ alone
-        key, rng_key = jax.random.split(rng_key)
-        tangent = jax.tree.map(jnp.zeros_like, params)
+        tangent = jax.tree.map(np.zeros_like, params)
         value = params[p.name]
-        tangent[p.name] = jax.random.normal(key, jnp.shape(value), jnp.result_type(value))
-        _, dots = jax.jvp(dependencies, (params,), (tangent,))
+        tangent[p.name] = np_rng.standard_normal(np.shape(value)).astype(value.dtype)
+        dots = tangent_of(params, tangent)
         users = {(s, leaf) for s, leaves in dots.items() for leaf, d in leaves.items()
-                 if jnp.issubdtype(jnp.result_type(d), jnp.inexact) and bool(jnp.any(d != 0))}
+                 if np.issubdtype(d.dtype, np.inexact) and np.any(d != 0)}
         user_sites = {s for s, _ in users}
         if len(user_sites) != 1 or next(iter(user_sites)) in param_names:
             continue
         (site_name,) = user_sites
-        base = _unwrap(tr[site_name]["fn"])[0]
+        base = bases[site_name]
         used = {leaf.split(".", 1)[1] for _, leaf in users}
         candidates = []
+        coded_args = {}
         for family, (types, attr, event_ndim, constraint) in _FAMILIES.items():
             allowed = _CONSTRAINTS.get(family, (constraint,))
             if not isinstance(base, types) or str(p.constraint) not in map(str, allowed):
                 continue
             if not used <= set(_ALLOWED.get(family, (attr,))) or attr not in used:
                 continue
-            arg = _arg(base, family)
+            arg = args_now[site_name][family]
             if arg is None or jnp.ndim(value) < event_ndim:
                 continue
             # a pure selection: the coded evaluation decodes to valid rows, and the argument
             # equals θ's rows gathered along that index map
-            coded = _coded(value, event_ndim, family)
-            arg_coded = _arg(_unwrap(trace_at({**params, p.name: coded})[site_name]["fn"])[0], family)
+            coded = np.asarray(_coded(value, event_ndim, family))
+            if (event_ndim, family in ("mvn_cov", "mvn_tril")) not in coded_args:
+                coded_args[event_ndim, family in ("mvn_cov", "mvn_tril")] = args_at({**params, p.name: coded})
+            arg_coded = coded_args[event_ndim, family in ("mvn_cov", "mvn_tril")][site_name][family]
             if arg_coded is None or jnp.shape(arg_coded) != jnp.shape(arg):
                 continue
-            idx = _index_map(arg_coded, event_ndim)
-            batch = jnp.shape(value)[: jnp.ndim(value) - event_ndim]
+            first = arg_coded[(...,) + (0,) * event_ndim] if event_ndim else arg_coded
+            idx = np.round(first).astype(np.int64) - 1
+            batch = np.shape(value)[: np.ndim(value) - event_ndim]
             n_rows = int(np.prod(batch))
-            if bool(jnp.any((idx < 0) | (idx >= n_rows))):
+            if np.any((idx < 0) | (idx >= n_rows)):
                 continue
-            if not bool(jnp.array_equal(_coded_check(arg_coded, idx, event_ndim, family), arg_coded)):
+            code = (idx + 1).astype(arg_coded.dtype)
+            if family in ("mvn_cov", "mvn_tril"):
+                expect = code[..., None, None] * np.eye(arg_coded.shape[-1])
+            else:
+                expect = np.broadcast_to(code.reshape(code.shape + (1,) * event_ndim), arg_coded.shape)
+            if not np.array_equal(expect, arg_coded):
                 continue
-            rows = jnp.reshape(value, (n_rows,) + jnp.shape(value)[len(batch):])
-            if not bool(jnp.allclose(rows[idx], arg, rtol=1e-6, atol=1e-12)):
+            rows = np.reshape(value, (n_rows,) + np.shape(value)[len(batch):])
+            if not np.allclose(rows[idx], arg, rtol=1e-6, atol=1e-12):
                 continue
             candidates.append(family)
         if len(candidates) != 1:
@@ -211,20 +245,12 @@ def detect_closed_forms(problem, params, args, kwargs, rng_key=None):
         family = candidates[0]
         prior = None
         if p.kind == "map":
-            prior_fn = _unwrap(tr[p.name]["fn"])[0]
+            prior_fn = bases[p.name]
             if not isinstance(prior_fn, _PRIORS[family]):
                 continue
             prior = type(prior_fn).__name__
         plans.append(ClosedForm(p.name, site_name, family, prior))
     return tuple(sorted(plans, key=lambda c: _ORDER.index(c.family)))
-
-
-def _coded_check(arg_coded, idx, event_ndim, family):
-    """What the coded argument must equal if it is a selection: the code of its row."""
-    code = (idx + 1).astype(jnp.result_type(arg_coded))
-    if family in ("mvn_cov", "mvn_tril"):
-        return code[..., None, None] * jnp.eye(arg_coded.shape[-1], dtype=arg_coded.dtype)
-    return jnp.broadcast_to(code.reshape(code.shape + (1,) * event_ndim), arg_coded.shape)
 
 
 def _reduce_to(x, shape):
@@ -233,6 +259,31 @@ def _reduce_to(x, shape):
     x = jnp.sum(x, axis=tuple(range(lead))) if lead > 0 else x
     axes = tuple(i for i, (a, b) in enumerate(zip(shape, x.shape)) if a == 1 and b != 1)
     return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def _weighted_sum(w, t, out_batch, n_event=0):
+    """Σ of w·t over the broadcast batch entries that ``out_batch`` does not keep, as one einsum
+    (a matrix product: no entries × event intermediate). ``t`` has ``n_event`` trailing dims."""
+    event = t.shape[t.ndim - n_event:]
+    t_batch = t.shape[: t.ndim - n_event]
+    nd = max(w.ndim, len(t_batch), len(out_batch))
+    ws = (1,) * (nd - w.ndim) + tuple(w.shape)
+    ts = (1,) * (nd - len(t_batch)) + tuple(t_batch)
+    os_ = (1,) * (nd - len(out_batch)) + tuple(out_batch)
+    letters = string.ascii_letters
+    ev = letters[nd: nd + n_event]
+    sub_w = "".join(letters[i] for i in range(nd) if ws[i] != 1)
+    sub_t = "".join(letters[i] for i in range(nd) if ts[i] != 1) + ev
+    kept = [i for i in range(nd) if os_[i] != 1 and (ws[i] != 1 or ts[i] != 1)]
+    sub_o = "".join(letters[i] for i in kept) + ev
+    res = jnp.einsum(
+        f"{sub_w},{sub_t}->{sub_o}",
+        w.reshape(tuple(s for s in ws if s != 1)),
+        t.reshape(tuple(s for s in ts if s != 1) + tuple(event)),
+    )
+    shape = tuple(os_[i] if i in kept else 1 for i in range(nd)) + tuple(event)
+    res = jnp.broadcast_to(res.reshape(shape), os_ + tuple(event))
+    return res.reshape(tuple(out_batch) + tuple(event))
 
 
 def _scatter(stat, idx, n_rows, event_shape):
@@ -275,11 +326,9 @@ def closed_form_update(problem, plans, params, weights, args, kwargs):
         # align w with the base distribution's batch (to_event dims appended)
         w = w.reshape(jnp.shape(w) + (1,) * reinterpreted)
 
-        def stat(t, t_event=()):
-            """Σ over broadcast entries of w·t, scattered onto θ's rows."""
-            wt = w.reshape(w.shape + (1,) * len(t_event)) * t if t_event else w * t
-            red = _reduce_to(wt, arg_batch + tuple(t_event))
-            return _scatter(red, idx, n_rows, tuple(t_event))
+        def scatter(stat, n_event=0):
+            return _scatter(_reduce_to(stat, arg_batch + stat.shape[stat.ndim - n_event:]), idx, n_rows,
+                            tuple(stat.shape[stat.ndim - n_event:]))
 
         prior_fn = _unwrap(tr[plan.param]["fn"])[0] if plan.prior else None
 
@@ -289,55 +338,70 @@ def closed_form_update(problem, plans, params, weights, args, kwargs):
             )
 
         fam = plan.family
+        dtype = w.dtype
         if fam in ("categorical", "multinomial"):
             V = event_shape[0]
-            t = jax.nn.one_hot(x, V, dtype=w.dtype) if fam == "categorical" else x
-            counts = stat(t, (V,))
+            t = jax.nn.one_hot(x, V, dtype=dtype) if fam == "categorical" else x.astype(dtype)
+            counts = scatter(_weighted_sum(w, t, arg_batch, 1), 1)
             alpha = hyper("concentration") if prior_fn is not None else jnp.ones_like(counts)
             new = _dirichlet_mode(counts, alpha)
         elif fam in ("bernoulli", "binomial"):
-            total = 1.0 if fam == "bernoulli" else base.total_count
-            c1 = stat(x)
-            n = stat(jnp.broadcast_to(total, jnp.broadcast_shapes(jnp.shape(x), jnp.shape(total))) * jnp.ones_like(x))
+            total = jnp.ones((), dtype) if fam == "bernoulli" else jnp.asarray(base.total_count, dtype)
+            c1 = scatter(_weighted_sum(w, x.astype(dtype), arg_batch))
+            n = scatter(_weighted_sum(w, jnp.broadcast_to(total, jnp.broadcast_shapes(jnp.shape(total), jnp.shape(x))), arg_batch))
             if prior_fn is not None:
                 a, b = hyper("concentration1"), hyper("concentration0")
                 c1, n = c1 + a - 1.0, n + a + b - 2.0
             new = c1 / n
         elif fam in ("poisson", "exponential"):
-            n, s = stat(jnp.ones_like(x)), stat(x)
-            if fam == "poisson":
-                num, den = s, n
-            else:
-                num, den = n, s
+            n = scatter(_weighted_sum(w, jnp.ones_like(x, dtype), arg_batch))
+            s_ = scatter(_weighted_sum(w, x.astype(dtype), arg_batch))
+            num, den = (s_, n) if fam == "poisson" else (n, s_)
             if prior_fn is not None:
                 num, den = num + hyper("concentration") - 1.0, den + hyper("rate")
             new = num / den
-        elif fam == "normal_loc":
-            prec = 1.0 / jnp.square(base.scale)
-            a, b = stat(prec * jnp.ones_like(x)), stat(prec * x)
-            if prior_fn is not None:
-                p0 = 1.0 / jnp.square(hyper("scale"))
-                a, b = a + p0, b + p0 * hyper("loc")
-            new = b / a
-        elif fam == "normal_scale":
-            n, s = stat(jnp.ones_like(x)), stat(jnp.square(x - base.loc))
-            if prior_fn is None:
-                new = jnp.sqrt(s / n)
-            else:  # mode of n·(−log σ) − s/(2σ²) − (a+1) log σ − b/σ
-                a, b = hyper("concentration"), hyper("rate")
-                c = a + 1.0 + n
-                new = (b + jnp.sqrt(b * b + 4.0 * c * s)) / (2.0 * c)
-        elif fam == "mvn_loc":
-            D = event_shape[0]
-            n = stat(jnp.ones(jnp.shape(x)[:-1], w.dtype)[..., None] * jnp.ones(D, w.dtype), (D,))
-            new = stat(x, (D,)) / n
-        else:  # covariance about the current (already updated) location
-            D = event_shape[0]
-            r = x - base.loc
-            n = stat(jnp.ones(jnp.shape(r)[:-1], w.dtype))
-            s = stat(r[..., :, None] * r[..., None, :], (D, D))
-            cov = s / n[:, None, None] if n.ndim == 1 else s / n
-            new = cov if fam == "mvn_cov" else jnp.linalg.cholesky(cov)
+        elif fam in ("normal_loc", "normal_scale"):
+            # moments about the data mean c at the joint shape of loc and scale
+            joint = jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale))
+            c = jnp.mean(x)
+            xc = x - c
+            n = _weighted_sum(w, jnp.ones_like(xc), joint)
+            s1 = _weighted_sum(w, xc, joint)
+            if fam == "normal_loc":
+                prec = 1.0 / jnp.square(base.scale)
+                a, b = scatter(n * prec), scatter((s1 + n * c) * prec)
+                if prior_fn is not None:
+                    p0 = 1.0 / jnp.square(hyper("scale"))
+                    a, b = a + p0, b + p0 * hyper("loc")
+                new = b / a
+            else:
+                mc = base.loc - c
+                ss = _weighted_sum(w, jnp.square(xc), joint) - 2 * mc * s1 + jnp.square(mc) * n
+                n, ss = scatter(jnp.broadcast_to(n, joint)), scatter(jnp.maximum(ss, 0.0))
+                if prior_fn is None:
+                    new = jnp.sqrt(ss / n)
+                else:  # mode of n·(−log σ) − ss/(2σ²) − (a+1) log σ − b/σ
+                    a, b = hyper("concentration"), hyper("rate")
+                    cc = a + 1.0 + n
+                    new = (b + jnp.sqrt(b * b + 4.0 * cc * ss)) / (2.0 * cc)
+        else:  # multivariate normal: moments about the data mean at the joint (loc, cov) shape
+            D = event_shape[0] if fam == "mvn_loc" else event_shape[-1]
+            joint = jnp.broadcast_shapes(jnp.shape(base.loc)[:-1], jnp.shape(base.scale_tril)[:-2])
+            c = jnp.mean(x.reshape(-1, D), axis=0)
+            xc = x - c
+            n = _weighted_sum(w, jnp.ones(xc.shape[:-1], dtype), joint)
+            s1 = _weighted_sum(w, xc, joint, 1)
+            if fam == "mvn_loc":
+                new = scatter(s1 + n[..., None] * c, 1) / scatter(jnp.broadcast_to(n[..., None], joint + (D,)), 1)
+            else:
+                xx = (xc[..., :, None] * xc[..., None, :]).reshape(xc.shape[:-1] + (D * D,))
+                s2 = _weighted_sum(w, xx, joint, 1).reshape(joint + (D, D))
+                mc = jnp.broadcast_to(base.loc - c, joint + (D,))
+                outer = s1[..., :, None] * mc[..., None, :]
+                ss = s2 - outer - jnp.swapaxes(outer, -1, -2) + n[..., None, None] * mc[..., :, None] * mc[..., None, :]
+                cov = scatter(ss, 2) / scatter(jnp.broadcast_to(n, joint))[:, None, None]
+                cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+                new = cov if fam == "mvn_cov" else jnp.linalg.cholesky(cov)
         new = new.reshape(jnp.shape(value)).astype(jnp.result_type(value))
         ok = jnp.all(jnp.isfinite(new))
         params[plan.param] = jnp.where(ok, new, value)

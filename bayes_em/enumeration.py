@@ -21,6 +21,7 @@ from typing import NamedTuple
 import funsor
 import jax
 import jax.numpy as jnp
+import numpyro.distributions as dist
 from numpyro.contrib.funsor import enum, config_enumerate
 from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
 from numpyro.contrib.funsor.infer_util import (
@@ -29,6 +30,8 @@ from numpyro.contrib.funsor.infer_util import (
     plate_to_enum_plate,
 )
 from numpyro.distributions.util import is_identically_one
+
+from bayes_em import gaussian
 from numpyro.handlers import substitute
 
 funsor.set_backend("jax")
@@ -41,6 +44,7 @@ __all__ = [
     "posterior_weights",
     "site_marginal",
     "chain_marginals",
+    "pointwise_log_likelihood",
 ]
 
 
@@ -60,6 +64,35 @@ def enumerated_model(model, max_plate_nesting):
     return enum(config_enumerate(model), first_available_dim=first_dim)
 
 
+def _absent_where_masked(fn, value, log_prob):
+    """Make a latent masked out by ``numpyro.handlers.mask`` absent: a factor of 1.
+
+    NumPyro gives a masked site log-density 0 for every value, so summing out a masked latent
+    multiplies Z by its number of values (log K per masked entry, e.g. per padded time step of a
+    sequence). Here a masked latent is pinned to its first value instead (log 1 there, a huge
+    negative number elsewhere): its factor then sums and maximises to 1, so log Z and the max-product (hard EM,
+    most probable path) are both those of the model without the masked entries.
+    """
+    masks, base = [], fn
+    while isinstance(base, (dist.MaskedDistribution, dist.ExpandedDistribution)):
+        if isinstance(base, dist.MaskedDistribution) and base._mask is not True:
+            masks.append(base._mask)
+        base = base.base_dist
+    if not masks:
+        return log_prob
+    keep = jnp.ones((), bool)
+    for m in masks:
+        keep = keep & jnp.asarray(m, bool)
+    first = fn.enumerate_support(expand=False)[0]
+    is_first = value == first
+    if fn.event_dim:
+        is_first = jnp.all(is_first, axis=tuple(range(-fn.event_dim, 0)))
+    # A finite stand-in for log 0: an all -inf slice would give NaN gradients (posterior weights).
+    dtype = jnp.result_type(log_prob)
+    absent = jnp.where(is_first, 0.0, jnp.finfo(dtype).min / 1e8).astype(dtype)
+    return jnp.where(keep, log_prob, absent)
+
+
 def log_factors(enum_model, params, args, kwargs):
     """Trace ``enum_model`` at ``params``; return ``({site: log f}, (FactorMeta, ...))``.
 
@@ -76,7 +109,9 @@ def log_factors(enum_model, params, args, kwargs):
         if site["intermediates"]:
             log_prob = fn.log_prob(value, site["intermediates"])
         else:
-            log_prob = fn.log_prob(value)
+            log_prob = gaussian.log_prob(fn, value)
+        if not site["is_observed"] and fn.support.is_discrete and fn.has_enumerate_support:
+            log_prob = _absent_where_masked(fn, value, log_prob)
         scale = site["scale"]
         if scale is not None and not is_identically_one(scale):
             log_prob = scale * log_prob
@@ -165,8 +200,34 @@ def log_partition(arrays, metas, semiring="sum"):
 
 def posterior_weights(arrays, metas, semiring="sum"):
     """``(log Z, {site: ∂ log Z / ∂ log f})``; the weights are posterior marginals of the
-    factors' scopes (``"sum"``) or the indicator of the most probable configuration (``"max"``)."""
-    return jax.value_and_grad(lambda a: log_partition(a, metas, semiring))(arrays)
+    factors' scopes (``"sum"``) or the indicator of one most probable configuration (``"max"``)."""
+    log_z, weights = jax.value_and_grad(lambda a: log_partition(a, metas, semiring))(arrays)
+    if semiring == "max":
+        weights = _one_optimum(weights, metas)
+    return log_z, weights
+
+
+def _one_optimum(weights, metas):
+    """Max-product weights that sit on ONE most probable configuration.
+
+    With ties, the gradient of the max-product spreads its weight over the tied optima, and the
+    argmax of each site's weights taken on its own can splice them into a configuration that is
+    not optimal (in an HMM, equally probable paths arise whenever two equal observations follow
+    each other: a→b→a→a and a→a→b→a use the same factors). A second max-product restricted to
+    the entries with positive weight, plus a fixed random score in [0, 1) on every entry of the
+    latents' own factors, has a single maximiser: one of the optima (exact for chains and trees,
+    where every configuration built of such entries is optimal); its gradient is the indicator.
+    """
+    key = jax.random.PRNGKey(0)
+    restricted = {}
+    for i, meta in enumerate(metas):
+        w = weights[meta.name]
+        dtype = jnp.result_type(w)
+        a = jnp.where(w > 0, 0.0, jnp.finfo(dtype).min / 1e8).astype(dtype)
+        if not meta.is_observed and meta.name in dict(meta.dim_to_name).values():
+            a = a + jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(a), dtype)
+        restricted[meta.name] = a
+    return jax.grad(lambda a: log_partition(a, metas, "max"))(restricted)
 
 
 def site_marginal(weight, meta, plate_order):
@@ -200,3 +261,31 @@ def chain_marginals(weights, metas, name, plate_order):
     if not any(n.startswith("_time") for _, n in by_name[name].dim_to_name):
         own = own[None]
     return jnp.concatenate(parts + [own], axis=0)
+
+
+def pointwise_log_likelihood(arrays, metas, plate=None, drop=()):
+    """log p(x_n | θ) for every index n of ``plate``, latents summed out (sum-product).
+
+    The contraction of :func:`log_partition`, with ``plate`` left as a free (batch) input instead
+    of a product: Σ_n of the result is log Z less the dropped factors ``drop`` (e.g. the priors of
+    MAP sites). Every remaining factor must lie in ``plate``, else its points are coupled and a
+    pointwise log-likelihood is undefined. ``plate=None`` gives the whole log Z, shape ``(1,)``.
+    """
+    kept = tuple(m for m in metas if m.name not in set(drop))
+    if plate is not None:
+        outside = sorted(m.name for m in kept if plate not in m.plates)
+        if outside:
+            raise ValueError(
+                f"Sites {outside} lie outside plate '{plate}': they couple its points, so the "
+                "log-likelihood does not split into one term per point."
+            )
+        kept = tuple(m._replace(plates=m.plates - {plate}) for m in kept)
+    lazy = _lazy_contraction({m.name: arrays[m.name] for m in kept}, kept, funsor.ops.logaddexp,
+                             funsor.ops.add)
+    result = funsor.optimizer.apply_optimizer(lazy)
+    expected = frozenset() if plate is None else frozenset({plate})
+    if frozenset(result.inputs) != expected:
+        raise ValueError(
+            f"The pointwise contraction over plate '{plate}' left inputs {sorted(result.inputs)}."
+        )
+    return result.data[None] if plate is None else result.align((plate,)).data
