@@ -56,6 +56,8 @@ class EMResult:
     restart_status: tuple  # (R,) status names
     n_decreases: np.ndarray  # (R,)
     history: dict  # "objective" / "log_prior" / "log_likelihood": (R, max_iter + 1)
+    n_evals: np.ndarray  # (R,) EM maps evaluated (M-steps): 3 per iteration with SQUAREM
+    n_accepted: np.ndarray  # (R,) SQUAREM extrapolations kept
     posterior: dict
     most_probable: dict
     sites: ModelSites = field(repr=False)
@@ -173,6 +175,8 @@ class EM:
     :param restart_noise: scale of the Gumbel noise behind the random starts.
     :param closed_form: update parameters that qualify by closed-form conjugate M-steps
         (``bayes_em.conjugate``); ``False`` forces the numeric M-step everywhere.
+    :param accelerate: SQUAREM acceleration (Varadhan & Roland 2008): each iteration is three EM
+        maps and an extrapolation, kept only when it does not lower the objective.
     """
 
     def __init__(
@@ -190,6 +194,7 @@ class EM:
         memory_limit: float = 2 * 2**30,
         restart_noise: float = 1.0,
         closed_form: bool = True,
+        accelerate: bool = False,
     ):
         if not isinstance(restarts, (int, np.integer)) or restarts < 1:
             raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}.")
@@ -211,6 +216,7 @@ class EM:
         self.memory_limit = memory_limit
         self.restart_noise = float(restart_noise)
         self.closed_form = bool(closed_form)
+        self.accelerate = bool(accelerate)
         self._compiled = {}
 
     # -- compiled pieces, one set per model structure and static arguments ----------------------
@@ -220,6 +226,7 @@ class EM:
             problem = core.make_problem(
                 self.model, sites, rebuild, self.max_iter, self.tol, self.hard, self.strict, self.mstep
             )
+            problem = problem._replace(accelerate=self.accelerate)
             if self.closed_form:
                 from bayes_em.conjugate import detect_closed_forms
 
@@ -229,6 +236,9 @@ class EM:
             noise = self.restart_noise
 
             def start(u0, data, keys):
+                if keys.shape[0] == 1:  # the declared start only
+                    return jax.tree.map(lambda x: x[None], core.init(problem, u0, data))
+
                 def one(i_key):
                     i, k = i_key
                     u = lax.cond(
@@ -356,6 +366,8 @@ class EM:
                 "log_prior": history[..., 1],
                 "log_likelihood": history[..., 0] - history[..., 1],
             },
+            n_evals=np.asarray(states.n_evals),
+            n_accepted=np.asarray(states.n_accepted),
             posterior=posterior,
             most_probable=mode,
             sites=problem.sites,

@@ -46,6 +46,8 @@ __all__ = [
     "init",
     "m_step",
     "step",
+    "em_map",
+    "squarem",
     "run",
     "random_start",
     "latent_posterior",
@@ -74,6 +76,7 @@ class EMProblem(NamedTuple):
     strict: bool = False
     solver: LBFGS = LBFGS()
     closed: tuple = ()  # conjugate.ClosedForm plans: parameters updated in closed form
+    accelerate: bool = False  # SQUAREM extrapolation with a monotonicity safeguard
 
 
 class EMState(NamedTuple):
@@ -85,6 +88,8 @@ class EMState(NamedTuple):
     status: Any  # one of STATUS
     n_decreases: Any  # iterations whose objective fell by more than round-off
     history: Any  # (max_iter + 1, 2): objective and log prior after each iteration
+    n_evals: Any = 0  # EM maps evaluated (M-steps); 3 per iteration under SQUAREM
+    n_accepted: Any = 0  # SQUAREM extrapolations accepted
 
 
 def make_problem(model, sites, rebuild, max_iter, tol, hard=False, strict=False, solver=LBFGS()):
@@ -154,7 +159,7 @@ def init(problem, u, data):
     history = history.at[0].set(jnp.stack([objective, log_prior]))
     status = jnp.where(jnp.isfinite(objective), RUNNING, NONFINITE)
     zero = jnp.zeros((), jnp.int32)
-    return EMState(u, objective, log_prior, weights, zero, status, zero, history)
+    return EMState(u, objective, log_prior, weights, zero, status, zero, history, zero, zero)
 
 
 def m_step(problem, u, weights, data):
@@ -176,10 +181,49 @@ def m_step(problem, u, weights, data):
     return u
 
 
+def em_map(problem, u, weights, data):
+    """The EM map θ ↦ F(θ) with the E-step at F(θ): ``(u, objective, log_prior, weights)``."""
+    u = m_step(problem, u, weights, data)
+    return (u, *e_step(problem, u, data))
+
+
+def squarem(problem, state, data):
+    """One SQUAREM cycle (Varadhan & Roland 2008, SqS3) from ``state``:
+
+        r = F(θ) − θ,  v = F(F(θ)) − 2F(θ) + θ,  α = −‖r‖/‖v‖ ≤ −1,
+        θ' = F(θ − 2αr + α²v),
+
+    kept only if its objective is finite and at least that of F(F(θ)) (so ascent holds).
+    Returns ``(u, objective, log_prior, weights, accepted)``.
+    """
+    u0 = state.params
+    one = em_map(problem, u0, state.weights, data)
+    two = em_map(problem, one[0], one[3], data)
+    r = jax.tree.map(lambda a, b: a - b, one[0], u0)
+    v = jax.tree.map(lambda c, b, a: c - 2 * b + a, two[0], one[0], u0)
+    sq = lambda t: sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t))  # noqa: E731
+    rr, vv = sq(r), sq(v)
+    alpha = jnp.where(vv > 0, -jnp.sqrt(rr / jnp.where(vv > 0, vv, 1.0)), -1.0)
+    alpha = jnp.minimum(alpha, -1.0)
+    u_ext = jax.tree.map(lambda a, b, c: a - 2 * alpha * b + alpha**2 * c, u0, r, v)
+    _, _, w_ext = e_step(problem, u_ext, data)
+    three = em_map(problem, u_ext, w_ext, data)
+    ok = jnp.isfinite(three[1]) & (three[1] >= two[1]) & jnp.all(
+        jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(three[0])])
+    )
+    best = jax.tree.map(lambda a, b: jnp.where(ok, a, b), three, two)
+    return (*best, ok)
+
+
 def step(problem, state, data):
-    """One EM iteration: M-step from the state's weights, then the E-step at the new θ."""
-    u = m_step(problem, state.params, state.weights, data)
-    objective, log_prior, weights = e_step(problem, u, data)
+    """One EM iteration: M-step from the state's weights, then the E-step at the new θ
+    (with ``problem.accelerate``: one SQUAREM cycle of three EM maps)."""
+    if problem.accelerate:
+        u, objective, log_prior, weights, accepted = squarem(problem, state, data)
+        evals = 3
+    else:
+        u, objective, log_prior, weights = em_map(problem, state.params, state.weights, data)
+        accepted, evals = jnp.zeros((), bool), 1
     finite = jnp.isfinite(objective)
     change = objective - state.objective
     decreased = finite & (change < -_roundoff(state.objective))
@@ -204,10 +248,12 @@ def step(problem, state, data):
         status,
         state.n_decreases + decreased.astype(jnp.int32),
         state.history.at[n_iter].set(jnp.stack([objective, log_prior])),
+        state.n_evals + evals,
+        state.n_accepted + accepted.astype(jnp.int32),
     )
     # A non-finite objective keeps the last finite parameters: no fit returns NaN.
     keep = jax.tree.map(lambda old, nw: jnp.where(finite, nw, old), state, new)
-    return keep._replace(status=status, n_iter=n_iter, history=new.history)
+    return keep._replace(status=status, n_iter=n_iter, history=new.history, n_evals=new.n_evals)
 
 
 def run(problem, state, data, stop_at=None):
@@ -233,8 +279,8 @@ def random_start(problem, u, data, rng_key, noise=1.0):
     noisy = {}
     for key, meta in zip(keys, metas):
         a = arrays[meta.name]
-        if meta.is_observed:
-            noisy[meta.name] = jnp.zeros_like(a)
+        if meta.is_observed:  # switched off (a · 0, not a constant XLA would fold)
+            noisy[meta.name] = jnp.where(jnp.isfinite(a), a * 0.0, 0.0)
         elif meta.name in latents:
             noisy[meta.name] = a + noise * jax.random.gumbel(key, a.shape, a.dtype)
         else:

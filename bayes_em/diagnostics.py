@@ -1,0 +1,554 @@
+"""Diagnostics of an EM fit: Laplace approximation, standard errors, information criteria,
+the lower-bound decomposition, ArviZ conversion and persistence.
+
+Everything is computed from the model itself (through ``result.problem``): the objective
+
+    f(v) = log p(X | θ(v)) + log p(θ(v)),     θ(v) = the constraint transforms of the flat vector v,
+
+with the latents summed out exactly, is differentiated twice by autodiff in unconstrained space
+(sites flattened with ``jax.flatten_util.ravel_pytree``). As in the fit, the prior is the density
+of the constrained value: no Jacobian of the transforms enters f.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from bayes_em import em as core
+from bayes_em.enumeration import pointwise_log_likelihood as _pointwise
+from bayes_em.enumeration import posterior_weights
+
+__all__ = [
+    "Laplace",
+    "objective_function",
+    "observed_information",
+    "laplace",
+    "standard_errors",
+    "summary",
+    "format_summary",
+    "print_summary",
+    "num_free_parameters",
+    "num_observations",
+    "data_plate",
+    "pointwise_log_likelihood",
+    "posterior_entropy",
+    "bic",
+    "aic",
+    "icl",
+    "lower_bound_trace",
+    "to_inference_data",
+    "params_from_inference_data",
+    "save",
+    "load",
+]
+
+# -- per-problem caches: compiled functions and the static factor layout --------------------------
+_CACHE: dict = {}
+
+
+def _data_key(result):
+    shapes = tuple((jnp.shape(d), str(jnp.result_type(d))) for d in result.data)
+    return (id(result.problem), shapes)
+
+
+def _cached(result, name, build):
+    if result.problem is None:
+        raise ValueError("This EMResult carries no problem: diagnostics need a result of EM.run.")
+    key = (name, _data_key(result))
+    hit = _CACHE.get(key)
+    if hit is None or hit[0] is not result.problem:
+        if len(_CACHE) > 64:
+            _CACHE.clear()
+        hit = _CACHE[key] = (result.problem, build())
+    return hit[1]
+
+
+def _map_sites(problem):
+    return tuple(p.name for p in problem.sites.params if p.kind == "map")
+
+
+def _metas(result):
+    """The static description of every log-factor (one abstract trace, cached)."""
+
+    def build():
+        box = {}
+
+        def factors(u, data):
+            arrays, box["metas"] = core._factors(result.problem, u, data)
+            return arrays
+
+        jax.eval_shape(factors, core.unconstrain(result.problem, result.params), result.data)
+        return box["metas"]
+
+    return _cached(result, "metas", build)
+
+
+class _Functions(NamedTuple):
+    unravel: Callable  # flat v -> {site: unconstrained array}
+    unravel_constrained: Callable  # flat constrained vector -> {site: constrained array}
+    objective: Callable  # (v, data) -> log p(X|θ) + log p(θ)
+    hessian: Callable  # (v, data) -> ∇²_v objective
+    constrained: Callable  # v -> flat constrained vector
+    jacobian: Callable  # v -> ∂ constrained / ∂ v
+    pointwise: Callable  # (V, data) -> (n_draws, n_points) log p(x_n | θ)
+    log_prior: Callable  # (V, data) -> (n_draws,) log p(θ)
+
+
+def _functions(result) -> _Functions:
+    plate = data_plate(result)
+
+    def build():
+        problem = result.problem
+        _, unravel = ravel_pytree(core.unconstrain(problem, result.params))
+        _, unravel_c = ravel_pytree(dict(result.params))
+        drop = _map_sites(problem)
+
+        def objective(v, data):
+            return core.e_step(problem, unravel(v), data, semiring="sum")[0]
+
+        def constrained(v):
+            return ravel_pytree(core.constrain(problem, unravel(v)))[0]
+
+        def pointwise(v, data):
+            arrays, metas = core._factors(problem, unravel(v), data)
+            return _pointwise(arrays, metas, plate, drop)
+
+        def log_prior(v, data):
+            return core._log_prior(problem, core._factors(problem, unravel(v), data)[0])
+
+        # lax.map, not vmap, over draws: batched linear algebra under vmap has hung on CPU.
+        return _Functions(
+            unravel,
+            unravel_c,
+            jax.jit(objective),
+            jax.jit(jax.hessian(objective)),
+            jax.jit(constrained),
+            jax.jit(jax.jacfwd(constrained)),
+            jax.jit(lambda V, data: jax.lax.map(lambda v: pointwise(v, data), V)),
+            jax.jit(lambda V, data: jax.lax.map(lambda v: log_prior(v, data), V)),
+        )
+
+    return _cached(result, ("functions", plate), build)
+
+
+def _restart(result, restart):
+    r = result.best_restart if restart is None else int(restart)
+    if not 0 <= r < result.n_restarts:
+        raise ValueError(f"restart must be in [0, {result.n_restarts}), got {restart!r}.")
+    return r
+
+
+def _params(result, restart=None):
+    r = _restart(result, restart)
+    return {k: v[r] for k, v in result.restart_params.items()}
+
+
+def _flat_u(result, restart=None):
+    return ravel_pytree(core.unconstrain(result.problem, _params(result, restart)))[0]
+
+
+# -- the objective and its curvature -------------------------------------------------------------
+def objective_function(result):
+    """``(f, v̂)``: f(v) = log p(X|θ(v)) + log p(θ(v)) on the flat unconstrained vector v (jitted,
+    latents summed out) and v̂, the best restart's optimum; e.g. for finite-difference checks."""
+    fns = _functions(result)
+    return (lambda v: float(fns.objective(jnp.asarray(v), result.data))), np.asarray(_flat_u(result))
+
+
+def observed_information(result, restart=None) -> np.ndarray:
+    """I(v̂) = −∇²_v [log p(X|θ) + log p(θ)] at a restart's optimum (default: the best), by exact
+    autodiff in unconstrained space; rows follow ``ravel_pytree`` of the unconstrained sites."""
+    return -np.asarray(_functions(result).hessian(_flat_u(result, restart), result.data))
+
+
+class Laplace(NamedTuple):
+    """Gaussian approximation v ~ N(mean, cov) of the fit in unconstrained space."""
+
+    mean: np.ndarray  # v̂: the flat unconstrained optimum
+    cov: np.ndarray  # I(v̂)⁻¹
+    restart: int
+
+
+def laplace(result, restart=None) -> Laplace:
+    """The Laplace approximation at a restart's optimum: v ~ N(v̂, I(v̂)⁻¹).
+
+    Raises ``ValueError`` when I(v̂) is not positive definite (no strict local maximum: parameters
+    not identified, an optimum on the boundary, or a fit that has not converged)."""
+    r = _restart(result, restart)
+    info = observed_information(result, r)
+    info = 0.5 * (info + info.T)
+    eig = np.linalg.eigvalsh(info)
+    if not np.all(np.isfinite(eig)) or eig[0] <= 0:
+        raise ValueError(
+            f"The observed information at restart {r} is not positive definite (smallest "
+            f"eigenvalue {eig[0]:.3g}): the optimum is not a strict local maximum of the "
+            "objective in unconstrained space (parameters not identified, an optimum on the "
+            "boundary, or EM not converged), so standard errors and the Laplace approximation "
+            "are undefined there."
+        )
+    return Laplace(np.asarray(_flat_u(result, r)), np.linalg.inv(info), r)
+
+
+def standard_errors(result, restart=None) -> dict:
+    """Standard errors of the constrained parameters by the delta method:
+    Cov(θ̂) ≈ J I(v̂)⁻¹ Jᵀ, J = ∂θ/∂v the Jacobian of the constraint transforms at v̂."""
+    lap = laplace(result, restart)
+    fns = _functions(result)
+    J = np.asarray(fns.jacobian(jnp.asarray(lap.mean)))
+    var = np.maximum(np.einsum("ij,jk,ik->i", J, lap.cov, J), 0.0)
+    return {k: np.asarray(v) for k, v in fns.unravel_constrained(jnp.asarray(np.sqrt(var))).items()}
+
+
+def _draws(lap, n, rng_key):
+    """``n`` draws of the flat unconstrained vector from the Laplace approximation."""
+    chol = np.linalg.cholesky(lap.cov)
+    eps = np.asarray(jax.random.normal(rng_key, (n, lap.mean.size)), dtype=lap.cov.dtype)
+    return lap.mean + eps @ chol.T
+
+
+def summary(result, prob=0.9, restart=None, num_samples=4000, rng_key=None) -> dict:
+    """Per parameter site: ``estimate`` (the EM optimum), ``std_err`` (delta method, see
+    :func:`standard_errors`) and the central ``prob`` interval ``lower`` / ``upper``: quantiles
+    of ``num_samples`` Laplace draws pushed through the constraints (inside the support)."""
+    r = _restart(result, restart)
+    lap = laplace(result, r)
+    fns = _functions(result)
+    se = standard_errors(result, r)
+    rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+    C = np.asarray(jax.lax.map(fns.constrained, jnp.asarray(_draws(lap, num_samples, rng_key))))
+    lo, hi = np.quantile(C, [(1 - prob) / 2, (1 + prob) / 2], axis=0)
+    lo, hi = fns.unravel_constrained(jnp.asarray(lo)), fns.unravel_constrained(jnp.asarray(hi))
+    return {
+        name: {
+            "estimate": np.asarray(result.restart_params[name][r]),
+            "std_err": se[name],
+            "lower": np.asarray(lo[name]),
+            "upper": np.asarray(hi[name]),
+        }
+        for name in result.sites.param_names
+    }
+
+
+def format_summary(table, prob=0.9) -> str:
+    """The table of :func:`summary` as text, one row per scalar entry (like NumPyro's)."""
+    lo, hi = f"{50 * (1 - prob):.1f}%", f"{50 * (1 + prob):.1f}%"
+    rows = []
+    for name, cols in table.items():
+        est = np.asarray(cols["estimate"])
+        for idx in np.ndindex(est.shape):
+            label = name + (f"[{','.join(map(str, idx))}]" if idx else "")
+            values = [float(np.asarray(cols[c])[idx]) for c in ("estimate", "std_err", "lower", "upper")]
+            rows.append((label, values))
+    width = max([len(label) for label, _ in rows] + [8])
+    lines = [f"{'':>{width}} {'estimate':>10} {'std.err':>10} {lo:>10} {hi:>10}"]
+    lines += [f"{label:>{width}} " + " ".join(f"{v:10.4f}" for v in values) for label, values in rows]
+    return "\n".join(lines)
+
+
+def print_summary(result, prob=0.9, restart=None, **kwargs) -> None:
+    """Print :func:`summary`: estimate, standard error and interval for every parameter entry."""
+    print(format_summary(summary(result, prob, restart, **kwargs), prob))
+
+
+# -- data points and model selection --------------------------------------------------------------
+def data_plate(result):
+    """The plate that indexes data points: the outermost plate shared by every observed site
+    (``None`` when they share none: the whole data set is then a single point)."""
+    metas = {m.name: m for m in _metas(result)}
+    shared = frozenset.intersection(*(metas[n].plates for n in result.sites.observed))
+    return next((n for n in result.sites.plate_order if n in shared), None)
+
+
+def _plate_size(result, plate):
+    for m in _metas(result):
+        for dim, name in m.dim_to_name:
+            if name == plate:
+                return int(m.shape[dim])
+    return 1
+
+
+def num_observations(result) -> int:
+    """n in BIC: the size of :func:`data_plate` (1 when there is none)."""
+    plate = data_plate(result)
+    return 1 if plate is None else _plate_size(result, plate)
+
+
+def num_free_parameters(result) -> int:
+    """Free parameters = size of the unconstrained vector: a K-simplex counts K−1, a D×D
+    covariance D(D+1)/2 — exactly the dimensions the fit moves in."""
+    return int(_flat_u(result).size)
+
+
+def pointwise_log_likelihood(result, restart=None) -> np.ndarray:
+    """log p(x_n | θ̂) for every point n of :func:`data_plate`, the latents summed out exactly."""
+    return np.asarray(_functions(result).pointwise(_flat_u(result, restart)[None], result.data)[0])
+
+
+def posterior_entropy(result, restart=None) -> float:
+    """H[p(Z | X, θ̂)] = log p(X|θ̂) − E_q[log p(X, Z | θ̂)], exact for any factor graph; the
+    expectation is Σ_f ⟨w_f, log f⟩ over the likelihood factors (MAP priors left out)."""
+    problem = result.problem
+    arrays, metas = core._factors(problem, core.unconstrain(problem, _params(result, restart)), result.data)
+    log_z, weights = posterior_weights(arrays, metas, "sum")
+    drop = set(_map_sites(problem))
+    expected = sum(
+        jnp.sum(weights[m.name] * jnp.where(weights[m.name] > 0, arrays[m.name], 0.0))
+        for m in metas
+        if m.name not in drop
+    )
+    return float(log_z - core._log_prior(problem, arrays) - expected)
+
+
+def bic(result) -> float:
+    """BIC = −2 log p(X|θ̂) + k log n (k: :func:`num_free_parameters`, n:
+    :func:`num_observations`); lower is better, as in scikit-learn."""
+    k, n = num_free_parameters(result), num_observations(result)
+    return -2.0 * result.log_likelihood + k * float(np.log(n))
+
+
+def aic(result) -> float:
+    """AIC = −2 log p(X|θ̂) + 2k; lower is better."""
+    return -2.0 * result.log_likelihood + 2.0 * num_free_parameters(result)
+
+
+def icl(result) -> float:
+    """ICL = BIC + 2 H[p(Z|X,θ̂)] (Biernacki, Celeux & Govaert 2000, entropy form); lower is
+    better: it penalises fits whose latents stay uncertain (overlapping components)."""
+    return bic(result) + 2.0 * posterior_entropy(result)
+
+
+# -- the lower bound, iteration by iteration -----------------------------------------------------
+def lower_bound_trace(result, n_iter=None) -> dict:
+    """Re-run restart 0 (the declared start) and split every iteration as in em-math.md:
+
+        ℓ(θ_{t+1}) = L(q_t, θ_{t+1}) + KL(q_t ‖ p(Z|X,θ_{t+1})),   L(q_t, θ_t) = ℓ(θ_t),
+        L(q_t, θ) = E_{q_t}[log p(X, Z | θ)] + H[q_t].
+
+    Returns ``log_likelihood`` ℓ(θ_t) and ``log_prior`` log p(θ_t) for t = 0..n, and for
+    t = 0..n−1 ``bound`` L(q_t, θ_{t+1}) and ``gap`` (the KL term, ≥ 0); n defaults to restart
+    0's iterations; ``params`` holds θ_t (constrained, leading axis t). EM guarantees bound_t + log p(θ_{t+1}) ≥ ℓ(θ_t) + log p(θ_t). Soft EM only."""
+    problem = result.problem
+    if problem.hard:
+        raise ValueError("The lower-bound decomposition holds for soft EM; this fit used hard=True.")
+    n = int(result.restart_n_iter[0]) if n_iter is None else int(n_iter)
+    if n < 1:
+        raise ValueError(f"n_iter must be >= 1, got {n}.")
+
+    def go(u0, data):
+        def expected(u, weights, log_prior):  # E_q[log p(X, Z | θ)] (weights hold q)
+            return core.q_function(problem, u, weights, data) - log_prior
+
+        def body(state, _):
+            new = core.step(problem, state, data)
+            ll_t = state.objective - state.log_prior
+            entropy = ll_t - expected(state.params, state.weights, state.log_prior)
+            bound = expected(new.params, state.weights, new.log_prior) + entropy
+            ll_next = new.objective - new.log_prior
+            return new, (ll_next, new.log_prior, bound, ll_next - bound, new.params)
+
+        state = core.init(problem, u0, data)
+        _, (ll, lp, bound, gap, u) = jax.lax.scan(body, state, None, length=n)
+        u = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), u0, u)
+        params = jax.vmap(lambda v: core.constrain(problem, v))(u)
+        return state.objective - state.log_prior, state.log_prior, ll, lp, bound, gap, params
+
+    u0 = core.unconstrain(problem, {p.name: jnp.asarray(p.init) for p in problem.sites.params})
+    ll0, lp0, ll, lp, bound, gap, params = jax.jit(go)(u0, result.data)
+    return {
+        "log_likelihood": np.concatenate([[float(ll0)], np.asarray(ll)]),
+        "log_prior": np.concatenate([[float(lp0)], np.asarray(lp)]),
+        "bound": np.asarray(bound),
+        "gap": np.asarray(gap),
+        "params": {k: np.asarray(v) for k, v in params.items()},
+    }
+
+
+# -- ArviZ ---------------------------------------------------------------------------------------
+def _observed_values(result):
+    from numpyro.contrib.funsor import plate_to_enum_plate
+    from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
+    from numpyro.handlers import substitute
+
+    args, kwargs = result.problem.rebuild(result.data)
+    model = substitute(result.problem.enum_model, data=result.params)
+    with plate_to_enum_plate():
+        tr = packed_trace(model).get_trace(*args, **kwargs)
+    return {n: np.asarray(tr[n]["value"]) for n in result.sites.observed}
+
+
+def _chosen_restarts(result, restarts):
+    if restarts is None:
+        return None
+    if isinstance(restarts, str):
+        if restarts != "all":
+            raise ValueError(f"restarts must be None, 'all' or a list of indices, got {restarts!r}.")
+        return list(range(result.n_restarts))
+    return [_restart(result, r) for r in restarts]
+
+
+def to_inference_data(result, num_samples=1000, num_chains=4, restarts=None, rng_key=None):
+    """An ArviZ ``InferenceData`` of the fit, in the manner of ``az.from_numpyro``.
+
+    Groups: ``posterior`` — draws of the Laplace approximation N(v̂, I(v̂)⁻¹) in unconstrained space
+    pushed through the constraints (``unconstrained_posterior``: the same draws untransformed);
+    ``log_likelihood`` — log p(x_n | θ) for every draw and data point, latents summed out (for
+    ``az.loo`` / ``az.waic`` / ``az.compare``); ``log_prior``; ``observed_data``; ``em_trace`` —
+    objective, log prior and log-likelihood per restart and iteration (NaN after a restart
+    stopped) and each restart's final state; ``em_estimate`` — every restart's point estimate;
+    ``latent_posterior`` — p(z | X, θ̂) and the most probable z. Settings and status: ``attrs``.
+
+    ``restarts=None``: ``num_chains`` chains of independent draws around the best optimum.
+    ``restarts="all"`` or a list of indices: one chain per restart around its own optimum (the
+    chain coordinate is the restart index), so that different optima are never pooled.
+    """
+    import arviz as az
+    import xarray as xr
+
+    plate = data_plate(result)
+    fns = _functions(result)
+    rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+    chosen = _chosen_restarts(result, restarts)
+    if chosen is None:
+        lap = laplace(result)
+        V = _draws(lap, num_chains * num_samples, rng_key).reshape(num_chains, num_samples, -1)
+        chain_restart, chain_coord = [lap.restart] * num_chains, np.arange(num_chains)
+    else:
+        keys = jax.random.split(rng_key, len(chosen))
+        V = np.stack([_draws(laplace(result, r), num_samples, k) for r, k in zip(chosen, keys)])
+        chain_restart, chain_coord = chosen, np.asarray(chosen)
+    n_chain = V.shape[0]
+    flat = jnp.asarray(V.reshape(n_chain * num_samples, -1))
+
+    def by_site(unravel, X):
+        tree = jax.vmap(unravel)(X)
+        return {k: np.asarray(v).reshape((n_chain, num_samples) + v.shape[1:]) for k, v in tree.items()}
+
+    obs_names = result.sites.observed
+    ll_name = obs_names[0] if len(obs_names) == 1 else "log_likelihood"
+    point_dim = plate or "point"
+    observed = _observed_values(result)
+    dims = {ll_name: [point_dim]}
+    n_points = num_observations(result)
+    for k, v in observed.items():
+        if plate is not None and k != ll_name and v.ndim and v.shape[0] == n_points:
+            dims[k] = [plate]
+    attrs = _attrs(result, chain_restart)
+    idata = az.from_dict(
+        posterior=by_site(fns.unravel_constrained, jax.lax.map(fns.constrained, flat)),
+        log_likelihood={ll_name: np.asarray(fns.pointwise(flat, result.data)).reshape(n_chain, num_samples, -1)},
+        observed_data=observed,
+        coords={"chain": chain_coord},
+        dims=dims,
+        attrs=attrs,
+        posterior_attrs=attrs,
+        log_likelihood_attrs=attrs,
+    )
+    est_dims = {k: ("restart",) + tuple(f"{k}_dim_{i}" for i in range(np.ndim(v) - 1))
+                for k, v in result.restart_params.items()}
+    idata.add_groups(
+        {
+            "unconstrained_posterior": xr.Dataset(
+                {k: (("chain", "draw") + tuple(f"{k}_dim_{i}" for i in range(v.ndim - 2)), v)
+                 for k, v in by_site(fns.unravel, flat).items()},
+                coords={"chain": chain_coord, "draw": np.arange(num_samples)},
+            ),
+            "log_prior": xr.Dataset(
+                {"log_prior": (("chain", "draw"),
+                               np.asarray(fns.log_prior(flat, result.data)).reshape(n_chain, num_samples))},
+                coords={"chain": chain_coord, "draw": np.arange(num_samples)},
+            ),
+            "em_trace": _trace_dataset(result),
+            "em_estimate": xr.Dataset(
+                {k: (est_dims[k], np.asarray(v)) for k, v in result.restart_params.items()},
+                coords={"restart": np.arange(result.n_restarts)},
+            ),
+            "latent_posterior": _latent_dataset(result),
+        }
+    )
+    return idata
+
+
+def _attrs(result, chain_restart):
+    problem = result.problem
+    return {
+        "inference_library": "bayes_em",
+        "method": "Laplace approximation at the EM optimum, in unconstrained space",
+        "status": result.status,
+        "n_iter": int(result.n_iter),
+        "best_restart": int(result.best_restart),
+        "n_restarts": int(result.n_restarts),
+        "objective": float(result.objective),
+        "log_likelihood": float(result.log_likelihood),
+        "log_prior": float(result.log_prior),
+        "max_iter": int(problem.max_iter),
+        "tol": float(problem.tol),
+        "hard": int(problem.hard),
+        "n_free_parameters": num_free_parameters(result),
+        "n_observations": num_observations(result),
+        "bic": bic(result),
+        "aic": aic(result),
+        "chain_restart": [int(r) for r in chain_restart],
+        "param_sites": ",".join(result.sites.param_names),  # strings: netCDF-safe attributes
+        "map_sites": ",".join(_map_sites(problem)),
+    }
+
+
+def _trace_dataset(result):
+    import xarray as xr
+
+    it = ("restart", "iteration")
+    data = {k: (it, np.asarray(v)) for k, v in result.history.items()}
+    data["restart_objective"] = ("restart", np.asarray(result.restart_objective))
+    data["restart_n_iter"] = ("restart", np.asarray(result.restart_n_iter))
+    data["restart_status"] = ("restart", np.asarray(result.restart_status, dtype=str))
+    data["n_decreases"] = ("restart", np.asarray(result.n_decreases))
+    R, T = np.shape(result.history["objective"])
+    return xr.Dataset(data, coords={"restart": np.arange(R), "iteration": np.arange(T)})
+
+
+def _latent_dataset(result):
+    import xarray as xr
+
+    metas = {m.name: m for m in _metas(result)}
+    data = {}
+    for name, p in result.posterior.items():
+        p = np.asarray(p)
+        plates = tuple(n for n in result.sites.plate_order if n in metas[name].plates)
+        if p.ndim != len(plates) + 1:  # e.g. a time dim of a scan
+            plates = tuple(f"{name}_dim_{i}" for i in range(p.ndim - 1))
+        data[name] = (plates + (f"{name}_value",), p)
+        data[f"{name}_most_probable"] = (plates, np.asarray(result.most_probable[name]))
+    return xr.Dataset(data)
+
+
+# -- persistence ----------------------------------------------------------------------------------
+def params_from_inference_data(idata, restart=None) -> dict:
+    """The point estimate stored by :func:`to_inference_data` (default: the best restart) as a
+    dict of constrained values — ready for ``EM(model, init_values=...)`` (a warm start)."""
+    est = idata["em_estimate"]
+    r = int(idata.posterior.attrs["best_restart"]) if restart is None else int(restart)
+    return {k: jnp.asarray(est[k].values[r]) for k in est.data_vars}
+
+
+def save(result_or_idata, path, **kwargs):
+    """Write a fit to netCDF (``InferenceData.to_netcdf``); an ``EMResult`` is converted first
+    with ``to_inference_data(result, **kwargs)``. Returns the path written."""
+    idata = result_or_idata
+    if not hasattr(idata, "to_netcdf"):
+        idata = to_inference_data(result_or_idata, **kwargs)
+    return idata.to_netcdf(str(path))
+
+
+def load(path):
+    """Read an ``InferenceData`` written by :func:`save`, every group loaded into memory."""
+    import arviz as az
+
+    idata = az.from_netcdf(str(path))
+    for group in idata.groups():
+        idata[group].load()
+    return idata
