@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from numpyro import handlers
 
 from bayes_em import em as core
 from bayes_em.mstep import LBFGS
@@ -126,6 +127,16 @@ class EMResult:
         return diagnostics.icl(self)
 
 
+def _freeze(model, fixed):
+    """``model`` with the sites in ``fixed`` held at the given values."""
+
+    def frozen(*args, **kwargs):
+        with handlers.substitute(data=fixed), handlers.condition(data=fixed):
+            return model(*args, **kwargs)
+
+    return frozen
+
+
 def _split_data(args, kwargs):
     """Array leaves of (args, kwargs) become jit arguments; everything else is static."""
     leaves, treedef = jax.tree.flatten((args, kwargs))
@@ -175,6 +186,8 @@ class EM:
     :param restart_noise: scale of the Gumbel noise behind the random starts.
     :param closed_form: update parameters that qualify by closed-form conjugate M-steps
         (``bayes_em.conjugate``); ``False`` forces the numeric M-step everywhere.
+    :param fixed: dict of site name -> value held fixed (not fitted): ``numpyro.param`` sites
+        take the value, sample sites are conditioned on it.
     :param accelerate: SQUAREM acceleration (Varadhan & Roland 2008): each iteration is three EM
         maps and an extrapolation, kept only when it does not lower the objective.
     """
@@ -195,6 +208,7 @@ class EM:
         restart_noise: float = 1.0,
         closed_form: bool = True,
         accelerate: bool = False,
+        fixed: dict | None = None,
     ):
         if not isinstance(restarts, (int, np.integer)) or restarts < 1:
             raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}.")
@@ -204,7 +218,8 @@ class EM:
             raise ValueError(f"tol must be >= 0, got {tol!r}.")
         if not isinstance(mstep, LBFGS) or mstep.max_steps < 1:
             raise ValueError(f"mstep must be an LBFGS(...) with max_steps >= 1, got {mstep!r}.")
-        self.model = model
+        self.fixed = dict(fixed or {})
+        self.model = _freeze(model, self.fixed) if self.fixed else model
         self.restarts = int(restarts)
         self.max_iter = int(max_iter)
         self.tol = float(tol)
@@ -275,7 +290,7 @@ class EM:
         from bayes_em.checks import check_enumeration, check_initial_density
 
         data, rebuild, key = _split_data(args, kwargs)
-        sites = discover_sites(self.model, args, kwargs, init_values, rng_key)
+        sites = discover_sites(self.model, args, kwargs, init_values, rng_key, self.fixed)
         init_params = {p.name: jnp.asarray(p.init) for p in sites.params}
         bare = core.make_problem(self.model, sites, rebuild, self.max_iter, self.tol)
         check_enumeration(bare, init_params, data, self.memory_limit)

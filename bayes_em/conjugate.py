@@ -111,21 +111,26 @@ def _trace(enum_model, params, args, kwargs):
         return packed_trace(substitute(enum_model, data=params)).get_trace(*args, **kwargs)
 
 
-def _coded(value, event_ndim, family):
-    """θ with row j (trailing ``event_ndim`` dims) set to j + 1; SPD-coded for covariances."""
+def _coded(value, event_ndim, family, offset=0):
+    """θ with row j (trailing ``event_ndim`` dims) set to j + 1 + offset; SPD-coded (that
+    multiple of the identity) for covariances."""
     shape = jnp.shape(value)
     batch = shape[: len(shape) - event_ndim]
-    codes = jnp.arange(1, int(np.prod(batch)) + 1, dtype=jnp.result_type(value)).reshape(batch)
+    n = int(np.prod(batch))
+    codes = jnp.arange(1 + offset, n + 1 + offset, dtype=jnp.result_type(value)).reshape(batch)
     if family in ("mvn_cov", "mvn_tril"):
         eye = jnp.eye(shape[-1], dtype=jnp.result_type(value))
         return codes[..., None, None] * eye
     return jnp.broadcast_to(codes.reshape(batch + (1,) * event_ndim), shape)
 
 
-def _index_map(arg_coded, event_ndim):
-    """Row index of θ selected by each argument entry (decoded from the coded evaluation)."""
+def _index_map(arg_coded, arg_shifted, event_ndim, n_rows):
+    """Row index of θ selected by each argument entry, decoded from two coded evaluations (codes
+    j + 1 and j + 1 + n_rows); entries that do not depend on θ (``where(z, p, q)``) get n_rows."""
     first = arg_coded[(...,) + (0,) * event_ndim] if event_ndim else arg_coded
-    return jnp.round(first).astype(jnp.int32) - 1
+    second = arg_shifted[(...,) + (0,) * event_ndim] if event_ndim else arg_shifted
+    idx = jnp.round(first).astype(jnp.int32) - 1
+    return jnp.where(first != second, idx, n_rows)
 
 
 def _leaves(fn):
@@ -217,27 +222,34 @@ def detect_closed_forms(problem, params, args, kwargs):
                 continue
             # a pure selection: the coded evaluation decodes to valid rows, and the argument
             # equals θ's rows gathered along that index map
-            coded = np.asarray(_coded(value, event_ndim, family))
-            if (event_ndim, family in ("mvn_cov", "mvn_tril")) not in coded_args:
-                coded_args[event_ndim, family in ("mvn_cov", "mvn_tril")] = args_at({**params, p.name: coded})
-            arg_coded = coded_args[event_ndim, family in ("mvn_cov", "mvn_tril")][site_name][family]
-            if arg_coded is None or jnp.shape(arg_coded) != jnp.shape(arg):
-                continue
-            first = arg_coded[(...,) + (0,) * event_ndim] if event_ndim else arg_coded
-            idx = np.round(first).astype(np.int64) - 1
             batch = np.shape(value)[: np.ndim(value) - event_ndim]
             n_rows = int(np.prod(batch))
-            if np.any((idx < 0) | (idx >= n_rows)):
+            key = (event_ndim, family in ("mvn_cov", "mvn_tril"))
+            if key not in coded_args:
+                coded_args[key] = [
+                    args_at({**params, p.name: np.asarray(_coded(value, event_ndim, family, off))})
+                    for off in (0, n_rows)
+                ]
+            arg_coded, arg_shifted = (c[site_name][family] for c in coded_args[key])
+            if arg_coded is None or jnp.shape(arg_coded) != jnp.shape(arg):
+                continue
+            idx = np.asarray(_index_map(arg_coded, arg_shifted, event_ndim, n_rows))
+            dep = idx < n_rows
+            if not dep.any() or np.any(idx < 0):
                 continue
             code = (idx + 1).astype(arg_coded.dtype)
             if family in ("mvn_cov", "mvn_tril"):
                 expect = code[..., None, None] * np.eye(arg_coded.shape[-1])
+                ev = (Ellipsis, None, None)
             else:
                 expect = np.broadcast_to(code.reshape(code.shape + (1,) * event_ndim), arg_coded.shape)
-            if not np.array_equal(expect, arg_coded):
+                ev = (Ellipsis,) + (None,) * event_ndim
+            dep_b = np.broadcast_to(dep[ev], arg_coded.shape)
+            if not np.array_equal(expect[dep_b], arg_coded[dep_b]):
                 continue
             rows = np.reshape(value, (n_rows,) + np.shape(value)[len(batch):])
-            if not np.allclose(rows[idx], arg, rtol=1e-6, atol=1e-12):
+            if not np.allclose(rows[np.where(dep, idx, 0)][dep_b], np.asarray(arg)[dep_b],
+                               rtol=1e-6, atol=1e-12):
                 continue
             candidates.append(family)
         if len(candidates) != 1:
@@ -290,7 +302,8 @@ def _scatter(stat, idx, n_rows, event_shape):
     """Add the per-entry statistics onto θ's rows along the index map."""
     idx_b = jnp.broadcast_to(idx, stat.shape[: stat.ndim - len(event_shape)])
     flat = stat.reshape((-1,) + event_shape)
-    return jnp.zeros((n_rows,) + event_shape, stat.dtype).at[idx_b.reshape(-1)].add(flat)
+    out = jnp.zeros((n_rows,) + event_shape, stat.dtype)
+    return out.at[idx_b.reshape(-1)].add(flat, mode="drop")
 
 
 def _dirichlet_mode(counts, alpha):
@@ -311,9 +324,12 @@ def closed_form_update(problem, plans, params, weights, args, kwargs):
         n_rows = int(np.prod(jnp.shape(value)[: jnp.ndim(value) - event_ndim]))
         event_shape = tuple(jnp.shape(value)[jnp.ndim(value) - event_ndim:])
         arg = _arg(base, plan.family)
-        coded = _coded(value, event_ndim, plan.family)
-        tr_c = _trace(problem.enum_model, {**params, plan.param: coded}, args, kwargs)
-        idx = _index_map(_arg(_unwrap(tr_c[plan.site]["fn"])[0], plan.family), event_ndim)
+        coded = [
+            _arg(_unwrap(_trace(problem.enum_model, {**params, plan.param: _coded(
+                value, event_ndim, plan.family, off)}, args, kwargs)[plan.site]["fn"])[0], plan.family)
+            for off in (0, n_rows)
+        ]
+        idx = _index_map(*coded, event_ndim, n_rows)
         arg_batch = jnp.shape(arg)[: jnp.ndim(arg) - event_ndim]
 
         # effective weight of every entry of the site's log-density

@@ -76,7 +76,7 @@ def _check_in_support(name, constraint, value):
         )
 
 
-def discover_sites(model, args, kwargs, init_values=None, rng_key=None):
+def discover_sites(model, args, kwargs, init_values=None, rng_key=None, fixed=()):
     """Trace ``model`` once (seeded, no enumeration) and return its :class:`ModelSites`.
 
     Raises :class:`ModelError` on non-finite data, an unusable site or an invalid initial value.
@@ -93,7 +93,15 @@ def discover_sites(model, args, kwargs, init_values=None, rng_key=None):
         for frame in site.get("cond_indep_stack", ()):
             if frame.dim is not None:
                 dims[frame.name] = frame.dim
+        if site["type"] == "param" and name in fixed:
+            continue
         if site["type"] == "param":
+            if site.get("_control_flow_done"):
+                raise ModelError(
+                    f"Parameter site '{name}' is declared inside the body of a "
+                    "numpyro.contrib.control_flow scan; declare numpyro.param sites outside the "
+                    "scanned function (the body can use them by closure)."
+                )
             constraint = site["kwargs"].get("constraint", constraints.real)
             value = jnp.asarray(init_values.get(name, site["value"]))
             _check_in_support(name, constraint, value)
@@ -132,6 +140,9 @@ def discover_sites(model, args, kwargs, init_values=None, rng_key=None):
                 _check_in_support(name, site["fn"].support, value)
                 params.append(ParamSite(name, "map", site["fn"].support, value))
 
+    unknown_fixed = set(fixed) - set(tr)
+    if unknown_fixed:
+        raise ModelError(f"fixed names no site of the model: {sorted(unknown_fixed)}.")
     unknown = set(init_values) - {p.name for p in params}
     if unknown:
         raise ModelError(f"init_values names no parameter site of the model: {sorted(unknown)}.")

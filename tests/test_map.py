@@ -79,3 +79,45 @@ def test_inverse_gamma_variance_closed_form_mode():
     ss = (r * (x[:, None] - MU) ** 2).sum(0)
     expected = (B + ss / 2) / (A + 1 + r.sum(0) / 2)  # mode of the inverse-gamma posterior
     np.testing.assert_allclose(result.params["var"], expected, atol=1e-8)
+
+
+def niw_mixture(x, K, mu_p, kappa, nu, lam, alpha):
+    """Fraley & Raftery (2007) prior: Σ_k ~ IW(ν, Λ), μ_k | Σ_k ~ N(μ_P, Σ_k/κ), w ~ Dir(α)."""
+    w = numpyro.sample("w", dist.Dirichlet(alpha * jnp.ones(K)))
+    with numpyro.plate("components", K):
+        cov = numpyro.sample("cov", dist.InverseWishart(nu, lam))
+        loc = numpyro.sample("loc", dist.MultivariateNormal(mu_p, covariance_matrix=cov / kappa))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.MultivariateNormal(loc[z], covariance_matrix=cov[z]), obs=x)
+
+
+def test_normal_inverse_wishart_map_matches_fraley_raftery():
+    from scipy.stats import multivariate_normal
+
+    rng = np.random.default_rng(3)
+    K, D = 2, 2
+    x = np.concatenate([rng.normal([-1, 0], 0.8, (40, 2)), rng.normal([2, 1], 0.5, (30, 2))])
+    mu_p, kappa, nu, alpha = x.mean(0), 0.05, D + 2.0, 2.0
+    lam = np.cov(x.T) / K ** (2 / D)  # the F&R default scale
+    w0 = np.array([0.5, 0.5])
+    m0 = np.array([[-0.5, 0.0], [1.5, 0.5]])
+    c0 = np.stack([np.eye(2), 0.5 * np.eye(2)])
+    em = EM(niw_mixture, max_iter=1, tol=0.0, init_values=dict(w=w0, loc=m0, cov=c0),
+            mstep=LBFGS(max_steps=2000, gtol=1e-14), progress_bar=False)
+    result = em.run(jax.random.PRNGKey(0), jnp.asarray(x), K, jnp.asarray(mu_p), kappa, nu,
+                    jnp.asarray(lam), alpha)
+    ll = np.stack([multivariate_normal.logpdf(x, m0[k], c0[k]) for k in range(K)], 1) + np.log(w0)
+    r = np.exp(ll - np.logaddexp.reduce(ll, 1, keepdims=True))
+    n = r.sum(0)
+    xbar = r.T @ x / n[:, None]
+    mu = (n[:, None] * xbar + kappa * mu_p) / (kappa + n[:, None])
+    cov = []
+    for k in range(K):
+        d = x - xbar[k]
+        W = (r[:, k, None] * d).T @ d
+        e = (xbar[k] - mu_p)[:, None]
+        cov.append((lam + kappa * n[k] / (n[k] + kappa) * e @ e.T + W) / (nu + n[k] + D + 2))
+    np.testing.assert_allclose(result.params["w"], (n + alpha - 1) / (len(x) + K * alpha - K), atol=1e-8)
+    np.testing.assert_allclose(result.params["loc"], mu, atol=1e-6)
+    np.testing.assert_allclose(result.params["cov"], np.stack(cov), atol=1e-6)

@@ -89,3 +89,28 @@ def test_li_hang_first_iteration_numbers():
     np.testing.assert_allclose(
         [result.params[k] for k in ("pi", "p", "q")], [0.4064, 0.5368, 0.6432], atol=5e-5
     )
+
+
+def test_fixed_parameter_follows_textbook_updates_of_the_rest():
+    """π held at 0.4: p and q follow the textbook M-step with π fixed."""
+    em = EM(three_coins, max_iter=4, tol=0.0, fixed=dict(pi=0.4),
+            init_values=dict(p=0.6, q=0.7), progress_bar=False)
+    result = em.run(jax.random.PRNGKey(0), Y)
+    assert "pi" not in result.params
+    p, q = 0.6, 0.7
+    for _ in range(4):
+        _, p, q = textbook_step(0.4, p, q, Y)
+    np.testing.assert_allclose([result.params["p"], result.params["q"]], [p, q], atol=1e-8)
+
+
+def test_scaled_enumerated_factors_are_refused():
+    """(Σ_a f)^s ≠ Σ_a f^s: weighting enumerated factors would silently fit the wrong thing."""
+
+    def weighted(y, weights):
+        pi = numpyro.param("pi", 0.4, constraint=constraints.unit_interval)
+        with numpyro.plate("tosses", y.shape[0]), numpyro.handlers.scale(scale=weights):
+            a = numpyro.sample("a", dist.Bernoulli(pi))
+            numpyro.sample("y", dist.Bernoulli(jnp.where(a == 1, 0.3, 0.8)), obs=y)
+
+    with pytest.raises(NotImplementedError, match="'a'.*scale"):
+        EM(weighted, progress_bar=False).run(jax.random.PRNGKey(0), Y, jnp.ones(10) * 2.0)
