@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import NamedTuple
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from numpyro import handlers
 
 from bayes_em import em as core
 from bayes_em.mstep import LBFGS
-from bayes_em.sites import ModelError, ModelSites, discover_sites
+from bayes_em.sites import ModelError, ModelSites, discover_sites, split_data
 
 __all__ = ["EM", "EMResult", "EStep", "AscentWarning"]
 
@@ -59,11 +60,27 @@ class EMResult:
     history: dict  # "objective" / "log_prior" / "log_likelihood": (R, max_iter + 1)
     n_evals: np.ndarray  # (R,) EM maps evaluated (M-steps): 3 per iteration with SQUAREM
     n_accepted: np.ndarray  # (R,) SQUAREM extrapolations kept
-    posterior: dict
-    most_probable: dict
+    latents: Any = field(repr=False, compare=False)  # () -> (posterior, most probable), lazily
     sites: ModelSites = field(repr=False)
     problem: core.EMProblem = field(repr=False, compare=False, default=None)  # for diagnostics
     data: tuple = field(repr=False, compare=False, default=())  # array leaves of the model args
+
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def posterior(self) -> dict:
+        """Posterior marginal of every latent site at the best parameters (computed on first
+        access): plates first (time first for scan chains), then the site's values."""
+        if "latents" not in self._cache:
+            self._cache["latents"] = self.latents()
+        return self._cache["latents"][0]
+
+    @property
+    def most_probable(self) -> dict:
+        """Jointly most probable value of every latent site (max-product; computed on first
+        access)."""
+        self.posterior
+        return self._cache["latents"][1]
 
     @property
     def converged(self) -> bool:
@@ -135,25 +152,6 @@ def _freeze(model, fixed):
             return model(*args, **kwargs)
 
     return frozen
-
-
-def _split_data(args, kwargs):
-    """Array leaves of (args, kwargs) become jit arguments; everything else is static."""
-    leaves, treedef = jax.tree.flatten((args, kwargs))
-    dynamic = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
-    data = [x for x, d in zip(leaves, dynamic) if d]
-    static = tuple(None if d else x for x, d in zip(leaves, dynamic))
-
-    def rebuild(data_leaves):
-        it = iter(data_leaves)
-        full = [next(it) if d else s for s, d in zip(static, dynamic)]
-        return jax.tree.unflatten(treedef, full)
-
-    try:
-        key = hash((treedef, static, tuple(dynamic)))
-    except TypeError:  # unhashable static argument: no reuse of compiled code
-        key = object()
-    return data, rebuild, key
 
 
 def _sites_key(sites):
@@ -268,62 +266,73 @@ class EM:
             def advance(states, data, stop_at):
                 return lax.map(lambda s: core.run(problem, s, data, stop_at), states)
 
+            def fit(u0, data, keys):  # start and run in one compilation (no progress bar)
+                return advance(start(u0, data, keys), data, problem.max_iter)
+
             def latents(u, data):
-                log_z, log_prior, _ = core.e_step(problem, u, data, semiring="sum")
-                return (
-                    core.latent_posterior(problem, u, data),
-                    core.most_probable(problem, u, data),
-                    log_z,
-                    log_prior,
-                )
+                return core.latent_posterior(problem, u, data), core.most_probable(problem, u, data)
 
             self._compiled[cache_key] = (
                 problem,
-                jax.jit(lambda u, data: core.e_step(problem, u, data, semiring="sum")[0]),
-                jax.jit(start),
-                jax.jit(advance),
-                jax.jit(latents),
+                dict(
+                    start=jax.jit(start),
+                    advance=jax.jit(advance),
+                    fit=jax.jit(fit),
+                    latents=jax.jit(latents),
+                    e_step=jax.jit(lambda u, data: core.e_step(problem, u, data, "sum")[:2]),
+                    unconstrain=jax.jit(lambda p: core.unconstrain(problem, p)),
+                    constrain=jax.jit(jax.vmap(lambda u: core.constrain(problem, u))),
+                ),
             )
         return self._compiled[cache_key]
 
     def _prepare(self, rng_key, init_values, args, kwargs):
-        from bayes_em.checks import check_enumeration, check_initial_density
+        from bayes_em.checks import check_enumeration
 
-        data, rebuild, key = _split_data(args, kwargs)
+        data, rebuild, key = split_data(args, kwargs)
         sites = discover_sites(self.model, args, kwargs, init_values, rng_key, self.fixed)
         init_params = {p.name: jnp.asarray(p.init) for p in sites.params}
         bare = core.make_problem(self.model, sites, rebuild, self.max_iter, self.tol)
         check_enumeration(bare, init_params, data, self.memory_limit)
-        problem, *functions = self._functions(sites, rebuild, key, data)
-        u0 = core.unconstrain(problem, init_params)
+        problem, functions = self._functions(sites, rebuild, key, data)
+        u0 = jax.device_get(functions["unconstrain"](init_params))
         for p in sites.params:
-            if not bool(jnp.all(jnp.isfinite(u0[p.name]))):
+            if not np.all(np.abs(u0[p.name]) < 2 * np.log(np.finfo(u0[p.name].dtype).max)):
                 raise ModelError(
                     f"Initial value of site '{p.name}' is on the boundary of its support "
                     f"({p.constraint}); choose an interior value."
                 )
-        check_initial_density(problem, functions[0], u0, data)
         return problem, functions, u0, data
 
     def e_step(self, params, *args, **kwargs) -> EStep:
         """The exact E-step at ``params`` (constrained values; sites not given take their initial
         values): log p(X|θ), log p(θ), posterior marginals and the most probable latents."""
+        from bayes_em.checks import check_initial_density
+
         init_values = {**self.init_values, **params}
         problem, functions, u, data = self._prepare(
             jax.random.PRNGKey(0), init_values, args, kwargs
         )
-        posterior, mode, log_z, log_prior = functions[3](u, data)
+        log_z, log_prior = functions["e_step"](u, data)
+        check_initial_density(problem, log_z, u, data)
+        posterior, mode = functions["latents"](u, data)
         return EStep(float(log_z - log_prior), float(log_prior), posterior, mode)
 
     def run(self, rng_key, *args, **kwargs) -> EMResult:
         """Fit the model to the data in ``args`` / ``kwargs`` (passed on to the model)."""
+        from bayes_em.checks import check_initial_density
+
         key_sites, key_starts = jax.random.split(rng_key)
-        problem, (_, start, advance, latents), u0, data = self._prepare(
-            key_sites, self.init_values, args, kwargs
-        )
-        states = start(u0, data, jax.random.split(key_starts, self.restarts))
-        states = self._iterate(advance, states, data)
-        return self._result(problem, states, data, latents)
+        problem, functions, u0, data = self._prepare(key_sites, self.init_values, args, kwargs)
+        keys = jax.random.split(key_starts, self.restarts)
+        if self.progress_bar:
+            states = functions["start"](u0, data, keys)
+            check_initial_density(problem, states.history[0, 0, 0], u0, data)
+            states = self._iterate(functions["advance"], states, data)
+        else:
+            states = functions["fit"](u0, data, keys)
+            check_initial_density(problem, states.history[0, 0, 0], u0, data)
+        return self._result(problem, states, data, functions)
 
     def _iterate(self, advance, states, data):
         if not self.progress_bar:
@@ -341,7 +350,9 @@ class EM:
                 bar.set_postfix(objective=f"{float(jnp.nanmax(states.objective)):.6g}")
         return states
 
-    def _result(self, problem, states, data, latents):
+    def _result(self, problem, states, data, functions):
+        restart_params = jax.device_get(functions["constrain"](states.params))
+        states = jax.device_get(states)
         objective = np.asarray(states.objective)
         finite = np.isfinite(objective)
         if not finite.any():
@@ -359,9 +370,7 @@ class EM:
             if self.strict:
                 raise RuntimeError(msg)
             warnings.warn(msg, AscentWarning, stacklevel=3)
-        restart_params = jax.vmap(lambda u: core.constrain(problem, u))(states.params)
         u_best = jax.tree.map(lambda x: x[best], states.params)
-        posterior, mode, _, _ = latents(u_best, data)
         history = np.asarray(states.history)
         return EMResult(
             params={k: v[best] for k, v in restart_params.items()},
@@ -383,8 +392,7 @@ class EM:
             },
             n_evals=np.asarray(states.n_evals),
             n_accepted=np.asarray(states.n_accepted),
-            posterior=posterior,
-            most_probable=mode,
+            latents=functools.partial(functions["latents"], u_best, data),
             sites=problem.sites,
             problem=problem,
             data=tuple(data),

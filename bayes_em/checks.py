@@ -87,9 +87,9 @@ def _dims(metas, name):
     return [f"{n}={meta.shape[d]}" for d, n in meta.dim_to_name]
 
 
-def check_initial_density(problem, objective_fn, u, data):
-    """Raise if log p(X|θ_0) + log p(θ_0) is not finite, naming the sites responsible."""
-    objective = objective_fn(u, data)
+def check_initial_density(problem, objective, u, data):
+    """Raise if ``objective`` = log p(X|θ_0) + log p(θ_0) is not finite, naming the sites
+    responsible (found by an eager evaluation of the log-factors, on this failure path only)."""
     if bool(jnp.isfinite(objective)):
         return
     arrays, _ = core._factors(problem, u, data)

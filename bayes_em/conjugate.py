@@ -233,7 +233,9 @@ def detect_closed_forms(problem, params, args, kwargs):
             arg_coded, arg_shifted = (c[site_name][family] for c in coded_args[key])
             if arg_coded is None or jnp.shape(arg_coded) != jnp.shape(arg):
                 continue
-            idx = np.asarray(_index_map(arg_coded, arg_shifted, event_ndim, n_rows))
+            first = arg_coded[(...,) + (0,) * event_ndim] if event_ndim else arg_coded
+            second = arg_shifted[(...,) + (0,) * event_ndim] if event_ndim else arg_shifted
+            idx = np.where(first != second, np.round(first).astype(np.int64) - 1, n_rows)
             dep = idx < n_rows
             if not dep.any() or np.any(idx < 0):
                 continue

@@ -43,16 +43,17 @@ class ModelSites(NamedTuple):
         return tuple(p.name for p in self.params)
 
 
-def _map_init(name, fn, rng_key):
-    """A deterministic start for a MAP site: its prior mean if finite, else a sample median."""
-    try:
-        value = fn.mean
-        if bool(jnp.all(jnp.isfinite(value))) and bool(jnp.all(fn.support(value))):
-            return jnp.broadcast_to(value, fn.shape())
-    except (NotImplementedError, AttributeError, TypeError):
-        pass
+def _map_init(fn, rng_key):
+    """A deterministic start for a MAP site: its prior mean if finite and in the support, else
+    the median of 15 prior draws (traced: runs inside jit)."""
     draws = fn.sample(rng_key, (15,))
-    return jnp.median(draws, axis=0)
+    median = jnp.median(draws, axis=0)
+    try:
+        mean = jnp.broadcast_to(fn.mean, fn.shape())
+    except (NotImplementedError, AttributeError, TypeError, ValueError):
+        return median
+    ok = jnp.all(jnp.isfinite(mean)) & jnp.all(fn.support(mean))
+    return jnp.where(ok, mean, median)
 
 
 def _base(fn):
@@ -68,9 +69,86 @@ def _placeholder(msg):
     return None
 
 
-def _check_in_support(name, constraint, value):
-    ok = constraint(jnp.asarray(value))
-    if not bool(jnp.all(ok)) or not bool(jnp.all(jnp.isfinite(jnp.asarray(value)))):
+def split_data(args, kwargs):
+    """Array leaves of (args, kwargs) are data (jit arguments); everything else is static.
+
+    Returns ``(data, rebuild, key)``: ``rebuild(data) -> (args, kwargs)`` and a hashable key of
+    the static part (a fresh object when it is unhashable).
+    """
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    dynamic = tuple(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
+    data = [x for x, d in zip(leaves, dynamic) if d]
+    static = tuple(None if d else x for x, d in zip(leaves, dynamic))
+
+    def rebuild(data_leaves):
+        it = iter(data_leaves)
+        return jax.tree.unflatten(treedef, [next(it) if d else s for s, d in zip(static, dynamic)])
+
+    try:
+        key = hash((treedef, static, dynamic))
+        key = (treedef, static, dynamic)
+    except TypeError:  # unhashable static argument: no reuse of compiled code
+        key = object()
+    return data, rebuild, key
+
+
+_TRACERS = {}  # (model, static key, fixed) -> (jitted trace, box holding the last trace)
+
+
+def _traced_values(model, data, rebuild, key, init_values, rng_key, fixed):
+    """Trace the model once under jit; return (trace with static site info, numbers).
+
+    numbers[name] = (value, in_support) for parameters (``init_values`` or the declared init;
+    the prior mean or median for MAP sites) and (number of non-finite entries,) for observed
+    float sites. One compilation instead of many eager operations.
+    """
+    cache_key = (model, key, tuple(sorted(fixed)))
+    if cache_key not in _TRACERS:
+        box = {}
+
+        def traced(data, init_values, rng_key):
+            key_model, key_init = jax.random.split(rng_key)
+            args, kwargs = rebuild(data)
+            tr = trace(seed(substitute(model, substitute_fn=_placeholder), key_model)).get_trace(
+                *args, **kwargs
+            )
+            box["trace"] = tr
+            out = {}
+            for name, site in tr.items():
+                if site["type"] == "param" and name not in fixed:
+                    constraint = site["kwargs"].get("constraint", constraints.real)
+                    value = jnp.asarray(init_values.get(name, site["value"]))
+                    out[name] = (value, constraint(value))
+                elif site["type"] == "sample" and site["is_observed"]:
+                    value = site["value"]
+                    if jnp.issubdtype(jnp.result_type(value), jnp.inexact):
+                        out[name] = (jnp.sum(~jnp.isfinite(value)),)
+                elif site["type"] == "sample" and not site["fn"].support.is_discrete:
+                    if isinstance(_base(site["fn"]), dist.ImproperUniform):
+                        continue
+                    key_init, sub = jax.random.split(key_init)
+                    value = init_values.get(name)
+                    value = _map_init(site["fn"], sub) if value is None else jnp.asarray(value)
+                    out[name] = (value, site["fn"].support(value))
+            return out
+
+        try:
+            hash(cache_key)
+            _TRACERS[cache_key] = (jax.jit(traced), box)
+        except TypeError:
+            return _traced_values_uncached(traced, box, data, init_values, rng_key)
+    fn, box = _TRACERS[cache_key]
+    numbers = jax.device_get(fn(data, init_values, rng_key))
+    return box["trace"], numbers
+
+
+def _traced_values_uncached(traced, box, data, init_values, rng_key):
+    numbers = jax.device_get(jax.jit(traced)(data, init_values, rng_key))
+    return box["trace"], numbers
+
+
+def _check_value(name, constraint, value, ok):
+    if not np.all(ok) or not np.all(np.isfinite(value)):
         raise ModelError(
             f"Initial value of site '{name}' lies outside its support {constraint}: {value}."
         )
@@ -81,12 +159,10 @@ def discover_sites(model, args, kwargs, init_values=None, rng_key=None, fixed=()
 
     Raises :class:`ModelError` on non-finite data, an unusable site or an invalid initial value.
     """
-    init_values = dict(init_values or {})
+    init_values = {k: jnp.asarray(v) for k, v in dict(init_values or {}).items()}
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
-    key_model, key_init = jax.random.split(rng_key)
-    tr = trace(seed(substitute(model, substitute_fn=_placeholder), key_model)).get_trace(
-        *args, **kwargs
-    )
+    data, rebuild, key = split_data(args, kwargs)
+    tr, numbers = _traced_values(model, data, rebuild, key, init_values, rng_key, fixed)
 
     params, latents, observed, dims = [], [], [], {}
     for name, site in tr.items():
@@ -103,17 +179,14 @@ def discover_sites(model, args, kwargs, init_values=None, rng_key=None, fixed=()
                     "scanned function (the body can use them by closure)."
                 )
             constraint = site["kwargs"].get("constraint", constraints.real)
-            value = jnp.asarray(init_values.get(name, site["value"]))
-            _check_in_support(name, constraint, value)
+            value, ok = numbers[name]
+            _check_value(name, constraint, value, ok)
             params.append(ParamSite(name, "param", constraint, value))
         elif site["type"] == "sample":
             fn = _base(site["fn"])
             if site["is_observed"]:
-                value = site["value"]
-                if jnp.issubdtype(jnp.result_type(value), jnp.inexact) and not bool(
-                    jnp.all(jnp.isfinite(value))
-                ):
-                    bad = int(np.size(value) - np.sum(np.isfinite(np.asarray(value))))
+                bad = int(numbers[name][0]) if name in numbers else 0
+                if bad:
                     raise ModelError(
                         f"Observed site '{name}' has {bad} NaN or infinite value(s); remove them "
                         "or mask them out with numpyro.handlers.mask."
@@ -132,12 +205,8 @@ def discover_sites(model, args, kwargs, init_values=None, rng_key=None, fixed=()
                         f"Continuous site '{name}' has no prior (ImproperUniform): declare it "
                         "with numpyro.param for maximum likelihood, or give it a proper prior."
                     )
-                if name in init_values:
-                    value = jnp.asarray(init_values[name])
-                else:
-                    key_init, sub = jax.random.split(key_init)
-                    value = _map_init(name, site["fn"], sub)
-                _check_in_support(name, site["fn"].support, value)
+                value, ok = numbers[name]
+                _check_value(name, site["fn"].support, value, ok)
                 params.append(ParamSite(name, "map", site["fn"].support, value))
 
     unknown_fixed = set(fixed) - set(tr)

@@ -75,11 +75,12 @@ def test_progress_bar_on_by_default(capsys):
 def test_second_run_with_same_shapes_does_not_recompile():
     em = EM(mixture, max_iter=10, progress_bar=False)
     em.run(jax.random.PRNGKey(0), data(0), K=3)
-    (fns,) = em._compiled.values()
-    sizes = [f._cache_size() for f in fns[1:]]
+    ((_, fns),) = em._compiled.values()
+    sizes = {k: f._cache_size() for k, f in fns.items()}
+    assert sizes["fit"] == 1
     em.run(jax.random.PRNGKey(1), data(5), K=3)
     assert len(em._compiled) == 1
-    assert [f._cache_size() for f in fns[1:]] == sizes
+    assert {k: f._cache_size() for k, f in fns.items()} == sizes
 
 
 def test_float32():
