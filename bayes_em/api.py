@@ -296,11 +296,11 @@ class EM:
         check_enumeration(bare, init_params, data, self.memory_limit)
         problem, functions = self._functions(sites, rebuild, key, data)
         u0 = jax.device_get(functions["unconstrain"](init_params))
-        for p in sites.params:
-            if not np.all(np.abs(u0[p.name]) < 2 * np.log(np.finfo(u0[p.name].dtype).max)):
+        for p in sites.params:  # a boundary value maps to a large finite number; NaN is invalid
+            if np.any(np.isnan(u0[p.name])):
                 raise ModelError(
-                    f"Initial value of site '{p.name}' is on the boundary of its support "
-                    f"({p.constraint}); choose an interior value."
+                    f"Initial value of site '{p.name}' cannot be mapped to unconstrained space "
+                    f"({p.constraint}); choose a value inside the support."
                 )
         return problem, functions, u0, data
 

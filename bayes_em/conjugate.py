@@ -72,7 +72,7 @@ _PRIORS = {
     "normal_loc": (dist.Normal,),
     "normal_scale": (dist.InverseGamma,),
     "mvn_loc": (),
-    "mvn_cov": (),
+    "mvn_cov": (dist.InverseWishart,),
     "mvn_tril": (),
 }
 # order of updates inside one M-step (conditional maximisation: locations before scales)
@@ -96,6 +96,13 @@ def _unwrap(fn):
             fn = fn.base_dist
         else:
             return fn, mask, reinterpreted
+
+
+def _base_constraint(c):
+    """The constraint of one entry: ``independent(positive, 1)`` (a ``.to_event`` prior) → positive."""
+    while isinstance(c, constraints.independent):
+        c = c.base_constraint
+    return c
 
 
 def _arg(fn, family):
@@ -213,7 +220,7 @@ def detect_closed_forms(problem, params, args, kwargs):
         coded_args = {}
         for family, (types, attr, event_ndim, constraint) in _FAMILIES.items():
             allowed = _CONSTRAINTS.get(family, (constraint,))
-            if not isinstance(base, types) or str(p.constraint) not in map(str, allowed):
+            if not isinstance(base, types) or str(_base_constraint(p.constraint)) not in map(str, allowed):
                 continue
             if not used <= set(_ALLOWED.get(family, (attr,))) or attr not in used:
                 continue
@@ -417,7 +424,12 @@ def closed_form_update(problem, plans, params, weights, args, kwargs):
                 mc = jnp.broadcast_to(base.loc - c, joint + (D,))
                 outer = s1[..., :, None] * mc[..., None, :]
                 ss = s2 - outer - jnp.swapaxes(outer, -1, -2) + n[..., None, None] * mc[..., :, None] * mc[..., None, :]
-                cov = scatter(ss, 2) / scatter(jnp.broadcast_to(n, joint))[:, None, None]
+                n_k = scatter(jnp.broadcast_to(n, joint))[:, None, None]
+                if prior_fn is not None:  # inverse-Wishart mode: (Ψ + S) / (ν + n + D + 1)
+                    nu = jnp.broadcast_to(prior_fn.concentration, jnp.shape(value)[:-2]).reshape(-1)
+                    cov = (hyper("scale_matrix") + scatter(ss, 2)) / (nu[:, None, None] + n_k + D + 1)
+                else:
+                    cov = scatter(ss, 2) / n_k
                 cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
                 new = cov if fam == "mvn_cov" else jnp.linalg.cholesky(cov)
         new = new.reshape(jnp.shape(value)).astype(jnp.result_type(value))

@@ -247,3 +247,49 @@ def test_closed_form_and_numeric_reach_the_same_optimum(model, init, kwargs):
            closed_form=False, mstep=PRECISE).run(jax.random.PRNGKey(0), x, **kwargs)
     for k in a.params:
         np.testing.assert_allclose(a.params[k], b.params[k], atol=1e-6)
+
+
+def iw_gmm(x, K):
+    D = x.shape[1]
+    loc = numpyro.param("loc", jnp.zeros((K, D)))
+    with numpyro.plate("components", K):
+        cov = numpyro.sample("cov", dist.InverseWishart(D + 2.0, 0.5 * jnp.eye(D)))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(jnp.ones(K) / K))
+        numpyro.sample("x", dist.MultivariateNormal(loc[z], covariance_matrix=cov[z]), obs=x)
+
+
+def test_full_covariance_inverse_wishart():
+    from scipy.stats import multivariate_normal
+    x = gmm_data()
+    c0 = np.stack([np.eye(2), [[1.5, 0.3], [0.3, 0.8]], 0.5 * np.eye(2)])
+    ll = np.stack([multivariate_normal.logpdf(x, M0[k], c0[k]) for k in range(3)], 1)
+    r = resp(ll, np.ones(3) / 3)
+    n = r.sum(0)
+    m = r.T @ x / n[:, None]
+    cov = np.stack([(0.5 * np.eye(2) + (r[:, k, None] * (x - m[k])).T @ (x - m[k])) / (4.0 + n[k] + 3)
+                    for k in range(3)])  # (Ψ + S_k) / (ν + n_k + D + 1)
+    check(iw_gmm, dict(loc=M0, cov=c0), dict(loc=m, cov=cov), jnp.asarray(x), K=3,
+          families=dict(loc="mvn_loc", cov="mvn_cov"))
+
+
+def event_prior_diag(x, K):
+    D = x.shape[1]
+    loc = numpyro.param("loc", jnp.zeros((K, D)))
+    scale = numpyro.sample("scale", dist.InverseGamma(3.0 * jnp.ones((K, D)), 2.0).to_event(2))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(jnp.ones(K) / K))
+        numpyro.sample("x", dist.Normal(loc[z], scale[z]).to_event(1), obs=x)
+
+
+def test_to_event_prior_takes_the_closed_form():
+    x = gmm_data()
+    s0 = np.array([[1.0, 0.5], [0.8, 1.2], [1.5, 1.0]])
+    r = resp(norm.logpdf(x[:, None, :], M0, s0).sum(-1), np.ones(3) / 3)
+    n = r.sum(0)[:, None]
+    m = r.T @ x / n
+    ss = r.T @ x**2 - n * m**2
+    c = 3.0 + 1 + n
+    s = (2.0 + np.sqrt(4.0 + 4 * c * ss)) / (2 * c)
+    check(event_prior_diag, dict(loc=M0, scale=s0), dict(loc=m, scale=s), jnp.asarray(x), K=3,
+          families=dict(loc="normal_loc", scale="normal_scale"))

@@ -135,7 +135,7 @@ MAP_HYPER = {
     "diag", "spherical",
     # the covariance's InverseWishart prior has no closed form in the engine: numeric M-step,
     # whose compilation takes long
-    pytest.param("full", marks=pytest.mark.slow), pytest.param("tied", marks=pytest.mark.slow),
+    "full", "tied",
 ])
 def test_gmm_map_matches_numpy_em(covariance):
     x = gmm_data()
