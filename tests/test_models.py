@@ -132,10 +132,7 @@ MAP_HYPER = {
 
 
 @pytest.mark.parametrize("covariance", [
-    "diag", "spherical",
-    # the covariance's InverseWishart prior has no closed form in the engine: numeric M-step,
-    # whose compilation takes long
-    "full", "tied",
+    "diag", "spherical", "full", "tied",
 ])
 def test_gmm_map_matches_numpy_em(covariance):
     x = gmm_data()
