@@ -53,11 +53,38 @@ def mvn_log_prob(loc, scale_tril, x):
     return -0.5 * jnp.maximum(maha, 0.0) - half_logdet - 0.5 * D * jnp.log(2 * jnp.pi)
 
 
+def diag_normal_log_prob(loc, scale, x):
+    """Σ_d log N(x_d | loc_d, scale_d²) over the last dim, by the same expansion."""
+    loc, scale = jnp.broadcast_arrays(loc, scale)
+    D = x.shape[-1]
+    centre = jnp.mean(x.reshape(-1, D), axis=0)
+    xc, mc = x - centre, loc - centre
+    prec = 1.0 / jnp.square(scale)
+    maha = (
+        broadcast_dot(jnp.square(xc), prec)
+        - 2.0 * broadcast_dot(xc, mc * prec)
+        + jnp.sum(jnp.square(mc) * prec, -1)
+    )
+    return -0.5 * jnp.maximum(maha, 0.0) - jnp.sum(jnp.log(scale), -1) - 0.5 * D * jnp.log(2 * jnp.pi)
+
+
+def _unexpand(fn):
+    return fn.base_dist if isinstance(fn, dist.ExpandedDistribution) else fn
+
+
 def log_prob(fn, value):
-    """``fn.log_prob(value)``, by matrix products for (plate-expanded) multivariate normals."""
-    base = fn.base_dist if isinstance(fn, dist.ExpandedDistribution) else fn
-    if type(base) is dist.MultivariateNormal and jnp.ndim(value) >= 2:
-        lp = mvn_log_prob(base.loc, base.scale_tril, value)
-        shape = jnp.broadcast_shapes(fn.batch_shape, jnp.shape(value)[:-1])
-        return jnp.broadcast_to(lp, shape)
+    """``fn.log_prob(value)``, by matrix products for (plate-expanded) multivariate normals and
+    diagonal normals (``Normal(...).to_event(1)``)."""
+    base = _unexpand(fn)
+    if jnp.ndim(value) >= 2:
+        lp = None
+        if type(base) is dist.MultivariateNormal:
+            lp = mvn_log_prob(base.loc, base.scale_tril, value)
+        elif isinstance(base, dist.Independent) and base.reinterpreted_batch_ndims == 1:
+            normal = _unexpand(base.base_dist)
+            if type(normal) is dist.Normal:
+                lp = diag_normal_log_prob(normal.loc, normal.scale, value)
+        if lp is not None:
+            shape = jnp.broadcast_shapes(fn.batch_shape, jnp.shape(value)[:-1])
+            return jnp.broadcast_to(lp, shape)
     return fn.log_prob(value)
