@@ -57,7 +57,7 @@ class EMResult:
     restart_n_iter: np.ndarray  # (R,)
     restart_status: tuple  # (R,) status names
     n_decreases: np.ndarray  # (R,)
-    history: dict  # "objective" / "log_prior" / "log_likelihood": (R, max_iter + 1)
+    history: dict  # "objective" / "log_prior" / "log_likelihood": (R, max_iter + 1); "params"
     n_evals: np.ndarray  # (R,) EM maps evaluated (M-steps): 3 per iteration with SQUAREM
     n_accepted: np.ndarray  # (R,) SQUAREM extrapolations kept
     latents: Any = field(repr=False, compare=False)  # () -> (posterior, most probable), lazily
@@ -104,7 +104,10 @@ class EMResult:
         """History of one restart (default: the best), trimmed to the iterations it ran."""
         r = self.best_restart if restart is None else restart
         n = int(self.restart_n_iter[r]) + 1
-        return {k: v[r, :n] for k, v in self.history.items()}
+        out = {k: v[r, :n] for k, v in self.history.items() if k != "params"}
+        if "params" in self.history:
+            out["params"] = {k: v[r, :n] for k, v in self.history["params"].items()}
+        return out
 
     # -- diagnostics (thin wrappers over bayes_em.diagnostics) -----------------------------------
     def to_inference_data(self, **kwargs):
@@ -186,6 +189,8 @@ class EM:
         (``bayes_em.conjugate``); ``False`` forces the numeric M-step everywhere.
     :param fixed: dict of site name -> value held fixed (not fitted): ``numpyro.param`` sites
         take the value, sample sites are conditioned on it.
+    :param record_params: keep the parameters of every iteration and restart in
+        ``result.history["params"]`` (memory: max_iter + 1 copies of θ per restart).
     :param accelerate: SQUAREM acceleration (Varadhan & Roland 2008): each iteration is three EM
         maps and an extrapolation, kept only when it does not lower the objective.
     """
@@ -207,6 +212,7 @@ class EM:
         closed_form: bool = True,
         accelerate: bool = False,
         fixed: dict | None = None,
+        record_params: bool = False,
     ):
         if not isinstance(restarts, (int, np.integer)) or restarts < 1:
             raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}.")
@@ -230,6 +236,7 @@ class EM:
         self.restart_noise = float(restart_noise)
         self.closed_form = bool(closed_form)
         self.accelerate = bool(accelerate)
+        self.record_params = bool(record_params)
         self._compiled = {}
 
     # -- compiled pieces, one set per model structure and static arguments ----------------------
@@ -239,7 +246,7 @@ class EM:
             problem = core.make_problem(
                 self.model, sites, rebuild, self.max_iter, self.tol, self.hard, self.strict, self.mstep
             )
-            problem = problem._replace(accelerate=self.accelerate)
+            problem = problem._replace(accelerate=self.accelerate, record_params=self.record_params)
             if self.closed_form:
                 from bayes_em.conjugate import detect_closed_forms
 
@@ -282,6 +289,9 @@ class EM:
                     e_step=jax.jit(lambda u, data: core.e_step(problem, u, data, "sum")[:2]),
                     unconstrain=jax.jit(lambda p: core.unconstrain(problem, p)),
                     constrain=jax.jit(jax.vmap(lambda u: core.constrain(problem, u))),
+                    constrain_history=jax.jit(
+                        jax.vmap(jax.vmap(lambda u: core.constrain(problem, u)))
+                    ),
                 ),
             )
         return self._compiled[cache_key]
@@ -352,6 +362,11 @@ class EM:
 
     def _result(self, problem, states, data, functions):
         restart_params = jax.device_get(functions["constrain"](states.params))
+        param_history = (
+            jax.device_get(functions["constrain_history"](states.param_history))
+            if self.record_params
+            else None
+        )
         states = jax.device_get(states)
         objective = np.asarray(states.objective)
         finite = np.isfinite(objective)
@@ -389,6 +404,7 @@ class EM:
                 "objective": history[..., 0],
                 "log_prior": history[..., 1],
                 "log_likelihood": history[..., 0] - history[..., 1],
+                **({"params": param_history} if param_history is not None else {}),
             },
             n_evals=np.asarray(states.n_evals),
             n_accepted=np.asarray(states.n_accepted),

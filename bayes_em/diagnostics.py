@@ -502,7 +502,10 @@ def _trace_dataset(result):
     import xarray as xr
 
     it = ("restart", "iteration")
-    data = {k: (it, np.asarray(v)) for k, v in result.history.items()}
+    data = {k: (it, np.asarray(v)) for k, v in result.history.items() if k != "params"}
+    for k, v in result.history.get("params", {}).items():  # EM(record_params=True)
+        v = np.asarray(v)
+        data[f"param_{k}"] = (it + tuple(f"{k}_dim_{i}" for i in range(v.ndim - 2)), v)
     data["restart_objective"] = ("restart", np.asarray(result.restart_objective))
     data["restart_n_iter"] = ("restart", np.asarray(result.restart_n_iter))
     data["restart_status"] = ("restart", np.asarray(result.restart_status, dtype=str))

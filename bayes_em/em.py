@@ -77,6 +77,7 @@ class EMProblem(NamedTuple):
     solver: LBFGS = LBFGS()
     closed: tuple = ()  # conjugate.ClosedForm plans: parameters updated in closed form
     accelerate: bool = False  # SQUAREM extrapolation with a monotonicity safeguard
+    record_params: bool = False  # keep θ_t of every iteration in the state
 
 
 class EMState(NamedTuple):
@@ -90,6 +91,7 @@ class EMState(NamedTuple):
     history: Any  # (max_iter + 1, 2): objective and log prior after each iteration
     n_evals: Any = 0  # EM maps evaluated (M-steps); 3 per iteration under SQUAREM
     n_accepted: Any = 0  # SQUAREM extrapolations accepted
+    param_history: Any = ()  # {site: (max_iter + 1, ...)} unconstrained θ_t, if recorded
 
 
 def make_problem(model, sites, rebuild, max_iter, tol, hard=False, strict=False, solver=LBFGS()):
@@ -159,7 +161,11 @@ def init(problem, u, data):
     history = history.at[0].set(jnp.stack([objective, log_prior]))
     status = jnp.where(jnp.isfinite(objective), RUNNING, NONFINITE)
     zero = jnp.zeros((), jnp.int32)
-    return EMState(u, objective, log_prior, weights, zero, status, zero, history, zero, zero)
+    params = {}
+    if problem.record_params:
+        params = {k: jnp.full((problem.max_iter + 1,) + jnp.shape(v), jnp.nan, jnp.result_type(v))
+                  .at[0].set(v) for k, v in u.items()}
+    return EMState(u, objective, log_prior, weights, zero, status, zero, history, zero, zero, params)
 
 
 def m_step(problem, u, weights, data):
@@ -250,6 +256,7 @@ def step(problem, state, data):
         state.history.at[n_iter].set(jnp.stack([objective, log_prior])),
         state.n_evals + evals,
         state.n_accepted + accepted.astype(jnp.int32),
+        {k: h.at[n_iter].set(u[k]) for k, h in state.param_history.items()},
     )
     # A non-finite objective keeps the last finite parameters: no fit returns NaN.
     keep = jax.tree.map(lambda old, nw: jnp.where(finite, nw, old), state, new)

@@ -114,3 +114,17 @@ def test_scaled_enumerated_factors_are_refused():
 
     with pytest.raises(NotImplementedError, match="'a'.*scale"):
         EM(weighted, progress_bar=False).run(jax.random.PRNGKey(0), Y, jnp.ones(10) * 2.0)
+
+
+def test_recorded_parameters_are_the_textbook_iterates():
+    em = EM(three_coins, max_iter=3, tol=0.0, init_values=dict(pi=0.4, p=0.6, q=0.7),
+            record_params=True, progress_bar=False)
+    result = em.run(jax.random.PRNGKey(0), Y)
+    expected = [(0.4, 0.6, 0.7)]
+    for _ in range(3):
+        expected.append(textbook_step(*expected[-1], Y))
+    got = np.stack([result.trace()["params"][k] for k in ("pi", "p", "q")], 1)
+    np.testing.assert_allclose(got, expected, atol=1e-8)
+    from bayes_em.diagnostics import _trace_dataset
+    ds = _trace_dataset(result)
+    np.testing.assert_allclose(ds["param_p"].values[0], np.array(expected)[:, 1], atol=1e-8)
