@@ -258,7 +258,9 @@ def _snap(arrays, metas):
     """
     dtype = jnp.result_type(*arrays.values())
     finfo = jnp.finfo(dtype)
-    cut = finfo.min / 1e9  # below: stand-ins for log 0 (see _absent_where_masked), kept as is
+    # below: stand-ins for log 0 (see _absent_where_masked; users write e.g. -1e30), kept as is;
+    # no real log-density of one configuration is that small
+    cut = -1e15
     bound = jnp.ones((), dtype)
     for meta in metas:
         a = jnp.asarray(arrays[meta.name])

@@ -139,3 +139,18 @@ def test_em_on_small_models_never_decreases(model, shape):
         assert np.all(np.isfinite(obj))
         assert np.all(np.diff(obj) >= -1e-10 * np.abs(obj).max())
     assert result.restart_objective[result.best_restart] == result.restart_objective.max()
+
+
+def test_most_probable_with_large_negative_log_factors():
+    """A finite stand-in for log 0 (−1e30) must not coarsen the max-product's exact sums."""
+
+    def model(x, impossible):
+        loc = numpyro.param("loc", jnp.array([0.0, 5.0, 9.0]))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(logits=jnp.array([0.0, 0.0, impossible])))
+            numpyro.sample("x", dist.Normal(loc[z], 1.0), obs=x)
+
+    x = jnp.array([0.1, 4.9, 0.2, 5.1])
+    estep = EM(model, progress_bar=False).e_step({}, x, -1e30)
+    np.testing.assert_array_equal(estep.most_probable["z"], [0, 1, 0, 1])
+    np.testing.assert_array_equal(np.argmax(estep.posterior["z"], -1), [0, 1, 0, 1])
