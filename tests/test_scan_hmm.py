@@ -62,3 +62,25 @@ def test_scan_hmm_fit_never_decreases():
         obj = result.trace(r)["objective"]
         assert np.all(np.diff(obj) >= -1e-10 * np.abs(obj).max())
     assert result.posterior["z"].shape == (60, 2)
+
+
+def test_scan_hmm_most_probable_path_with_ties():
+    """Equal consecutive observations make equally probable paths (a→b→a→a and a→a→b→a use the
+    same factors); the path returned must still be one of the brute-force optima, not a splice
+    of several."""
+    K, V = 2, 2
+    ys = np.array([0, 1, 0, 0, 0, 0])
+    T = len(ys)
+    p = dict(init=np.array([0.12, 0.88]), trans=np.array([[0.4, 0.6], [0.7, 0.3]]),
+             emit=np.array([[0.24, 0.76], [0.64, 0.36]]))
+    paths = list(itertools.product(range(K), repeat=T + 1))
+    logps = np.array([
+        np.log(p["init"][z[0]]) + sum(np.log(p["trans"][z[t - 1], z[t]]) + np.log(p["emit"][z[t], ys[t - 1]])
+                                      for t in range(1, T + 1))
+        for z in paths
+    ])
+    optima = {paths[i] for i in np.flatnonzero(np.isclose(logps, logps.max(), rtol=0, atol=1e-12))}
+    assert len(optima) > 1  # the case under test
+    estep = EM(hmm, progress_bar=False).e_step(p, jnp.asarray(ys), K=K, V=V)
+    path = (int(estep.most_probable["z0"]), *map(int, estep.most_probable["z"]))
+    assert path in optima
