@@ -42,7 +42,7 @@ class ClosedForm(NamedTuple):
     """Plan for one parameter's closed-form update (static)."""
 
     param: str
-    site: str
+    sites: tuple  # the sites whose argument selects the parameter (a scan has two: first step, rest)
     family: str  # key of _FAMILIES
     prior: str | None  # prior family of a MAP site, None for ML
 
@@ -156,6 +156,55 @@ _ALLOWED = {"mvn_cov": ("covariance_matrix", "scale_tril")}
 _CONSTRAINTS = {"mvn_loc": (constraints.real, constraints.real_vector)}
 
 
+def _site_candidates(p, value, site_name, base, used, args_now, args_at, params, coded_args):
+    """Families under which ``site_name``'s argument is a pure selection of parameter ``p``."""
+    candidates = []
+    for family, (types, attr, event_ndim, constraint) in _FAMILIES.items():
+        allowed = _CONSTRAINTS.get(family, (constraint,))
+        if not isinstance(base, types) or str(_base_constraint(p.constraint)) not in map(str, allowed):
+            continue
+        if not used <= set(_ALLOWED.get(family, (attr,))) or attr not in used:
+            continue
+        arg = args_now[site_name][family]
+        if arg is None or jnp.ndim(value) < event_ndim:
+            continue
+        # a pure selection: the coded evaluation decodes to valid rows, and the argument
+        # equals θ's rows gathered along that index map
+        batch = np.shape(value)[: np.ndim(value) - event_ndim]
+        n_rows = int(np.prod(batch))
+        key = (event_ndim, family in ("mvn_cov", "mvn_tril"))
+        if key not in coded_args:
+            coded_args[key] = [
+                args_at({**params, p.name: np.asarray(_coded(value, event_ndim, family, off))})
+                for off in (0, n_rows)
+            ]
+        arg_coded, arg_shifted = (c[site_name][family] for c in coded_args[key])
+        if arg_coded is None or jnp.shape(arg_coded) != jnp.shape(arg):
+            continue
+        first = arg_coded[(...,) + (0,) * event_ndim] if event_ndim else arg_coded
+        second = arg_shifted[(...,) + (0,) * event_ndim] if event_ndim else arg_shifted
+        idx = np.where(first != second, np.round(first).astype(np.int64) - 1, n_rows)
+        dep = idx < n_rows
+        if not dep.any() or np.any(idx < 0):
+            continue
+        code = (idx + 1).astype(arg_coded.dtype)
+        if family in ("mvn_cov", "mvn_tril"):
+            expect = code[..., None, None] * np.eye(arg_coded.shape[-1])
+            ev = (Ellipsis, None, None)
+        else:
+            expect = np.broadcast_to(code.reshape(code.shape + (1,) * event_ndim), arg_coded.shape)
+            ev = (Ellipsis,) + (None,) * event_ndim
+        dep_b = np.broadcast_to(dep[ev], arg_coded.shape)
+        if not np.array_equal(expect[dep_b], arg_coded[dep_b]):
+            continue
+        rows = np.reshape(value, (n_rows,) + np.shape(value)[len(batch):])
+        if not np.allclose(rows[np.where(dep, idx, 0)][dep_b], np.asarray(arg)[dep_b],
+                           rtol=1e-6, atol=1e-12):
+            continue
+        candidates.append(family)
+    return candidates
+
+
 def detect_closed_forms(problem, params, args, kwargs):
     """Which parameters take a closed-form update: a tuple of :class:`ClosedForm`, found once
     before the fit by concrete checks at ``params``."""
@@ -210,59 +259,19 @@ def detect_closed_forms(problem, params, args, kwargs):
         dots = tangent_of(params, tangent)
         users = {(s, leaf) for s, leaves in dots.items() for leaf, d in leaves.items()
                  if np.issubdtype(d.dtype, np.inexact) and np.any(d != 0)}
-        user_sites = {s for s, _ in users}
-        if len(user_sites) != 1 or next(iter(user_sites)) in param_names:
+        user_sites = sorted({s for s, _ in users})
+        if not user_sites or any(s in param_names for s in user_sites):
             continue
-        (site_name,) = user_sites
-        base = bases[site_name]
-        used = {leaf.split(".", 1)[1] for _, leaf in users}
-        candidates = []
-        coded_args = {}
-        for family, (types, attr, event_ndim, constraint) in _FAMILIES.items():
-            allowed = _CONSTRAINTS.get(family, (constraint,))
-            if not isinstance(base, types) or str(_base_constraint(p.constraint)) not in map(str, allowed):
-                continue
-            if not used <= set(_ALLOWED.get(family, (attr,))) or attr not in used:
-                continue
-            arg = args_now[site_name][family]
-            if arg is None or jnp.ndim(value) < event_ndim:
-                continue
-            # a pure selection: the coded evaluation decodes to valid rows, and the argument
-            # equals θ's rows gathered along that index map
-            batch = np.shape(value)[: np.ndim(value) - event_ndim]
-            n_rows = int(np.prod(batch))
-            key = (event_ndim, family in ("mvn_cov", "mvn_tril"))
-            if key not in coded_args:
-                coded_args[key] = [
-                    args_at({**params, p.name: np.asarray(_coded(value, event_ndim, family, off))})
-                    for off in (0, n_rows)
-                ]
-            arg_coded, arg_shifted = (c[site_name][family] for c in coded_args[key])
-            if arg_coded is None or jnp.shape(arg_coded) != jnp.shape(arg):
-                continue
-            first = arg_coded[(...,) + (0,) * event_ndim] if event_ndim else arg_coded
-            second = arg_shifted[(...,) + (0,) * event_ndim] if event_ndim else arg_shifted
-            idx = np.where(first != second, np.round(first).astype(np.int64) - 1, n_rows)
-            dep = idx < n_rows
-            if not dep.any() or np.any(idx < 0):
-                continue
-            code = (idx + 1).astype(arg_coded.dtype)
-            if family in ("mvn_cov", "mvn_tril"):
-                expect = code[..., None, None] * np.eye(arg_coded.shape[-1])
-                ev = (Ellipsis, None, None)
-            else:
-                expect = np.broadcast_to(code.reshape(code.shape + (1,) * event_ndim), arg_coded.shape)
-                ev = (Ellipsis,) + (None,) * event_ndim
-            dep_b = np.broadcast_to(dep[ev], arg_coded.shape)
-            if not np.array_equal(expect[dep_b], arg_coded[dep_b]):
-                continue
-            rows = np.reshape(value, (n_rows,) + np.shape(value)[len(batch):])
-            if not np.allclose(rows[np.where(dep, idx, 0)][dep_b], np.asarray(arg)[dep_b],
-                               rtol=1e-6, atol=1e-12):
-                continue
-            candidates.append(family)
-        if len(candidates) != 1:
+        families, coded_args = set(), {}
+        for site_name in user_sites:
+            candidates = _site_candidates(
+                p, value, site_name, bases[site_name],
+                {leaf.split(".", 1)[1] for s, leaf in users if s == site_name},
+                args_now, args_at, params, coded_args)
+            families.add(candidates[0] if len(candidates) == 1 else None)
+        if len(families) != 1 or None in families:
             continue
+        candidates = list(families)
         family = candidates[0]
         prior = None
         if p.kind == "map":
@@ -270,7 +279,7 @@ def detect_closed_forms(problem, params, args, kwargs):
             if not isinstance(prior_fn, _PRIORS[family]):
                 continue
             prior = type(prior_fn).__name__
-        plans.append(ClosedForm(p.name, site_name, family, prior))
+        plans.append(ClosedForm(p.name, tuple(user_sites), family, prior))
     return tuple(sorted(plans, key=lambda c: _ORDER.index(c.family)))
 
 
@@ -321,40 +330,133 @@ def _dirichlet_mode(counts, alpha):
     return a / jnp.sum(a, axis=-1, keepdims=True)
 
 
+def _site_stats(family, site, idx, n_rows, event_shape, weight):
+    """Sufficient statistics of one site, scattered onto the parameter's rows (summed over sites
+    by the caller)."""
+    base, mask, reinterpreted = _unwrap(site["fn"])
+    event_ndim = _FAMILIES[family][2]
+    arg = _arg(base, family)
+    arg_batch = jnp.shape(arg)[: jnp.ndim(arg) - event_ndim]
+    w = weight
+    if site["scale"] is not None:
+        w = w * site["scale"]
+    if mask is not None:
+        w = w * mask
+    x = site["value"]
+    w = w.reshape(jnp.shape(w) + (1,) * reinterpreted)  # to_event dims appended
+    dtype = w.dtype
+
+    def scatter(stat, n_event=0):
+        ev = tuple(stat.shape[stat.ndim - n_event:])
+        return _scatter(_reduce_to(stat, arg_batch + ev), idx, n_rows, ev)
+
+    if family in ("categorical", "multinomial"):
+        V = event_shape[0]
+        t = jax.nn.one_hot(x, V, dtype=dtype) if family == "categorical" else x.astype(dtype)
+        return {"counts": scatter(_weighted_sum(w, t, arg_batch, 1), 1)}
+    if family in ("bernoulli", "binomial"):
+        total = jnp.ones((), dtype) if family == "bernoulli" else jnp.asarray(base.total_count, dtype)
+        trials = jnp.broadcast_to(total, jnp.broadcast_shapes(jnp.shape(total), jnp.shape(x)))
+        return {"c1": scatter(_weighted_sum(w, x.astype(dtype), arg_batch)),
+                "n": scatter(_weighted_sum(w, trials, arg_batch))}
+    if family in ("poisson", "exponential"):
+        return {"n": scatter(_weighted_sum(w, jnp.ones_like(x, dtype), arg_batch)),
+                "s": scatter(_weighted_sum(w, x.astype(dtype), arg_batch))}
+    if family in ("normal_loc", "normal_scale"):
+        # moments about the data mean c at the joint shape of loc and scale
+        joint = jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale))
+        c = jnp.mean(x)
+        xc = x - c
+        n = _weighted_sum(w, jnp.ones_like(xc), joint)
+        s1 = _weighted_sum(w, xc, joint)
+        if family == "normal_loc":
+            prec = 1.0 / jnp.square(base.scale)
+            return {"a": scatter(n * prec), "b": scatter((s1 + n * c) * prec)}
+        mc = base.loc - c
+        ss = _weighted_sum(w, jnp.square(xc), joint) - 2 * mc * s1 + jnp.square(mc) * n
+        return {"n": scatter(jnp.broadcast_to(n, joint)), "ss": scatter(jnp.maximum(ss, 0.0))}
+    # multivariate normal: moments about the data mean at the joint (loc, cov) shape
+    D = jnp.shape(x)[-1]
+    joint = jnp.broadcast_shapes(jnp.shape(base.loc)[:-1], jnp.shape(base.scale_tril)[:-2])
+    c = jnp.mean(x.reshape(-1, D), axis=0)
+    xc = x - c
+    n = _weighted_sum(w, jnp.ones(xc.shape[:-1], dtype), joint)
+    s1 = _weighted_sum(w, xc, joint, 1)
+    if family == "mvn_loc":
+        return {"s1": scatter(s1 + n[..., None] * c, 1),
+                "n": scatter(jnp.broadcast_to(n[..., None], joint + (D,)), 1)}
+    xx = (xc[..., :, None] * xc[..., None, :]).reshape(xc.shape[:-1] + (D * D,))
+    s2 = _weighted_sum(w, xx, joint, 1).reshape(joint + (D, D))
+    mc = jnp.broadcast_to(base.loc - c, joint + (D,))
+    outer = s1[..., :, None] * mc[..., None, :]
+    ss = s2 - outer - jnp.swapaxes(outer, -1, -2) + n[..., None, None] * mc[..., :, None] * mc[..., None, :]
+    return {"ss": scatter(ss, 2), "n": scatter(jnp.broadcast_to(n, joint))}
+
+
+def _mode(family, st, prior_fn, hyper, value):
+    """The family's weighted ML / conjugate MAP update from the summed statistics."""
+    if family in ("categorical", "multinomial"):
+        alpha = hyper("concentration") if prior_fn is not None else jnp.ones_like(st["counts"])
+        return _dirichlet_mode(st["counts"], alpha)
+    if family in ("bernoulli", "binomial"):
+        c1, n = st["c1"], st["n"]
+        if prior_fn is not None:
+            a, b = hyper("concentration1"), hyper("concentration0")
+            c1, n = c1 + a - 1.0, n + a + b - 2.0
+        return c1 / n
+    if family in ("poisson", "exponential"):
+        num, den = (st["s"], st["n"]) if family == "poisson" else (st["n"], st["s"])
+        if prior_fn is not None:
+            num, den = num + hyper("concentration") - 1.0, den + hyper("rate")
+        return num / den
+    if family == "normal_loc":
+        a, b = st["a"], st["b"]
+        if prior_fn is not None:
+            p0 = 1.0 / jnp.square(hyper("scale"))
+            a, b = a + p0, b + p0 * hyper("loc")
+        return b / a
+    if family == "normal_scale":
+        n, ss = st["n"], st["ss"]
+        if prior_fn is None:
+            return jnp.sqrt(ss / n)
+        a, b = hyper("concentration"), hyper("rate")  # mode of n(−log σ) − ss/2σ² − (a+1)log σ − b/σ
+        cc = a + 1.0 + n
+        return (b + jnp.sqrt(b * b + 4.0 * cc * ss)) / (2.0 * cc)
+    if family == "mvn_loc":
+        return st["s1"] / st["n"]
+    D = jnp.shape(value)[-1]
+    n_k = st["n"][:, None, None]
+    if prior_fn is not None:  # inverse-Wishart mode: (Ψ + S) / (ν + n + D + 1)
+        nu = jnp.broadcast_to(prior_fn.concentration, jnp.shape(value)[:-2]).reshape(-1)
+        cov = (hyper("scale_matrix") + st["ss"]) / (nu[:, None, None] + n_k + D + 1)
+    else:
+        cov = st["ss"] / n_k
+    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+    return cov if family == "mvn_cov" else jnp.linalg.cholesky(cov)
+
+
 def closed_form_update(problem, plans, params, weights, args, kwargs):
-    """New constrained values of the planned parameters; the others are returned unchanged."""
+    """New constrained values of the planned parameters (in plan order, each conditional on the
+    ones before); the others are returned unchanged."""
     params = dict(params)
     for plan in plans:
         tr = _trace(problem.enum_model, params, args, kwargs)
-        site = tr[plan.site]
-        base, mask, reinterpreted = _unwrap(site["fn"])
-        types, attr, event_ndim, _ = _FAMILIES[plan.family]
+        event_ndim = _FAMILIES[plan.family][2]
         value = params[plan.param]
         n_rows = int(np.prod(jnp.shape(value)[: jnp.ndim(value) - event_ndim]))
         event_shape = tuple(jnp.shape(value)[jnp.ndim(value) - event_ndim:])
-        arg = _arg(base, plan.family)
         coded = [
-            _arg(_unwrap(_trace(problem.enum_model, {**params, plan.param: _coded(
-                value, event_ndim, plan.family, off)}, args, kwargs)[plan.site]["fn"])[0], plan.family)
+            _trace(problem.enum_model,
+                   {**params, plan.param: _coded(value, event_ndim, plan.family, off)}, args, kwargs)
             for off in (0, n_rows)
         ]
-        idx = _index_map(*coded, event_ndim, n_rows)
-        arg_batch = jnp.shape(arg)[: jnp.ndim(arg) - event_ndim]
-
-        # effective weight of every entry of the site's log-density
-        w = weights[plan.site]
-        if site["scale"] is not None:
-            w = w * site["scale"]
-        if mask is not None:
-            w = w * mask
-        x = site["value"]
-        # align w with the base distribution's batch (to_event dims appended)
-        w = w.reshape(jnp.shape(w) + (1,) * reinterpreted)
-
-        def scatter(stat, n_event=0):
-            return _scatter(_reduce_to(stat, arg_batch + stat.shape[stat.ndim - n_event:]), idx, n_rows,
-                            tuple(stat.shape[stat.ndim - n_event:]))
-
+        stats = None
+        for name in plan.sites:
+            idx = _index_map(
+                *(_arg(_unwrap(t[name]["fn"])[0], plan.family) for t in coded), event_ndim, n_rows
+            )
+            st = _site_stats(plan.family, tr[name], idx, n_rows, event_shape, weights[name])
+            stats = st if stats is None else {k: stats[k] + st[k] for k in st}
         prior_fn = _unwrap(tr[plan.param]["fn"])[0] if plan.prior else None
 
         def hyper(name):
@@ -362,76 +464,7 @@ def closed_form_update(problem, plans, params, weights, args, kwargs):
                 (n_rows,) + event_shape
             )
 
-        fam = plan.family
-        dtype = w.dtype
-        if fam in ("categorical", "multinomial"):
-            V = event_shape[0]
-            t = jax.nn.one_hot(x, V, dtype=dtype) if fam == "categorical" else x.astype(dtype)
-            counts = scatter(_weighted_sum(w, t, arg_batch, 1), 1)
-            alpha = hyper("concentration") if prior_fn is not None else jnp.ones_like(counts)
-            new = _dirichlet_mode(counts, alpha)
-        elif fam in ("bernoulli", "binomial"):
-            total = jnp.ones((), dtype) if fam == "bernoulli" else jnp.asarray(base.total_count, dtype)
-            c1 = scatter(_weighted_sum(w, x.astype(dtype), arg_batch))
-            n = scatter(_weighted_sum(w, jnp.broadcast_to(total, jnp.broadcast_shapes(jnp.shape(total), jnp.shape(x))), arg_batch))
-            if prior_fn is not None:
-                a, b = hyper("concentration1"), hyper("concentration0")
-                c1, n = c1 + a - 1.0, n + a + b - 2.0
-            new = c1 / n
-        elif fam in ("poisson", "exponential"):
-            n = scatter(_weighted_sum(w, jnp.ones_like(x, dtype), arg_batch))
-            s_ = scatter(_weighted_sum(w, x.astype(dtype), arg_batch))
-            num, den = (s_, n) if fam == "poisson" else (n, s_)
-            if prior_fn is not None:
-                num, den = num + hyper("concentration") - 1.0, den + hyper("rate")
-            new = num / den
-        elif fam in ("normal_loc", "normal_scale"):
-            # moments about the data mean c at the joint shape of loc and scale
-            joint = jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale))
-            c = jnp.mean(x)
-            xc = x - c
-            n = _weighted_sum(w, jnp.ones_like(xc), joint)
-            s1 = _weighted_sum(w, xc, joint)
-            if fam == "normal_loc":
-                prec = 1.0 / jnp.square(base.scale)
-                a, b = scatter(n * prec), scatter((s1 + n * c) * prec)
-                if prior_fn is not None:
-                    p0 = 1.0 / jnp.square(hyper("scale"))
-                    a, b = a + p0, b + p0 * hyper("loc")
-                new = b / a
-            else:
-                mc = base.loc - c
-                ss = _weighted_sum(w, jnp.square(xc), joint) - 2 * mc * s1 + jnp.square(mc) * n
-                n, ss = scatter(jnp.broadcast_to(n, joint)), scatter(jnp.maximum(ss, 0.0))
-                if prior_fn is None:
-                    new = jnp.sqrt(ss / n)
-                else:  # mode of n·(−log σ) − ss/(2σ²) − (a+1) log σ − b/σ
-                    a, b = hyper("concentration"), hyper("rate")
-                    cc = a + 1.0 + n
-                    new = (b + jnp.sqrt(b * b + 4.0 * cc * ss)) / (2.0 * cc)
-        else:  # multivariate normal: moments about the data mean at the joint (loc, cov) shape
-            D = event_shape[0] if fam == "mvn_loc" else event_shape[-1]
-            joint = jnp.broadcast_shapes(jnp.shape(base.loc)[:-1], jnp.shape(base.scale_tril)[:-2])
-            c = jnp.mean(x.reshape(-1, D), axis=0)
-            xc = x - c
-            n = _weighted_sum(w, jnp.ones(xc.shape[:-1], dtype), joint)
-            s1 = _weighted_sum(w, xc, joint, 1)
-            if fam == "mvn_loc":
-                new = scatter(s1 + n[..., None] * c, 1) / scatter(jnp.broadcast_to(n[..., None], joint + (D,)), 1)
-            else:
-                xx = (xc[..., :, None] * xc[..., None, :]).reshape(xc.shape[:-1] + (D * D,))
-                s2 = _weighted_sum(w, xx, joint, 1).reshape(joint + (D, D))
-                mc = jnp.broadcast_to(base.loc - c, joint + (D,))
-                outer = s1[..., :, None] * mc[..., None, :]
-                ss = s2 - outer - jnp.swapaxes(outer, -1, -2) + n[..., None, None] * mc[..., :, None] * mc[..., None, :]
-                n_k = scatter(jnp.broadcast_to(n, joint))[:, None, None]
-                if prior_fn is not None:  # inverse-Wishart mode: (Ψ + S) / (ν + n + D + 1)
-                    nu = jnp.broadcast_to(prior_fn.concentration, jnp.shape(value)[:-2]).reshape(-1)
-                    cov = (hyper("scale_matrix") + scatter(ss, 2)) / (nu[:, None, None] + n_k + D + 1)
-                else:
-                    cov = scatter(ss, 2) / n_k
-                cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
-                new = cov if fam == "mvn_cov" else jnp.linalg.cholesky(cov)
+        new = _mode(plan.family, stats, prior_fn, hyper, value)
         new = new.reshape(jnp.shape(value)).astype(jnp.result_type(value))
         ok = jnp.all(jnp.isfinite(new))
         params[plan.param] = jnp.where(ok, new, value)
