@@ -305,7 +305,8 @@ def latent_posterior(problem, u, data):
 
 
 def most_probable(problem, u, data):
-    """The jointly most probable value of every latent site (max-product, ties broken by index)."""
+    """The jointly most probable value of every latent site (max-product; among tied optima one
+    is chosen by a fixed random tie-break, see ``enumeration._one_optimum``)."""
     arrays, metas = _factors(problem, u, data)
     _, weights = posterior_weights(arrays, metas, "max")
     order = problem.sites.plate_order

@@ -247,8 +247,8 @@ def main():
     print(f"# HMM Baum-Welch, {'float32' if ARGS.f32 else 'float64'} (hmmlearn: float64), "
           f"{n_iter} iterations (3 at T ≥ 1e5), {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
           f"jax {jax.__version__} on {jax.devices()[0].platform}\n")
-    print("| emissions | T | K | iterations | hmmlearn ms/it | dynamax ms/it | bayes_em ms/it | hmmlearn / bayes_em"
-          " | dynamax / bayes_em | compile s (bayes_em / dynamax) | bayes_em fixed cost per run s"
+    print("| emissions | T | K | iterations | hmmlearn ms/it | dynamax ms/it | bayes_em ms/it | bayes_em / hmmlearn"
+          " | bayes_em / dynamax | compile s (bayes_em / dynamax) | bayes_em fixed cost per run s"
           " | M-step | Δ loglik vs hmmlearn (bayes_em / dynamax) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for emissions in ARGS.emissions.split(","):
@@ -261,11 +261,11 @@ def main():
                 dx = run_dynamax(ys, start, emissions, n, reps) if DYNAMAX else None
                 ours = run_bayes_em(ys, start, emissions, n, reps)
                 dx_ms = f"{dx['ms']:.1f}" if dx else "–"
-                dx_ratio = f"{dx['ms'] / max(ours['ms'], 1e-3):.2f}" if dx else "–"
+                dx_ratio = f"{ours['ms'] / max(dx['ms'], 1e-3):.2f}" if dx else "–"
                 dx_compile = f"{dx['compile']:.1f}" if dx else "–"
                 dx_dll = f"{dx['ll'] - ref['ll']:.1e}" if dx else "–"
                 print(f"| {emissions} | {T:.0e} | {K} | {n} | {ref['ms']:.1f} | {dx_ms} | {ours['ms']:.1f} | "
-                      f"{ref['ms'] / max(ours['ms'], 1e-3):.2f} | {dx_ratio} | {ours['compile']:.1f} / {dx_compile} | "
+                      f"{ours['ms'] / max(ref['ms'], 1e-3):.2f} | {dx_ratio} | {ours['compile']:.1f} / {dx_compile} | "
                       f"{ours['fixed']:.2f} | {ours['paths']} | {ours['ll'] - ref['ll']:.1e} / {dx_dll} |",
                       flush=True)
 
