@@ -35,6 +35,8 @@ from numpyro.distributions import constraints
 from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import substitute
 
+from bayes_em.enumeration import is_plate_weight
+
 __all__ = ["ClosedForm", "detect_closed_forms", "closed_form_update"]
 
 
@@ -96,6 +98,18 @@ def _unwrap(fn):
             fn = fn.base_dist
         else:
             return fn, mask, reinterpreted
+
+
+def _masked_event(fn):
+    """Whether a non-trivial mask sits below an ``Independent`` (it masks event coordinates)."""
+    inside = False
+    while isinstance(fn, (dist.MaskedDistribution, dist.Independent, dist.ExpandedDistribution)):
+        if isinstance(fn, dist.Independent):
+            inside = True
+        elif isinstance(fn, dist.MaskedDistribution) and inside and fn._mask is not True:
+            return True
+        fn = fn.base_dist
+    return False
 
 
 def _base_constraint(c):
@@ -243,7 +257,8 @@ def detect_closed_forms(problem, params, args, kwargs):
     def capture_bases(p):
         for name, site in trace_at(p).items():
             if site["type"] == "sample":
-                bases[name] = _unwrap(site["fn"])[0]
+                # a mask inside .to_event (missing coordinates) is not handled by _site_stats
+                bases[name] = None if _masked_event(site["fn"]) else _unwrap(site["fn"])[0]
         return jnp.zeros(())
 
     jax.eval_shape(capture_bases, params)  # distribution types, without running anything
@@ -338,8 +353,8 @@ def _site_stats(family, site, idx, n_rows, event_shape, weight):
     arg = _arg(base, family)
     arg_batch = jnp.shape(arg)[: jnp.ndim(arg) - event_ndim]
     w = weight
-    if site["scale"] is not None:
-        w = w * site["scale"]
+    if site["scale"] is not None and not is_plate_weight(site["scale"]):
+        w = w * site["scale"]  # plate weights are in the posterior weights already
     if mask is not None:
         w = w * mask
     x = site["value"]

@@ -21,6 +21,7 @@ from numpyro.distributions.transforms import biject_to
 
 from bayes_em.conjugate import closed_form_update
 from bayes_em.enumeration import (
+    WEIGHT,
     chain_marginals,
     enumerated_model,
     log_factors,
@@ -147,7 +148,7 @@ def q_function(problem, u, weights, data):
     """Q(θ; θ_t) + log p(θ) = Σ_f ⟨w_f, log f(θ)⟩ (weights held fixed)."""
     arrays, _ = _factors(problem, u, data)
     weights = jax.lax.stop_gradient(weights)
-    return sum(jnp.sum(weights[k] * jnp.where(weights[k] > 0, arrays[k], 0.0)) for k in arrays)
+    return sum(jnp.sum(weights[k] * jnp.where(weights[k] > 0, arrays[k], 0.0)) for k in weights)
 
 
 def _roundoff(x):
@@ -283,7 +284,7 @@ def random_start(problem, u, data, rng_key, noise=1.0):
     arrays, metas = _factors(problem, u, data)
     latents = set(problem.sites.latents)
     keys = jax.random.split(rng_key, len(metas))
-    noisy = {}
+    noisy = {k: v for k, v in arrays.items() if k.startswith(WEIGHT)}  # plate weights kept
     for key, meta in zip(keys, metas):
         a = arrays[meta.name]
         if meta.is_observed:  # switched off (a · 0, not a constant XLA would fold)

@@ -16,6 +16,7 @@ keeps private; ``tests/test_enumeration.py`` checks it against brute-force enume
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
+from functools import reduce
 from typing import NamedTuple
 
 import funsor
@@ -30,6 +31,8 @@ from numpyro.contrib.funsor.infer_util import (
     plate_to_enum_plate,
 )
 from numpyro.distributions.util import is_identically_one
+from funsor.ops import UNITS
+from funsor.sum_product import _partition
 
 from bayes_em import gaussian
 from numpyro.handlers import substitute
@@ -38,6 +41,8 @@ funsor.set_backend("jax")
 
 __all__ = [
     "FactorMeta",
+    "WEIGHT",
+    "is_plate_weight",
     "enumerated_model",
     "log_factors",
     "log_partition",
@@ -97,15 +102,45 @@ def plates_of(site):
     return {f.name for f in site["cond_indep_stack"] if f.dim is not None}
 
 
+# key prefix, in the dict of log-factors, of a plate's per-element weights (not a factor)
+WEIGHT = "@weight:"
+
+
+def is_plate_weight(scale):
+    """A scale with more than one entry weights the elements of a plate (see
+    :func:`log_factors`); a single number scales one factor."""
+    return scale is not None and jnp.size(scale) > 1
+
+
+def _weighted_plate(site, scale, dim_to_name):
+    """The plate along which ``scale`` varies: its only dim of size > 1."""
+    shape = jnp.shape(scale)
+    varying = [d - len(shape) for d, n in enumerate(shape) if n > 1]
+    names = [dim_to_name.get(d) for d in varying]
+    if len(names) != 1 or names[0] not in plates_of(site):
+        raise NotImplementedError(
+            f"Site '{site['name']}' has a scale of shape {shape} varying along {names}: bayes_em "
+            "weights the elements of one plate (numpyro.handlers.scale(scale=w) around the "
+            "plate's body, w with one entry per element)."
+        )
+    return names[0]
+
+
 def log_factors(enum_model, params, args, kwargs):
     """Trace ``enum_model`` at ``params``; return ``({site: log f}, (FactorMeta, ...))``.
 
-    ``log f`` is the site's (scaled, masked) log-density, one entry per enumerated value and plate
+    ``log f`` is the site's (masked) log-density, one entry per enumerated value and plate
     index. Parameters are substituted at their constrained values: no Jacobian enters.
+
+    Scales (``numpyro.handlers.scale``): a single number multiplies ``log f`` of a site without
+    enumerated latents. Per-element weights ``w`` of a plate (a scale varying along it, shared by
+    every site in the plate) count element n ``w_n`` times, latents and all, as if repeated:
+    they are returned as ``{WEIGHT + plate: w}`` and applied when the contraction reduces the
+    plate, after the latents local to it are summed out (``(Σ_z f)^w ≠ Σ_z f^w``).
     """
     with plate_to_enum_plate():
         tr = packed_trace(substitute(enum_model, data=params)).get_trace(*args, **kwargs)
-    arrays, metas = {}, []
+    arrays, metas, weights, scales = {}, [], {}, {}
     for site in tr.values():
         if site["type"] != "sample":
             continue
@@ -118,21 +153,27 @@ def log_factors(enum_model, params, args, kwargs):
             log_prob = _absent_where_masked(fn, value, log_prob)
         scale = site["scale"]
         dim_to_name = site["infer"]["dim_to_name"]
-        if scale is not None and not is_identically_one(scale):
+        if is_plate_weight(scale):
+            plate = _weighted_plate(site, scale, dim_to_name)
+            scales[site["name"]] = plate
+            if plate not in weights:
+                weights[plate] = (site["name"], jnp.reshape(scale, (-1,)).astype(log_prob.dtype))
+        elif scale is not None and not is_identically_one(scale):
             enumerated = [n for n in dim_to_name.values() if n not in plates_of(site)]
             if enumerated:
                 # (Σ_z f)^s ≠ Σ_z f^s: a scaled factor over an enumerated latent would silently
                 # weight the wrong quantity
                 raise NotImplementedError(
-                    f"Site '{site['name']}' is scaled (numpyro.handlers.scale) and depends on the "
-                    f"enumerated latent(s) {enumerated}; bayes_em cannot weight enumerated factors "
-                    "yet. Scale only factors without discrete latents, or repeat the rows."
+                    f"Site '{site['name']}' is scaled (numpyro.handlers.scale) by one number and "
+                    f"depends on the enumerated latent(s) {enumerated}; bayes_em weights plate "
+                    "elements (a scale with one entry per element of a plate, around the whole "
+                    "plate body), not enumerated factors."
                 )
             log_prob = scale * log_prob
         if all(d == 1 for d in jnp.shape(log_prob)) and dim_to_name == OrderedDict():
             log_prob = jnp.squeeze(log_prob)
         arrays[site["name"]] = log_prob
-        plates = frozenset(f.name for f in site["cond_indep_stack"] if f.dim is not None)
+        plates = frozenset(plates_of(site))
         metas.append(
             FactorMeta(
                 site["name"],
@@ -142,7 +183,53 @@ def log_factors(enum_model, params, args, kwargs):
                 tuple(jnp.shape(log_prob)),
             )
         )
+    for plate, (source, w) in weights.items():
+        for meta in metas:
+            if plate in meta.plates and scales.get(meta.name) != plate:
+                raise ValueError(
+                    f"Site '{meta.name}' lies in plate '{plate}', whose elements site '{source}' "
+                    "weights (numpyro.handlers.scale), but it does not carry those weights: wrap "
+                    f"the whole body of plate '{plate}' in numpyro.handlers.scale(scale=w)."
+                )
+        arrays[WEIGHT + plate] = w
     return arrays, tuple(metas)
+
+
+def _weighted_sum_product(sum_op, prod_op, factors, eliminate, plates, plate_weights):
+    """``funsor.sum_product.sum_product`` with per-element plate weights: a factor is multiplied
+    by ``w_p`` (in log space: raised to the power w_p) just before plate ``p`` is reduced, i.e.
+    after the latents local to ``p`` are summed out; element n then counts w_n times."""
+    plates = plates & eliminate
+    sum_vars = eliminate - plates
+    var_to_ordinal, ordinal_to_factors = {}, defaultdict(list)
+    for f in factors:
+        ordinal = plates.intersection(f.inputs)
+        ordinal_to_factors[ordinal].append(f)
+        for var in sum_vars.intersection(f.inputs):
+            var_to_ordinal[var] = var_to_ordinal.get(var, ordinal) & ordinal
+    ordinal_to_vars = defaultdict(set)
+    for var, ordinal in var_to_ordinal.items():
+        ordinal_to_vars[ordinal].add(var)
+
+    def reduce_plates(f, reduced):
+        for p in sorted(reduced & frozenset(plate_weights)):
+            f = f * plate_weights[p]
+        return f.reduce(prod_op, reduced)
+
+    results = []
+    while ordinal_to_factors:
+        leaf = max(ordinal_to_factors, key=len)
+        for group, group_vars in _partition(ordinal_to_factors.pop(leaf), ordinal_to_vars[leaf]):
+            f = reduce(prod_op, group).reduce(sum_op, group_vars & eliminate)
+            remaining = sum_vars.intersection(f.inputs)
+            if not remaining:
+                results.append(reduce_plates(f, leaf))
+                continue
+            new_plates = frozenset().union(*(var_to_ordinal[v] for v in remaining))
+            if new_plates == leaf:
+                raise ValueError(f"The latents {sorted(remaining)} make the contraction intractable.")
+            ordinal_to_factors[new_plates].append(reduce_plates(f, leaf - new_plates))
+    return reduce(prod_op, results, funsor.Number(UNITS[prod_op]))
 
 
 def _lazy_contraction(arrays, metas, sum_op, prod_op):
@@ -181,6 +268,17 @@ def _lazy_contraction(arrays, metas, sum_op, prod_op):
             names = dim_to_name_of[curr].values()
             if var in names:
                 time_to_markov_dims[time_dim] |= frozenset(names)
+    plate_weights = {
+        k[len(WEIGHT):]: funsor.to_funsor(v, output=funsor.Real, dim_to_name=OrderedDict([(-1, k[len(WEIGHT):])]))
+        for k, v in arrays.items() if k.startswith(WEIGHT)
+    }
+    for time_dim, factors in time_to_factors.items():
+        inside = {p for f in factors for p in f.inputs if p in plate_weights}
+        if inside - time_to_markov_dims[time_dim]:
+            raise NotImplementedError(
+                f"Plate(s) {sorted(inside - time_to_markov_dims[time_dim])} are weighted inside a "
+                "Markov chain (scan/markov); bayes_em weights plates outside chains only."
+            )
     if time_to_factors:
         log_factors_ = log_factors_ + compute_markov_factors(
             time_to_factors,
@@ -193,6 +291,9 @@ def _lazy_contraction(arrays, metas, sum_op, prod_op):
             prod_op,
         )
     with funsor.interpretations.lazy:
+        if plate_weights:
+            return _weighted_sum_product(sum_op, prod_op, log_factors_, sum_vars | prod_vars,
+                                         prod_vars, plate_weights)
         return funsor.sum_product.sum_product(
             sum_op, prod_op, log_factors_, eliminate=sum_vars | prod_vars, plates=prod_vars
         )
@@ -214,15 +315,18 @@ def log_partition(arrays, metas, semiring="sum"):
 def posterior_weights(arrays, metas, semiring="sum"):
     """``(log Z, {site: ∂ log Z / ∂ log f})``; the weights are posterior marginals of the
     factors' scopes (``"sum"``) or the indicator of one most probable configuration (``"max"``)."""
+    plate_weights = {k: v for k, v in arrays.items() if k.startswith(WEIGHT)}
+    factors = {k: v for k, v in arrays.items() if k not in plate_weights}
     if semiring == "max":
-        arrays = _snap(arrays, metas)
-    log_z, weights = jax.value_and_grad(lambda a: log_partition(a, metas, semiring))(arrays)
+        factors = _snap(factors, metas)
+    log_z, weights = jax.value_and_grad(
+        lambda a: log_partition({**a, **plate_weights}, metas, semiring))(factors)
     if semiring == "max":
-        weights = _one_optimum(weights, metas)
+        weights = _one_optimum(weights, metas, plate_weights)
     return log_z, weights
 
 
-def _one_optimum(weights, metas):
+def _one_optimum(weights, metas, plate_weights):
     """Max-product weights that sit on ONE most probable configuration.
 
     With ties, the gradient of the max-product spreads its weight over the tied optima, and the
@@ -242,7 +346,8 @@ def _one_optimum(weights, metas):
         if not meta.is_observed and meta.name in dict(meta.dim_to_name).values():
             a = a + jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(a), dtype)
         restricted[meta.name] = a
-    return jax.grad(lambda a: log_partition(a, metas, "max"))(_snap(restricted, metas))
+    return jax.grad(lambda a: log_partition({**a, **plate_weights}, metas, "max"))(
+        _snap(restricted, metas))
 
 
 def _snap(arrays, metas):
@@ -280,8 +385,10 @@ def _snap(arrays, metas):
 def site_marginal(weight, meta, plate_order):
     """Posterior marginal of latent site ``meta.name`` from the weights of its own factor.
 
-    Sums out the other enumerated dims (parents); returns an array with the site's time dim (for
-    sites inside ``scan``), then its plates in ``plate_order`` (outermost first), then its values.
+    Sums out the other enumerated dims (parents) and normalises over the site's values (weights
+    of weighted plates scale the factor's weights); returns an array with the site's time dim
+    (for sites inside ``scan``), then its plates in ``plate_order`` (outermost first), then its
+    values.
     """
     w = funsor.to_funsor(weight, output=funsor.Real, dim_to_name=OrderedDict(meta.dim_to_name))
     times = sorted(n for n in w.inputs if n.startswith("_time"))
@@ -289,7 +396,9 @@ def site_marginal(weight, meta, plate_order):
     others = frozenset(w.inputs) - frozenset(own)
     if others:
         w = w.reduce(funsor.ops.add, others)
-    return w.align(tuple(n for n in own if n in w.inputs)).data
+    w = w.align(tuple(n for n in own if n in w.inputs)).data
+    total = jnp.sum(w, axis=-1, keepdims=True)
+    return jnp.where(total > 0, w / jnp.where(total > 0, total, 1), w)
 
 
 def chain_marginals(weights, metas, name, plate_order):

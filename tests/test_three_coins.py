@@ -103,19 +103,6 @@ def test_fixed_parameter_follows_textbook_updates_of_the_rest():
     np.testing.assert_allclose([result.params["p"], result.params["q"]], [p, q], atol=1e-8)
 
 
-def test_scaled_enumerated_factors_are_refused():
-    """(Σ_a f)^s ≠ Σ_a f^s: weighting enumerated factors would silently fit the wrong thing."""
-
-    def weighted(y, weights):
-        pi = numpyro.param("pi", 0.4, constraint=constraints.unit_interval)
-        with numpyro.plate("tosses", y.shape[0]), numpyro.handlers.scale(scale=weights):
-            a = numpyro.sample("a", dist.Bernoulli(pi))
-            numpyro.sample("y", dist.Bernoulli(jnp.where(a == 1, 0.3, 0.8)), obs=y)
-
-    with pytest.raises(NotImplementedError, match="'a'.*scale"):
-        EM(weighted, progress_bar=False).run(jax.random.PRNGKey(0), Y, jnp.ones(10) * 2.0)
-
-
 def test_recorded_parameters_are_the_textbook_iterates():
     em = EM(three_coins, max_iter=3, tol=0.0, init_values=dict(pi=0.4, p=0.6, q=0.7),
             record_params=True, progress_bar=False)
