@@ -14,6 +14,7 @@ from jax import lax
 from numpyro import handlers
 
 from bayes_em import em as core
+from bayes_em.missing import check_missing, marginalize_missing
 from bayes_em.mstep import LBFGS
 from bayes_em.sites import ModelError, ModelSites, discover_sites, split_data
 
@@ -192,6 +193,11 @@ class EM:
         ``result.history["params"]`` (memory: max_iter + 1 copies of θ per restart).
     :param accelerate: SQUAREM acceleration (Varadhan & Roland 2008): each iteration is three EM
         maps and an extrapolation, kept only when it does not lower the objective.
+    :param missing: names of observed sites whose NaN entries are marginalised out of the
+        likelihood (``bayes_em.missing``): dropped for event_dim-0 and ``.to_event`` sites, the
+        exact marginal of the observed coordinates for a ``MultivariateNormal``. NaNs at other
+        observed sites still raise. A discrete site whose value other sites use needs
+        ``obs_mask=`` instead (see ``docs/data.md``).
     """
 
     def __init__(
@@ -212,6 +218,7 @@ class EM:
         accelerate: bool = False,
         fixed: dict | None = None,
         record_params: bool = False,
+        missing: tuple | list = (),
     ):
         if not isinstance(restarts, (int, np.integer)) or restarts < 1:
             raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}.")
@@ -223,6 +230,10 @@ class EM:
             raise ValueError(f"mstep must be an LBFGS(...) with max_steps >= 1, got {mstep!r}.")
         self.fixed = dict(fixed or {})
         self.model = _freeze(model, self.fixed) if self.fixed else model
+        self.missing = (missing,) if isinstance(missing, str) else tuple(missing)
+        if self.missing:
+            self._unmarginalized = self.model
+            self.model = marginalize_missing(self.model, self.missing)
         self.restarts = int(restarts)
         self.max_iter = int(max_iter)
         self.tol = float(tol)
@@ -299,6 +310,8 @@ class EM:
         from bayes_em.checks import check_enumeration
 
         data, rebuild, key = split_data(args, kwargs)
+        if self.missing:
+            check_missing(self._unmarginalized, self.missing, args, kwargs)
         sites = discover_sites(self.model, args, kwargs, init_values, rng_key, self.fixed)
         init_params = {p.name: jnp.asarray(p.init) for p in sites.params}
         bare = core.make_problem(self.model, sites, rebuild, self.max_iter, self.tol)

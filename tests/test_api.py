@@ -5,8 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-import pytest
-from numpyro.distributions import constraints
 from sklearn.cluster import KMeans
 
 from bayes_em import EM, LBFGS

@@ -36,3 +36,29 @@ def test_example_runs(script):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip()
+
+
+def test_figures_script_runs(tmp_path):
+    """docs/figures/make_figures.py still draws the figures of docs/math.md (into a temp dir)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+    script = ROOT / "docs" / "figures" / "make_figures.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("bound.png", "convergence.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+        assert (ROOT / "docs" / "figures" / name).exists(), f"docs/figures/{name} is not committed"
+
+
+def test_mkdocs_build_strict(tmp_path):
+    """The documentation site builds with `mkdocs build --strict` (no broken links, no warnings
+    from mkdocstrings about the docstrings)."""
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
+    )
+    assert out.returncode == 0, out.stderr[-5000:]
+    assert (tmp_path / "site" / "api" / "em" / "index.html").exists()
