@@ -30,6 +30,11 @@ class EStep(NamedTuple):
     most_probable: dict  # latent site -> jointly most probable value
 
 
+def _first_objective(states):
+    """The objective at the first restart's start (read on the host: no eager JAX op)."""
+    return np.asarray(jax.device_get(states.history))[0, 0, 0]
+
+
 class AscentWarning(UserWarning):
     """The objective log p(X|θ) + log p(θ) fell between two iterations by more than round-off."""
 
@@ -265,9 +270,12 @@ class EM:
                 problem = problem._replace(closed=detect_closed_forms(problem, init, args, kwargs))
             noise = self.restart_noise
 
-            def start(u0, data, keys):
-                if keys.shape[0] == 1:  # the declared start only
+            restarts = self.restarts
+
+            def start(u0, data, rng_key):
+                if restarts == 1:  # the declared start only
                     return jax.tree.map(lambda x: x[None], core.init(problem, u0, data))
+                keys = jax.random.split(jax.random.fold_in(rng_key, 1), restarts)
 
                 def one(i_key):
                     i, k = i_key
@@ -283,8 +291,9 @@ class EM:
             def advance(states, data, stop_at):
                 return lax.map(lambda s: core.run(problem, s, data, stop_at), states)
 
-            def fit(u0, data, keys):  # start and run in one compilation (no progress bar)
-                return advance(start(u0, data, keys), data, problem.max_iter)
+            def fit(u0, data, rng_key):  # start, run, constrain: one compilation (no bar)
+                states = advance(start(u0, data, rng_key), data, problem.max_iter)
+                return states, jax.vmap(lambda u: core.constrain(problem, u))(states.params)
 
             def latents(u, data):
                 return core.latent_posterior(problem, u, data), core.most_probable(problem, u, data)
@@ -344,17 +353,16 @@ class EM:
         """Fit the model to the data in ``args`` / ``kwargs`` (passed on to the model)."""
         from bayes_em.checks import check_initial_density
 
-        key_sites, key_starts = jax.random.split(rng_key)
-        problem, functions, u0, data = self._prepare(key_sites, self.init_values, args, kwargs)
-        keys = jax.random.split(key_starts, self.restarts)
+        problem, functions, u0, data = self._prepare(rng_key, self.init_values, args, kwargs)
+        restart_params = None
         if self.progress_bar:
-            states = functions["start"](u0, data, keys)
-            check_initial_density(problem, states.history[0, 0, 0], u0, data)
+            states = functions["start"](u0, data, rng_key)
+            check_initial_density(problem, _first_objective(states), u0, data)
             states = self._iterate(functions["advance"], states, data)
         else:
-            states = functions["fit"](u0, data, keys)
-            check_initial_density(problem, states.history[0, 0, 0], u0, data)
-        return self._result(problem, states, data, functions)
+            states, restart_params = functions["fit"](u0, data, rng_key)
+            check_initial_density(problem, _first_objective(states), u0, data)
+        return self._result(problem, states, data, functions, restart_params)
 
     def _iterate(self, advance, states, data):
         if not self.progress_bar:
@@ -372,8 +380,10 @@ class EM:
                 bar.set_postfix(objective=f"{float(jnp.nanmax(states.objective)):.6g}")
         return states
 
-    def _result(self, problem, states, data, functions):
-        restart_params = jax.device_get(functions["constrain"](states.params))
+    def _result(self, problem, states, data, functions, restart_params=None):
+        if restart_params is None:
+            restart_params = functions["constrain"](states.params)
+        restart_params = jax.device_get(restart_params)
         param_history = (
             jax.device_get(functions["constrain_history"](states.param_history))
             if self.record_params

@@ -90,7 +90,7 @@ def _dims(metas, name):
 def check_initial_density(problem, objective, u, data):
     """Raise if ``objective`` = log p(X|θ_0) + log p(θ_0) is not finite, naming the sites
     responsible (found by an eager evaluation of the log-factors, on this failure path only)."""
-    if bool(jnp.isfinite(objective)):
+    if np.isfinite(np.asarray(objective)):
         return
     arrays, _ = core._factors(problem, u, data)
     bad = [f"'{k}' (NaN or +inf)" for k, a in arrays.items()

@@ -138,11 +138,11 @@ def _coded(value, event_ndim, family, offset=0):
     shape = jnp.shape(value)
     batch = shape[: len(shape) - event_ndim]
     n = int(np.prod(batch))
-    codes = jnp.arange(1 + offset, n + 1 + offset, dtype=jnp.result_type(value)).reshape(batch)
+    dtype = jnp.result_type(value)  # numpy constants: no eager JAX op to compile
+    codes = np.arange(1 + offset, n + 1 + offset, dtype=dtype).reshape(batch)
     if family in ("mvn_cov", "mvn_tril"):
-        eye = jnp.eye(shape[-1], dtype=jnp.result_type(value))
-        return codes[..., None, None] * eye
-    return jnp.broadcast_to(codes.reshape(batch + (1,) * event_ndim), shape)
+        return codes[..., None, None] * np.eye(shape[-1], dtype=dtype)
+    return np.broadcast_to(codes.reshape(batch + (1,) * event_ndim), shape)
 
 
 def _index_map(arg_coded, arg_shifted, event_ndim, n_rows):
@@ -462,7 +462,8 @@ def closed_form_update(problem, plans, params, weights, args, kwargs):
         event_shape = tuple(jnp.shape(value)[jnp.ndim(value) - event_ndim:])
         coded = [
             _trace(problem.enum_model,
-                   {**params, plan.param: _coded(value, event_ndim, plan.family, off)}, args, kwargs)
+                   {**params, plan.param: jnp.asarray(_coded(value, event_ndim, plan.family, off))},
+                   args, kwargs)
             for off in (0, n_rows)
         ]
         stats = None
