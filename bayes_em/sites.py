@@ -188,8 +188,9 @@ def discover_sites(model, args, kwargs, init_values=None, rng_key=None, fixed=()
                 bad = int(numbers[name][0]) if name in numbers else 0
                 if bad:
                     raise ModelError(
-                        f"Observed site '{name}' has {bad} NaN or infinite value(s); remove them "
-                        "or mask them out with numpyro.handlers.mask."
+                        f"Observed site '{name}' has {bad} NaN or infinite value(s); remove them, "
+                        f"mask them out with numpyro.handlers.mask, or marginalise NaNs with "
+                        f"EM(..., missing=('{name}',))."
                     )
                 observed.append(name)
             elif site["fn"].support.is_discrete:
