@@ -232,6 +232,24 @@ def _weighted_sum_product(sum_op, prod_op, factors, eliminate, plates, plate_wei
     return reduce(prod_op, results, funsor.Number(UNITS[prod_op]))
 
 
+def _enumerated_last(array, dim_to_name, plates):
+    """``array`` copied with its enumerated dims innermost (and ``dim_to_name`` to match).
+
+    NumPyro puts enumerated dims on the left; a reduction over them (the sum over z_n of a
+    mixture's (K, N) factor) then runs across the major axis, which XLA on CPU does several
+    times slower than over the minor one. The barrier makes the transposed copy physical, so
+    the contraction (and its gradient) reduce over contiguous memory.
+    """
+    nd = jnp.ndim(array)
+    names = {nd + d: n for d, n in dim_to_name.items()}
+    enumerated = [ax for ax in sorted(names) if names[ax] not in plates]
+    perm = [ax for ax in range(nd) if ax not in enumerated] + enumerated
+    if not enumerated or perm == list(range(nd)):
+        return array, dim_to_name
+    moved = jax.lax.optimization_barrier(jnp.transpose(array, perm))
+    return moved, OrderedDict((i - nd, names[ax]) for i, ax in enumerate(perm) if ax in names)
+
+
 def _lazy_contraction(arrays, metas, sum_op, prod_op):
     log_factors_, sum_vars, prod_vars = [], frozenset(), frozenset()
     time_to_factors = defaultdict(list)
@@ -242,6 +260,8 @@ def _lazy_contraction(arrays, metas, sum_op, prod_op):
     for meta in metas:
         dim_to_name = dim_to_name_of[meta.name]
         log_prob = arrays[meta.name]
+        if not any(n.startswith("_time") for n in dim_to_name.values()):
+            log_prob, dim_to_name = _enumerated_last(log_prob, dim_to_name, meta.plates)
         factor = funsor.to_funsor(log_prob, output=funsor.Real, dim_to_name=dim_to_name)
         time_dim = None
         for dim, name in dim_to_name.items():
@@ -268,6 +288,13 @@ def _lazy_contraction(arrays, metas, sum_op, prod_op):
             names = dim_to_name_of[curr].values()
             if var in names:
                 time_to_markov_dims[time_dim] |= frozenset(names)
+    # factors over the same variables are multiplied first: one tensor, not an einsum per pair
+    # (for a mixture, log p(z) + log p(x | z) over (z, n): a batched dot of N tiny vectors)
+    same_scope = {}
+    for f in log_factors_:
+        key = frozenset(f.inputs)
+        same_scope[key] = f if key not in same_scope else same_scope[key] + f
+    log_factors_ = list(same_scope.values())
     plate_weights = {
         k[len(WEIGHT):]: funsor.to_funsor(v, output=funsor.Real, dim_to_name=OrderedDict([(-1, k[len(WEIGHT):])]))
         for k, v in arrays.items() if k.startswith(WEIGHT)
