@@ -340,7 +340,11 @@ def _scatter(stat, idx, n_rows, event_shape):
 
 
 def _dirichlet_mode(counts, alpha):
-    """argmax_p Σ_j (c_j + α_j − 1) log p_j on the simplex; KKT: p_j ∝ max(c_j + α_j − 1, 0)."""
+    """argmax_p Σ_j (c_j + α_j − 1) log p_j on the simplex; KKT: p_j ∝ max(c_j + α_j − 1, 0).
+
+    With α_j < 1 a negative coefficient makes the objective unbounded towards p_j = 0; the KKT
+    point is then the limit of the maximisers over {p ≥ ε} as ε → 0 (not a clipped mode).
+    """
     a = jnp.maximum(counts + alpha - 1.0, 0.0)
     return a / jnp.sum(a, axis=-1, keepdims=True)
 

@@ -293,3 +293,30 @@ def test_to_event_prior_takes_the_closed_form():
     s = (2.0 + np.sqrt(4.0 + 4 * c * ss)) / (2 * c)
     check(event_prior_diag, dict(loc=M0, scale=s0), dict(loc=m, scale=s), jnp.asarray(x), K=3,
           families=dict(loc="normal_loc", scale="normal_scale"))
+
+
+@pytest.mark.parametrize("counts, alpha", [
+    ([5.0, 0.2, 3.0, 0.0], [0.5, 0.5, 0.9, 0.3]),  # c + α − 1 < 0 for two components
+    ([4.0, 0.0, 1.5], [1.0, 1.0, 0.6]),  # c + α − 1 = 0: the boundary maximum is attained
+])
+def test_dirichlet_mode_below_one_is_the_constrained_optimum(counts, alpha):
+    """Dirichlet α < 1: p_j ∝ max(c_j + α_j − 1, 0) (KKT), not clipped interior values. With a
+    negative coefficient the objective Σ_j (c_j + α_j − 1) log p_j grows without bound towards
+    p_j = 0, so the brute-force reference maximises it over {p ≥ ε} ∩ simplex (Nelder-Mead),
+    whose optimum tends to the KKT point as ε → 0."""
+    from scipy.optimize import minimize
+    from scipy.special import softmax
+
+    from bayes_em.conjugate import _dirichlet_mode
+
+    a = np.asarray(counts) + np.asarray(alpha) - 1.0
+    got = np.asarray(_dirichlet_mode(jnp.asarray(counts), jnp.asarray(alpha)))
+    assert np.all(got[a <= 0] == 0.0) and np.all(got[a > 0] > 0)
+    gaps = []
+    for eps in (1e-2, 1e-3, 1e-4):  # p = ε + (1 − Kε) softmax(θ), derivative-free over θ
+        p = lambda t: eps + (1 - len(a) * eps) * softmax(t)  # noqa: E731
+        res = minimize(lambda t: -np.sum(a * np.log(p(t))), np.zeros(len(a)), method="Nelder-Mead",
+                       options=dict(xatol=1e-12, fatol=1e-15, maxiter=20000, maxfev=40000))
+        gaps.append(np.max(np.abs(p(res.x) - got)))
+        assert gaps[-1] <= 2 * len(a) * eps  # O(ε) from the KKT point
+    assert gaps[0] > gaps[1] > gaps[2]

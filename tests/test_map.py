@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from numpyro.distributions import constraints
 from scipy.stats import norm
 
 from bayes_em import EM, LBFGS
@@ -121,3 +122,30 @@ def test_normal_inverse_wishart_map_matches_fraley_raftery():
     np.testing.assert_allclose(result.params["w"], (n + alpha - 1) / (len(x) + K * alpha - K), atol=1e-8)
     np.testing.assert_allclose(result.params["loc"], mu, atol=1e-6)
     np.testing.assert_allclose(result.params["cov"], np.stack(cov), atol=1e-6)
+
+
+def test_dirichlet_map_reaching_the_boundary_keeps_a_finite_objective():
+    """A component no observation can come from gets zero expected count: under Dirichlet(1) its
+    MAP weight is 0 (KKT). The simplex transform keeps it at the smallest normal float, where the
+    prior's (α − 1) log w term is exactly 0, so the objective stays finite and equal to the
+    brute-force one (NumPyro's Dirichlet.log_prob would give NaN at an exact 0)."""
+
+    def mixture(y):
+        w = numpyro.sample("w", dist.Dirichlet(jnp.ones(3)))
+        emit = numpyro.param("emit", jnp.array([[0.6, 0.4, 0.0], [0.3, 0.7, 0.0]]),
+                             constraint=constraints.simplex)
+        emit = jnp.concatenate([jnp.array([[0.0, 0.0, 1.0]]), emit])  # a fixed first row
+        with numpyro.plate("data", y.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(w))
+            numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
+
+    y = jnp.array([0, 1, 1, 0, 1, 1, 1, 0, 0, 1])  # symbol 2, the first component's, never seen
+    result = EM(mixture, max_iter=200, tol=1e-10, init_values=dict(w=jnp.ones(3) / 3),
+                progress_bar=False).run(jax.random.PRNGKey(0), y)
+    assert result.status == "converged"
+    w = np.asarray(result.params["w"])
+    emit = np.concatenate([[[0.0, 0.0, 1.0]], np.asarray(result.params["emit"])])
+    assert w[0] < 1e-300  # 0 up to the simplex transform's floor (the smallest normal float)
+    brute = np.sum(np.log(w @ emit[:, np.asarray(y)]))  # Σ_n log Σ_k w_k emit[k, y_n]
+    np.testing.assert_allclose(result.log_likelihood, brute, rtol=1e-12)
+    np.testing.assert_allclose(result.log_prior, np.log(2.0), rtol=1e-12)  # log Γ(3): flat prior
