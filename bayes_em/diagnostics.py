@@ -324,7 +324,7 @@ def icl(result) -> float:
 
 # -- the lower bound, iteration by iteration -----------------------------------------------------
 def lower_bound_trace(result, n_iter=None) -> dict:
-    """Re-run restart 0 (the declared start) and split every iteration as in em-math.md:
+    """Re-run restart 0 (the declared start) and split every iteration as in docs/math.md:
 
         ℓ(θ_{t+1}) = L(q_t, θ_{t+1}) + KL(q_t ‖ p(Z|X,θ_{t+1})),   L(q_t, θ_t) = ℓ(θ_t),
         L(q_t, θ) = E_{q_t}[log p(X, Z | θ)] + H[q_t].

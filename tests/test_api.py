@@ -100,14 +100,17 @@ def kmeans_model(x, K):
         numpyro.sample("x", dist.Normal(loc[z], 1.0).to_event(1), obs=x)
 
 
-def test_hard_em_with_equal_weights_is_lloyd():
+def test_hard_em_with_the_numeric_m_step_is_lloyd():
+    """The closed-form path is checked against KMeans in test_models.py; here L-BFGS does the
+    M-step (closed_form=False) and must land on the same centres."""
     rng = np.random.default_rng(7)
     x = np.concatenate([rng.normal(c, 0.7, size=(60, 2)) for c in ([0, 0], [3, 3], [0, 4])])
     init = x[[0, 70, 130]]
     n_iter = 10
     result = EM(kmeans_model, hard=True, max_iter=n_iter, tol=0.0, init_values=dict(loc=init),
-                mstep=LBFGS(max_steps=200, gtol=1e-13), progress_bar=False).run(
+                mstep=LBFGS(max_steps=200, gtol=1e-13), closed_form=False, progress_bar=False).run(
         jax.random.PRNGKey(0), jnp.asarray(x), K=3)
+    assert result.mstep_paths == {"loc": "numeric"}
     km = KMeans(3, init=init, n_init=1, max_iter=n_iter, tol=0.0, algorithm="lloyd").fit(x)
     np.testing.assert_allclose(result.params["loc"], km.cluster_centers_, atol=1e-6)
     np.testing.assert_array_equal(result.most_probable["z"], km.labels_)
