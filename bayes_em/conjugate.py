@@ -83,13 +83,17 @@ _ORDER = ["categorical", "multinomial", "bernoulli", "binomial", "poisson", "exp
 
 
 def _unwrap(fn):
-    """Base distribution, mask and number of event dims reinterpreted by ``to_event``."""
-    mask, reinterpreted = None, 0
+    """Base distribution, mask and number of event dims reinterpreted by ``to_event``.
+
+    The mask is aligned with the base distribution's batch shape: a mask above a ``to_event``
+    gets trailing 1s for the reinterpreted dims; one below it (missing coordinates of a
+    diagonal Gaussian) already covers them.
+    """
+    masks, reinterpreted = [], 0
     while True:
         if isinstance(fn, dist.MaskedDistribution):
             if fn._mask is not True and fn._mask is not None:
-                m = jnp.asarray(fn._mask)
-                mask = m if mask is None else mask & m
+                masks.append((jnp.asarray(fn._mask), reinterpreted))
             fn = fn.base_dist
         elif isinstance(fn, dist.Independent):
             reinterpreted += fn.reinterpreted_batch_ndims
@@ -97,19 +101,12 @@ def _unwrap(fn):
         elif isinstance(fn, dist.ExpandedDistribution):
             fn = fn.base_dist
         else:
-            return fn, mask, reinterpreted
-
-
-def _masked_event(fn):
-    """Whether a non-trivial mask sits below an ``Independent`` (it masks event coordinates)."""
-    inside = False
-    while isinstance(fn, (dist.MaskedDistribution, dist.Independent, dist.ExpandedDistribution)):
-        if isinstance(fn, dist.Independent):
-            inside = True
-        elif isinstance(fn, dist.MaskedDistribution) and inside and fn._mask is not True:
-            return True
-        fn = fn.base_dist
-    return False
+            break
+    mask = None
+    for m, above in masks:
+        m = m.reshape(m.shape + (1,) * (reinterpreted - above))
+        mask = m if mask is None else mask & m
+    return fn, mask, reinterpreted
 
 
 def _base_constraint(c):
@@ -257,8 +254,7 @@ def detect_closed_forms(problem, params, args, kwargs):
     def capture_bases(p):
         for name, site in trace_at(p).items():
             if site["type"] == "sample":
-                # a mask inside .to_event (missing coordinates) is not handled by _site_stats
-                bases[name] = None if _masked_event(site["fn"]) else _unwrap(site["fn"])[0]
+                bases[name] = _unwrap(site["fn"])[0]
         return jnp.zeros(())
 
     jax.eval_shape(capture_bases, params)  # distribution types, without running anything
@@ -359,10 +355,10 @@ def _site_stats(family, site, idx, n_rows, event_shape, weight):
     w = weight
     if site["scale"] is not None and not is_plate_weight(site["scale"]):
         w = w * site["scale"]  # plate weights are in the posterior weights already
-    if mask is not None:
-        w = w * mask
     x = site["value"]
     w = w.reshape(jnp.shape(w) + (1,) * reinterpreted)  # to_event dims appended
+    if mask is not None:
+        w = w * mask
     dtype = w.dtype
 
     def scatter(stat, n_event=0):

@@ -91,8 +91,9 @@ def test_diagonal_gmm_with_missing_coordinates_matches_numpy_em():
         return np.log(w) + lp.sum(-1)
 
     em, result = fit(gmm_diag, init, jnp.asarray(x), n_iter=n_iter, K=2)
-    # the mask sits inside .to_event: no closed form claimed for loc / scale (numeric M-step)
-    assert result.mstep_paths == {"w": "closed-form categorical", "loc": "numeric", "scale": "numeric"}
+    # the mask sits inside .to_event: the closed forms count only the observed coordinates
+    assert result.mstep_paths == {"w": "closed-form categorical", "loc": "closed-form normal_loc",
+                                  "scale": "closed-form normal_scale"}
     lls = []
     for it in range(n_iter + 1):
         r, ll = posterior(log_joint(w, loc, scale))
