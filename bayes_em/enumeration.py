@@ -227,7 +227,8 @@ def _weighted_sum_product(sum_op, prod_op, factors, eliminate, plates, plate_wei
                 continue
             new_plates = frozenset().union(*(var_to_ordinal[v] for v in remaining))
             if new_plates == leaf:
-                raise ValueError(f"The latents {sorted(remaining)} make the contraction intractable.")
+                raise ValueError(
+                    f"The latents {sorted(remaining)} make the contraction intractable.")
             ordinal_to_factors[new_plates].append(reduce_plates(f, leaf - new_plates))
     return reduce(prod_op, results, funsor.Number(UNITS[prod_op]))
 
@@ -295,10 +296,12 @@ def _lazy_contraction(arrays, metas, sum_op, prod_op):
         key = frozenset(f.inputs)
         same_scope[key] = f if key not in same_scope else same_scope[key] + f
     log_factors_ = list(same_scope.values())
-    plate_weights = {
-        k[len(WEIGHT):]: funsor.to_funsor(v, output=funsor.Real, dim_to_name=OrderedDict([(-1, k[len(WEIGHT):])]))
-        for k, v in arrays.items() if k.startswith(WEIGHT)
-    }
+    plate_weights = {}
+    for key, w in arrays.items():
+        if key.startswith(WEIGHT):
+            plate = key[len(WEIGHT):]
+            plate_weights[plate] = funsor.to_funsor(w, output=funsor.Real,
+                                                    dim_to_name=OrderedDict([(-1, plate)]))
     for time_dim, factors in time_to_factors.items():
         inside = {p for f in factors for p in f.inputs if p in plate_weights}
         if inside - time_to_markov_dims[time_dim]:
