@@ -135,29 +135,27 @@ def _support_point(fn, which):
         return None
 
 
+def _filled(name, scalar_dist, value, missing, which):
+    """``value`` with its NaN entries replaced by a point of ``scalar_dist``'s support."""
+    fill = _support_point(scalar_dist, which)
+    if fill is None:
+        raise NotImplementedError(_unsupported(name, scalar_dist))
+    filled = jnp.where(missing, fill, value)
+    return filled.astype(jnp.result_type(int)) if scalar_dist.support.is_discrete else filled
+
+
 def _marginal(name, fn, value, which):
     """``(fn', value')``: the distribution whose log_prob marginalises the NaN entries of
     ``value``, and ``value`` with those entries replaced by a placeholder."""
     missing = jnp.isnan(value)
     base, masks, expanded = _peel(fn)
     if fn.event_dim == 0:
-        fill = _support_point(base, which)
-        if fill is None:
-            raise NotImplementedError(_unsupported(name, base))
-        filled = jnp.where(missing, fill, value)
-        if fn.support.is_discrete:
-            filled = filled.astype(jnp.result_type(int))
-        return fn.mask(~missing), filled
+        return fn.mask(~missing), _filled(name, base, value, missing, which)
     observed = ~missing
     if isinstance(base, dist.Independent):
         inner, _, _ = _peel(base.base_dist)
         if inner.event_dim == 0:
-            fill = _support_point(inner, which)
-            if fill is None:
-                raise NotImplementedError(_unsupported(name, inner))
-            filled = jnp.where(missing, fill, value)
-            if inner.support.is_discrete:
-                filled = filled.astype(jnp.result_type(int))
+            filled = _filled(name, inner, value, missing, which)
             new = base.base_dist.mask(observed).to_event(base.reinterpreted_batch_ndims)
             return _rewrap(new, fn, masks, expanded), filled
     if type(base) is dist.MultivariateNormal:
