@@ -251,6 +251,73 @@ def _enumerated_last(array, dim_to_name, plates):
     return moved, OrderedDict((i - nd, names[ax]) for i, ax in enumerate(perm) if ax in names)
 
 
+def _forward_chain(time, factors, init_vars, markov_dims, others, sum_vars, prod_vars, history,
+                   sum_op, prod_op):
+    """The factors ``others`` with one Markov chain summed out by a forward recursion, or None
+    when the chain does not have the simple form below (then funsor's log-depth contraction of
+    the T transition matrices is used, O(T·K³) work).
+
+    With M_t(prev, curr) the time-stacked factors of step t and a_0(prev) the sum-product of the
+    non-time factors connected to the chain's first state,
+
+        a_{t+1}(curr) = ⊕_prev a_t(prev) ⊗ M_t(prev, curr)       (O(T·K²), one lax.scan)
+
+    and a_T replaces them all. Its gradient is the backward pass: the weights of M_t are the
+    two-slice marginals. Needs history 1, one chain variable, and no enumerated latent besides
+    the chain in M_t (other inputs are plates, which every factor of a_0 shares).
+    """
+    if history != 1 or len(init_vars) != 1:
+        return None
+    (prev,) = init_vars
+    curr = prev[len("_PREV_"):]
+    with funsor.interpretations.lazy:
+        lazy = funsor.sum_product.sum_product(
+            sum_op, prod_op, factors, eliminate=(sum_vars | prod_vars) - markov_dims,
+            plates=prod_vars)
+    trans = funsor.optimizer.apply_optimizer(lazy)
+    batch = frozenset(trans.inputs) - {time.name, prev, curr}
+    if not isinstance(trans, funsor.Tensor) or {prev, curr} - set(trans.inputs) or batch & sum_vars:
+        return None
+    # the non-time factors connected to the first state through enumerated latents
+    chain, rest, frontier = [], list(others), {prev}
+    while frontier:
+        linked = [f for f in rest if frontier & set(f.inputs)]
+        if not linked:
+            break
+        rest = [f for f in rest if not any(f is g for g in linked)]
+        chain += linked
+        frontier = set().union(*(set(f.inputs) for f in linked)) & sum_vars
+    if not chain or any(curr in f.inputs or not batch <= set(f.inputs) for f in chain):
+        return None
+    inputs = frozenset().union(*(f.inputs for f in chain))
+    with funsor.interpretations.lazy:
+        lazy = funsor.sum_product.sum_product(
+            sum_op, prod_op, chain,
+            eliminate=((inputs & sum_vars) - {prev}) | ((inputs & prod_vars) - batch),
+            plates=prod_vars)
+    init = funsor.optimizer.apply_optimizer(lazy)
+    if not isinstance(init, funsor.Tensor) or not set(init.inputs) <= batch | {prev}:
+        return None
+    names = tuple(sorted(batch))
+    sizes = tuple(trans.inputs[n].size for n in names)
+    k_prev, k_curr = trans.inputs[prev].size, trans.inputs[curr].size
+    m = trans.align((time.name,) + names + (prev, curr)).data
+    present = tuple(n for n in names + (prev,) if n in init.inputs)
+    a0 = init.align(present).data
+    a0 = a0.reshape(tuple(s if n in init.inputs else 1 for n, s in zip(names + (prev,), sizes + (k_prev,))))
+    a0 = jnp.broadcast_to(a0, sizes + (k_prev,)).astype(m.dtype)
+    reduce_ = jax.nn.logsumexp if sum_op is funsor.ops.logaddexp else jnp.max
+
+    def forward(a, m_t):
+        return reduce_(a[..., :, None] + m_t, axis=-2), None
+
+    a_last, _ = jax.lax.scan(forward, a0, m)
+    inputs_out = OrderedDict([(n, funsor.Bint[s]) for n, s in zip(names, sizes)]
+                             + [(curr, funsor.Bint[k_curr])])
+    return rest + [funsor.Tensor(a_last, inputs_out)]
+
+
+
 def _lazy_contraction(arrays, metas, sum_op, prod_op):
     log_factors_, sum_vars, prod_vars = [], frozenset(), frozenset()
     time_to_factors = defaultdict(list)
@@ -289,13 +356,6 @@ def _lazy_contraction(arrays, metas, sum_op, prod_op):
             names = dim_to_name_of[curr].values()
             if var in names:
                 time_to_markov_dims[time_dim] |= frozenset(names)
-    # factors over the same variables are multiplied first: one tensor, not an einsum per pair
-    # (for a mixture, log p(z) + log p(x | z) over (z, n): a batched dot of N tiny vectors)
-    same_scope = {}
-    for f in log_factors_:
-        key = frozenset(f.inputs)
-        same_scope[key] = f if key not in same_scope else same_scope[key] + f
-    log_factors_ = list(same_scope.values())
     plate_weights = {}
     for key, w in arrays.items():
         if key.startswith(WEIGHT):
@@ -309,6 +369,13 @@ def _lazy_contraction(arrays, metas, sum_op, prod_op):
                 f"Plate(s) {sorted(inside - time_to_markov_dims[time_dim])} are weighted inside a "
                 "Markov chain (scan/markov); bayes_em weights plates outside chains only."
             )
+    for time_dim in list(time_to_factors):
+        fused = _forward_chain(time_dim, time_to_factors[time_dim], time_to_init_vars[time_dim],
+                               time_to_markov_dims[time_dim], log_factors_, sum_vars, prod_vars,
+                               history, sum_op, prod_op)
+        if fused is not None:
+            log_factors_ = fused
+            del time_to_factors[time_dim]
     if time_to_factors:
         log_factors_ = log_factors_ + compute_markov_factors(
             time_to_factors,
@@ -320,6 +387,13 @@ def _lazy_contraction(arrays, metas, sum_op, prod_op):
             sum_op,
             prod_op,
         )
+    # factors over the same variables are multiplied first: one tensor, not an einsum per pair
+    # (for a mixture, log p(z) + log p(x | z) over (z, n): a batched dot of N tiny vectors)
+    same_scope = {}
+    for f in log_factors_:
+        key = frozenset(f.inputs)
+        same_scope[key] = f if key not in same_scope else same_scope[key] + f
+    log_factors_ = list(same_scope.values())
     with funsor.interpretations.lazy:
         if plate_weights:
             return _weighted_sum_product(sum_op, prod_op, log_factors_, sum_vars | prod_vars,
