@@ -36,6 +36,7 @@ from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import substitute
 
 from bayes_em.enumeration import is_plate_weight
+from bayes_em.vectorized_scan import vectorize_scan
 
 __all__ = ["ClosedForm", "detect_closed_forms", "closed_form_update"]
 
@@ -125,7 +126,7 @@ def _arg(fn, family):
 
 def _trace(enum_model, params, args, kwargs):
     # coded parameter values are not valid distribution arguments: switch validation off
-    with plate_to_enum_plate(), validation_enabled(False):
+    with plate_to_enum_plate(), validation_enabled(False), vectorize_scan():
         return packed_trace(substitute(enum_model, data=params)).get_trace(*args, **kwargs)
 
 

@@ -124,9 +124,9 @@ def unconstrain(problem, params):
     return out
 
 
-def _factors(problem, u, data):
+def _factors(problem, u, data, vectorized=False):
     args, kwargs = problem.rebuild(data)
-    return log_factors(problem.enum_model, constrain(problem, u), args, kwargs)
+    return log_factors(problem.enum_model, constrain(problem, u), args, kwargs, vectorized)
 
 
 def _log_prior(problem, arrays):
@@ -138,15 +138,15 @@ def _log_prior(problem, arrays):
 
 def e_step(problem, u, data, semiring=None):
     """``(log Z, log p(θ), weights)`` at ``u``; log Z = log p(X|θ) + log p(θ)."""
-    arrays, metas = _factors(problem, u, data)
     semiring = semiring or ("max" if problem.hard else "sum")
+    arrays, metas = _factors(problem, u, data, vectorized=semiring == "sum")
     log_z, weights = posterior_weights(arrays, metas, semiring)
     return log_z, _log_prior(problem, arrays), weights
 
 
 def q_function(problem, u, weights, data):
     """Q(θ; θ_t) + log p(θ) = Σ_f ⟨w_f, log f(θ)⟩ (weights held fixed)."""
-    arrays, _ = _factors(problem, u, data)
+    arrays, _ = _factors(problem, u, data, vectorized=True)
     weights = jax.lax.stop_gradient(weights)
     return sum(jnp.sum(weights[k] * jnp.where(weights[k] > 0, arrays[k], 0.0)) for k in weights)
 

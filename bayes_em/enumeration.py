@@ -16,6 +16,7 @@ keeps private; ``tests/test_enumeration.py`` checks it against brute-force enume
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
+from contextlib import nullcontext
 from functools import reduce
 from typing import NamedTuple
 
@@ -35,6 +36,7 @@ from funsor.ops import UNITS
 from funsor.sum_product import _partition
 
 from bayes_em import gaussian
+from bayes_em.vectorized_scan import TIME_NAME, vectorize_scan
 from numpyro.handlers import substitute
 
 funsor.set_backend("jax")
@@ -126,7 +128,7 @@ def _weighted_plate(site, scale, dim_to_name):
     return names[0]
 
 
-def log_factors(enum_model, params, args, kwargs):
+def log_factors(enum_model, params, args, kwargs, vectorized=False):
     """Trace ``enum_model`` at ``params``; return ``({site: log f}, (FactorMeta, ...))``.
 
     ``log f`` is the site's (masked) log-density, one entry per enumerated value and plate
@@ -137,8 +139,13 @@ def log_factors(enum_model, params, args, kwargs):
     every site in the plate) count element n ``w_n`` times, latents and all, as if repeated:
     they are returned as ``{WEIGHT + plate: w}`` and applied when the contraction reduces the
     plate, after the latents local to it are summed out (``(Σ_z f)^w ≠ Σ_z f^w``).
+
+    ``vectorized``: ``scan`` bodies are evaluated for all steps at once (``vectorized_scan``);
+    a factor that does not vary over time then has a time dim of size 1, and its posterior
+    weight is summed over time. Sum-product only: the max-product weights of one optimal path
+    need the time-resolved factors.
     """
-    with plate_to_enum_plate():
+    with plate_to_enum_plate(), (vectorize_scan() if vectorized else nullcontext()):
         tr = packed_trace(substitute(enum_model, data=params)).get_trace(*args, **kwargs)
     arrays, metas, weights, scales = {}, [], {}, {}
     for site in tr.values():
@@ -153,6 +160,10 @@ def log_factors(enum_model, params, args, kwargs):
             log_prob = _absent_where_masked(fn, value, log_prob)
         scale = site["scale"]
         dim_to_name = site["infer"]["dim_to_name"]
+        time_name = site["infer"].get(TIME_NAME)
+        if time_name is not None and time_name not in dim_to_name.values():
+            # constant over the steps of a vectorised scan: a size-1 time dim, the leftmost
+            dim_to_name = OrderedDict([(-jnp.ndim(log_prob), time_name), *dim_to_name.items()])
         if is_plate_weight(scale):
             plate = _weighted_plate(site, scale, dim_to_name)
             scales[site["name"]] = plate
@@ -270,13 +281,32 @@ def _forward_chain(time, factors, init_vars, markov_dims, others, sum_vars, prod
         return None
     (prev,) = init_vars
     curr = prev[len("_PREV_"):]
-    with funsor.interpretations.lazy:
-        lazy = funsor.sum_product.sum_product(
-            sum_op, prod_op, factors, eliminate=(sum_vars | prod_vars) - markov_dims,
-            plates=prod_vars)
-    trans = funsor.optimizer.apply_optimizer(lazy)
-    batch = frozenset(trans.inputs) - {time.name, prev, curr}
-    if not isinstance(trans, funsor.Tensor) or {prev, curr} - set(trans.inputs) or batch & sum_vars:
+    eliminate = (sum_vars | prod_vars) - markov_dims
+
+    def contract(fs):
+        if not fs:
+            return None
+        with funsor.interpretations.lazy:
+            lazy = funsor.sum_product.sum_product(sum_op, prod_op, fs, eliminate=eliminate,
+                                                  plates=prod_vars)
+        return funsor.optimizer.apply_optimizer(lazy)
+
+    # M_t = (factors constant over time) ⊗ (factors varying with t): contracted apart, so the
+    # constant part stays (K, K) instead of being repeated T times, unless a latent local to a
+    # step couples the two
+    fixed = [f for f in factors if time.name not in f.inputs]
+    varying = [f for f in factors if time.name in f.inputs]
+    def latents(fs):
+        return frozenset().union(*(f.inputs for f in fs)) & eliminate & sum_vars
+
+    if latents(fixed) & latents(varying):
+        fixed, varying = [], factors
+    parts = [p for p in (contract(fixed), contract(varying)) if p is not None]
+    if not all(isinstance(p, funsor.Tensor) for p in parts):
+        return None
+    inputs = frozenset().union(*(p.inputs for p in parts))
+    batch = inputs - {time.name, prev, curr}
+    if {prev, curr} - inputs or batch & sum_vars:
         return None
     # the non-time factors connected to the first state through enumerated latents
     chain, rest, frontier = [], list(others), {prev}
@@ -289,32 +319,42 @@ def _forward_chain(time, factors, init_vars, markov_dims, others, sum_vars, prod
         frontier = set().union(*(set(f.inputs) for f in linked)) & sum_vars
     if not chain or any(curr in f.inputs or not batch <= set(f.inputs) for f in chain):
         return None
-    inputs = frozenset().union(*(f.inputs for f in chain))
+    chain_inputs = frozenset().union(*(f.inputs for f in chain))
     with funsor.interpretations.lazy:
         lazy = funsor.sum_product.sum_product(
             sum_op, prod_op, chain,
-            eliminate=((inputs & sum_vars) - {prev}) | ((inputs & prod_vars) - batch),
+            eliminate=((chain_inputs & sum_vars) - {prev}) | ((chain_inputs & prod_vars) - batch),
             plates=prod_vars)
     init = funsor.optimizer.apply_optimizer(lazy)
     if not isinstance(init, funsor.Tensor) or not set(init.inputs) <= batch | {prev}:
         return None
-    names = tuple(sorted(batch))
-    sizes = tuple(trans.inputs[n].size for n in names)
-    k_prev, k_curr = trans.inputs[prev].size, trans.inputs[curr].size
-    m = trans.align((time.name,) + names + (prev, curr)).data
-    present = tuple(n for n in names + (prev,) if n in init.inputs)
-    a0 = init.align(present).data
-    a0 = a0.reshape(tuple(s if n in init.inputs else 1 for n, s in zip(names + (prev,), sizes + (k_prev,))))
-    a0 = jnp.broadcast_to(a0, sizes + (k_prev,)).astype(m.dtype)
+    names = tuple(sorted(batch)) + (prev, curr)
+    size = {n: d.size for p in parts for n, d in p.inputs.items()}
+
+    def aligned(f, order):
+        """``f``'s data in ``order``, with size-1 dims for the inputs it lacks (no copies)."""
+        present = tuple(n for n in order if n in f.inputs)
+        return f.align(present).data.reshape(tuple(size[n] if n in f.inputs else 1 for n in order))
+
+    dtype = jnp.result_type(*(p.data for p in parts))
+    const = sum((aligned(p, names) for p in parts if time.name not in p.inputs),
+                jnp.zeros((), dtype))
+    steps = [aligned(p, (time.name,) + names) for p in parts if time.name in p.inputs]
+    m = steps[0] if steps else None
+    for extra in steps[1:]:
+        m = m + extra
+    a0 = jnp.broadcast_to(aligned(init, names[:-1]), tuple(size[n] for n in names[:-1]))
+    a0 = a0.astype(dtype)
     reduce_ = jax.nn.logsumexp if sum_op is funsor.ops.logaddexp else jnp.max
 
     def forward(a, m_t):
+        m_t = const if m_t is None else const + m_t
         return reduce_(a[..., :, None] + m_t, axis=-2), None
 
-    a_last, _ = jax.lax.scan(forward, a0, m)
-    inputs_out = OrderedDict([(n, funsor.Bint[s]) for n, s in zip(names, sizes)]
-                             + [(curr, funsor.Bint[k_curr])])
-    return rest + [funsor.Tensor(a_last, inputs_out)]
+    a_last, _ = jax.lax.scan(forward, a0, m, length=time.output.size)
+    out = OrderedDict((n, funsor.Bint[size[n]]) for n in names if n != prev)
+    a_last = jnp.broadcast_to(a_last, tuple(d.size for d in out.values()))
+    return rest + [funsor.Tensor(a_last, out)]
 
 
 
@@ -325,6 +365,11 @@ def _lazy_contraction(arrays, metas, sum_op, prod_op):
     time_to_markov_dims = defaultdict(frozenset)
     history = 0
     dim_to_name_of = {m.name: OrderedDict(m.dim_to_name) for m in metas}
+    time_sizes = defaultdict(int)  # a factor constant over time has a time dim of size 1
+    for meta in metas:
+        for dim, name in meta.dim_to_name:
+            if name.startswith("_time"):
+                time_sizes[name] = max(time_sizes[name], arrays[meta.name].shape[dim])
     for meta in metas:
         dim_to_name = dim_to_name_of[meta.name]
         log_prob = arrays[meta.name]
@@ -334,7 +379,7 @@ def _lazy_contraction(arrays, metas, sum_op, prod_op):
         time_dim = None
         for dim, name in dim_to_name.items():
             if name.startswith("_time"):
-                time_dim = funsor.Variable(name, funsor.Bint[log_prob.shape[dim]])
+                time_dim = funsor.Variable(name, funsor.Bint[time_sizes[name]])
                 history = max(history, max(_get_shift(s) for s in dim_to_name.values()))
                 if history == 0:
                     log_factors_.append(factor)
@@ -376,6 +421,10 @@ def _lazy_contraction(arrays, metas, sum_op, prod_op):
         if fused is not None:
             log_factors_ = fused
             del time_to_factors[time_dim]
+    for time_dim, factors in time_to_factors.items():
+        if not any(time_dim.name in f.inputs for f in factors):  # constant over time: repeat it
+            zeros = jnp.zeros(time_dim.output.size, jnp.result_type(factors[0].data))
+            factors.append(funsor.Tensor(zeros, OrderedDict([(time_dim.name, time_dim.output)])))
     if time_to_factors:
         log_factors_ = log_factors_ + compute_markov_factors(
             time_to_factors,

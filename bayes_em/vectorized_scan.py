@@ -1,0 +1,130 @@
+"""NumPyro ``scan`` bodies evaluated for all time steps at once, under enumeration.
+
+Under parallel enumeration the carry of an HMM's ``scan`` is not a value but the enumerated
+support of the previous state, the same tensor at every step. The T - 1 steps after the first
+are then independent given the inputs ``xs``, and NumPyro's sequential ``lax.scan`` can be
+replaced by one ``vmap`` of the body over ``xs``. Outputs that do not depend on the step (the
+transition distribution ``Categorical(trans[z_prev])`` of a homogeneous chain) keep a time dim
+of size 1 instead of T: the transition log-factor is (1, K, K), not (T, K, K), and its posterior
+weight is the two-slice marginal summed over time, which is what the M-step needs.
+
+The rewrite is exact when the body's new carry depends neither on the step's input, its index,
+nor the carry it receives (checked on the body's jaxpr); otherwise, and whenever a random key
+is threaded through the scan, NumPyro's ``lax.scan`` runs as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+from contextlib import contextmanager
+
+import jax
+import jax.numpy as jnp
+from numpyro.primitives import Messenger
+
+__all__ = ["TIME_NAME", "vectorize_scan"]
+
+# infer key of a site evaluated by the vectorised scan: the name of its time dim
+TIME_NAME = "_bayes_em_time"
+
+# the module (the package exports a function of the same name)
+_numpyro_scan = importlib.import_module("numpyro.contrib.control_flow.scan")
+
+
+def _depends(jaxpr, seeds):
+    """For every output of ``jaxpr``: does it depend on one of the input variables ``seeds``?
+    (An equation's outputs depend on all of its inputs: a conservative answer.)"""
+    dep = set(seeds)
+    for eqn in jaxpr.eqns:
+        if any(type(v).__name__ != "Literal" and v in dep for v in eqn.invars):
+            dep.update(eqn.outvars)
+    return [type(v).__name__ != "Literal" and v in dep for v in jaxpr.outvars]
+
+
+def _scan_all_at_once(body, init, xs, length=None, reverse=False, unroll=1):
+    """``lax.scan(body, init, xs, length, reverse)`` for NumPyro's enumerated scan body, as one
+    ``vmap`` over the steps when the carry is the same at every step (see the module doc)."""
+    i0, key, carry = init
+    x_leaves = jax.tree.leaves(xs)
+    if key is not None or not x_leaves or length is None or length < 1:
+        return jax.lax.scan(body, init, xs, length, reverse, unroll)
+    i0 = jnp.asarray(i0)
+    x0 = jax.tree.map(lambda a: a[0], xs)
+
+    trees = []
+
+    def step(i, x, c):
+        """The body's (new carry, trace, ys) as one flat list of leaves (metadata set aside)."""
+        (_, _, new_carry), (trace, ys) = body((i, key, c), x)
+        out = (new_carry, trace, ys)
+        trees.append(tuple(jax.tree.structure(o) for o in out))
+        return [leaf for o in out for leaf in jax.tree.leaves(o)]
+
+    closed = jax.make_jaxpr(step)(i0, x0, carry)
+    n_x = len(x_leaves)
+    invars = closed.jaxpr.invars
+    on_step = _depends(closed.jaxpr, invars[: 1 + n_x])
+    on_carry = _depends(closed.jaxpr, invars[1 + n_x:])
+    n_new, n_trace = (trees[-1][0].num_leaves, trees[-1][1].num_leaves)
+    if any(on_step[:n_new]) or any(on_carry[:n_new]):
+        return jax.lax.scan(body, init, xs, length, reverse, unroll)
+    # trace leaves that do not vary over steps stay unbatched (size-1 time dim); the body's own
+    # outputs ys are returned at full length, as the user expects
+    axes = ([None] * n_new + [0 if d else None for d in on_step[n_new: n_new + n_trace]]
+            + [0] * (len(on_step) - n_new - n_trace))
+
+    def flat_step(i, x):
+        return step(i, x, carry)
+
+    steps = i0 + jnp.arange(length, dtype=i0.dtype)
+    if reverse:
+        xs = jax.tree.map(lambda a: a[::-1], xs)
+    leaves = jax.vmap(flat_step, in_axes=(0, 0), out_axes=axes)(steps, xs)
+    leaves = [a if ax is not None else a[None] for a, ax in zip(leaves, axes)]
+    if reverse:
+        leaves = [a[::-1] for a in leaves]
+    new_tree, trace_tree, ys_tree = trees[-1]
+    new_carry = jax.tree.unflatten(new_tree, [a[0] for a in leaves[:n_new]])
+    trace = jax.tree.unflatten(trace_tree, leaves[n_new: n_new + n_trace])
+    # NumPyro names the time dim after the body's first sample site; a size-1 time dim gets no
+    # name in the packed trace, so the name is kept here for ``enumeration.log_factors``
+    samples = [n for n, site in trace.trace.items() if site["type"] == "sample"]
+    for name in samples:
+        trace.trace[name]["infer"][TIME_NAME] = "_time_" + samples[0]
+    ys = jax.tree.unflatten(ys_tree, leaves[n_new + n_trace:])
+    return (i0 + length, key, new_carry), (trace, ys)
+
+
+class _Lax:
+    """``jax.lax`` as NumPyro's scan module sees it while :class:`vectorize_scan` is active."""
+
+    scan = staticmethod(_scan_all_at_once)
+
+    def __getattr__(self, name):
+        return getattr(jax.lax, name)
+
+
+@contextmanager
+def _all_at_once():
+    saved = _numpyro_scan.lax
+    _numpyro_scan.lax = _Lax()
+    try:
+        yield
+    finally:
+        _numpyro_scan.lax = saved
+
+
+class vectorize_scan(Messenger):
+    """Evaluate the enumerated ``scan`` bodies of a model all steps at once (module doc)."""
+
+    def process_message(self, msg):
+        if msg["type"] == "control_flow" and msg["fn"] is _numpyro_scan.scan_wrapper:
+            wrapped = msg["fn"]
+
+            def fn(*args, **kwargs):
+                if not kwargs.get("enum", False):
+                    return wrapped(*args, **kwargs)
+                with _all_at_once():
+                    return wrapped(*args, **kwargs)
+
+            msg["fn"] = fn
