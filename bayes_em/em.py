@@ -298,11 +298,46 @@ def random_start(problem, u, data, rng_key, noise=1.0):
 
 
 def latent_posterior(problem, u, data):
-    """Posterior marginal of every latent site: plates first, then the site's values."""
-    arrays, metas = _factors(problem, u, data)
-    _, weights = posterior_weights(arrays, metas, "sum")
+    """Posterior marginal of every latent site: plates first, then the site's values.
+
+    A latent whose factor is constant over the steps of a vectorised ``scan`` has weights summed
+    over time; its marginal at each step comes from a zero "probe" factor over (time, plates,
+    latent), whose weight is exactly that marginal.
+    """
+    arrays, metas = _factors(problem, u, data, vectorized=True)
+    probes = _time_probes(arrays, metas, set(problem.sites.latents))
+    probe_arrays = {"@probe:" + m.name: a for m, a in probes.values()}
+    probe_metas = tuple(m._replace(name="@probe:" + m.name) for m, _ in probes.values())
+    _, weights = posterior_weights({**arrays, **probe_arrays}, metas + probe_metas, "sum")
+    for name, (meta, _) in probes.items():
+        weights[name] = weights["@probe:" + name]
+    metas = tuple(probes[m.name][0] if m.name in probes else m for m in metas)
     order = problem.sites.plate_order
     return {n: chain_marginals(weights, metas, n, order) for n in problem.sites.latents}
+
+
+def _time_probes(arrays, metas, latents):
+    """{site: (meta, zeros)} for every latent whose factor has a size-1 time dim: a zero factor
+    over the site's time dim (full length), plates and own values (observed: not summed)."""
+    sizes = {}
+    for m in metas:
+        for d, n in m.dim_to_name:
+            if n.startswith("_time"):
+                sizes[n] = max(sizes.get(n, 1), m.shape[d])
+    probes = {}
+    for m in metas:
+        dims = dict(m.dim_to_name)
+        time = [d for d, n in dims.items() if n.startswith("_time")]
+        if m.name not in latents or not time or m.shape[time[0]] != 1 or sizes[dims[time[0]]] == 1:
+            continue
+        keep = {d for d, n in dims.items() if n == m.name or n in m.plates}
+        nd = len(m.shape)
+        shape = tuple(sizes[dims[time[0]]] if i - nd == time[0] else (s if i - nd in keep else 1)
+                      for i, s in enumerate(m.shape))
+        dim_to_name = tuple((d, n) for d, n in m.dim_to_name if d == time[0] or d in keep)
+        meta = m._replace(dim_to_name=dim_to_name, is_observed=True, shape=shape)
+        probes[m.name] = (meta, jnp.zeros(shape, jnp.result_type(arrays[m.name])))
+    return probes
 
 
 def most_probable(problem, u, data):

@@ -262,6 +262,33 @@ def _enumerated_last(array, dim_to_name, plates):
     return moved, OrderedDict((i - nd, names[ax]) for i, ax in enumerate(perm) if ax in names)
 
 
+def _matvec_step(const, dtype):
+    """Forward step a_{t+1}(j) = log Σ_i exp(a_t(i) + C(i, j)) + m_t(j) for a transition part C
+    constant over time, as a matrix-vector product: K exps and K² multiply-adds per step
+    instead of K² exps (the scaled forward pass of Baum-Welch, kept in log space).
+
+    With r_i = max_j C(i, j) and A = exp(C - r), a_{t+1} = log(exp(a_t + r - s) @ A) + s + m_t
+    for any shift s (the max of a_t + r): an entry below e^-745 of the largest underflows and
+    drops out, an error far below float64 round-off of the sum. A state no path reaches gets
+    a finite stand-in for log 0 (as masked latents do), which keeps the gradient finite.
+    """
+    r = jax.lax.stop_gradient(jnp.max(const, axis=-1))
+    r = jnp.where(jnp.isfinite(r), r, 0.0)
+    trans = jnp.exp(const - r[..., None])
+    log0 = jnp.finfo(dtype).min / 1e8
+
+    def forward(a, m_t):
+        u = a + r
+        shift = jax.lax.stop_gradient(jnp.max(u, axis=-1, keepdims=True))
+        shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+        q = jnp.einsum("...i,...ij->...j", jnp.exp(u - shift), trans)
+        reached = q > 0
+        a_next = jnp.where(reached, jnp.log(jnp.where(reached, q, 1.0)) + shift, log0)
+        return (a_next if m_t is None else a_next + m_t), None
+
+    return forward
+
+
 def _forward_chain(time, factors, init_vars, markov_dims, others, sum_vars, prod_vars, history,
                    sum_op, prod_op):
     """The factors ``others`` with one Markov chain summed out by a forward recursion, or None
@@ -345,11 +372,15 @@ def _forward_chain(time, factors, init_vars, markov_dims, others, sum_vars, prod
         m = m + extra
     a0 = jnp.broadcast_to(aligned(init, names[:-1]), tuple(size[n] for n in names[:-1]))
     a0 = a0.astype(dtype)
-    reduce_ = jax.nn.logsumexp if sum_op is funsor.ops.logaddexp else jnp.max
+    if sum_op is funsor.ops.logaddexp and jnp.ndim(const) >= 2 and (m is None or m.shape[-2] == 1):
+        forward = _matvec_step(const, dtype)
+        m = None if m is None else m[..., 0, :]
+    else:
+        reduce_ = jax.nn.logsumexp if sum_op is funsor.ops.logaddexp else jnp.max
 
-    def forward(a, m_t):
-        m_t = const if m_t is None else const + m_t
-        return reduce_(a[..., :, None] + m_t, axis=-2), None
+        def forward(a, m_t):
+            m_t = const if m_t is None else const + m_t
+            return reduce_(a[..., :, None] + m_t, axis=-2), None
 
     a_last, _ = jax.lax.scan(forward, a0, m, length=time.output.size)
     out = OrderedDict((n, funsor.Bint[size[n]]) for n in names if n != prev)

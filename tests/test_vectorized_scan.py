@@ -1,0 +1,182 @@
+"""Scan bodies evaluated all steps at once (bayes_em.vectorized_scan), against brute force.
+
+The vectorised evaluation must give the same log-likelihood, posteriors and M-step as an explicit
+sum over all K^(T+1) paths: for a homogeneous chain (whose transition factor then has a size-1
+time dim), for a chain whose transition depends on a time-varying input (the factor varies over
+time), and for a carry that is not the enumerated state (a step counter: the rewrite does not
+apply and NumPyro's sequential scan runs).
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.contrib.control_flow import scan
+from numpyro.distributions import constraints
+from scipy.special import logsumexp
+
+from bayes_em import EM
+from bayes_em import em as core
+
+K, V, T = 2, 3, 5
+
+
+def covariate_hmm(xs, ys):
+    """Transition matrix chosen by a binary input x_t at each step."""
+    init = numpyro.param("init", jnp.ones(K) / K, constraint=constraints.simplex)
+    trans = numpyro.param("trans", jnp.ones((2, K, K)) / K, constraint=constraints.simplex)
+    emit = numpyro.param("emit", jnp.ones((K, V)) / V, constraint=constraints.simplex)
+
+    def step(z_prev, xy):
+        x, y = xy
+        z = numpyro.sample("z", dist.Categorical(trans[x, z_prev]))
+        numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
+        return z, None
+
+    z0 = numpyro.sample("z0", dist.Categorical(init))
+    scan(step, z0, (xs, ys))
+
+
+def counter_hmm(xs, ys):
+    """The same chain, but the input is recomputed from a counter carried by the scan:
+    x_t = 1 after the second step (xs is ignored)."""
+    init = numpyro.param("init", jnp.ones(K) / K, constraint=constraints.simplex)
+    trans = numpyro.param("trans", jnp.ones((2, K, K)) / K, constraint=constraints.simplex)
+    emit = numpyro.param("emit", jnp.ones((K, V)) / V, constraint=constraints.simplex)
+
+    def step(carry, xy):
+        z_prev, count = carry
+        _, y = xy
+        x = (count >= 2).astype(jnp.int32)
+        z = numpyro.sample("z", dist.Categorical(trans[x, z_prev]))
+        numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
+        return (z, count + 1), None
+
+    z0 = numpyro.sample("z0", dist.Categorical(init))
+    scan(step, (z0, jnp.zeros((), jnp.int32)), (xs, ys))
+
+
+def brute_force(p, xs, ys):
+    """log p(y), state marginals and the expected transition counts per input value."""
+    paths = list(itertools.product(range(K), repeat=T + 1))
+    logps = []
+    for path in paths:  # path[0] is z0, path[t] emits ys[t-1] after a transition chosen by xs[t-1]
+        lp = np.log(p["init"][path[0]])
+        for t in range(1, T + 1):
+            lp += np.log(p["trans"][xs[t - 1], path[t - 1], path[t]])
+            lp += np.log(p["emit"][path[t], ys[t - 1]])
+        logps.append(lp)
+    logps = np.array(logps)
+    post = np.exp(logps - logsumexp(logps))
+    marg = np.zeros((T + 1, K))
+    counts = np.zeros((2, K, K))
+    for path, pr in zip(paths, post):
+        marg[np.arange(T + 1), path] += pr
+        for t in range(1, T + 1):
+            counts[xs[t - 1], path[t - 1], path[t]] += pr
+    return logsumexp(logps), marg, counts
+
+
+def start(seed):
+    rng = np.random.default_rng(seed)
+    return dict(init=rng.dirichlet(np.ones(K)), trans=rng.dirichlet(np.ones(K), size=(2, K)),
+                emit=rng.dirichlet(np.ones(V), size=K))
+
+
+def test_time_varying_transitions_match_brute_force():
+    rng = np.random.default_rng(0)
+    xs, ys = rng.integers(2, size=T), rng.integers(V, size=T)
+    p = start(1)
+    log_z, marg, counts = brute_force(p, xs, ys)
+    estep = EM(covariate_hmm, progress_bar=False).e_step(p, jnp.asarray(xs), jnp.asarray(ys))
+    np.testing.assert_allclose(estep.log_likelihood, log_z, rtol=1e-12)
+    np.testing.assert_allclose(estep.posterior["z"], marg[1:], atol=1e-12)
+    # one EM iteration: the transition rows are the normalised expected counts
+    fit = EM(covariate_hmm, init_values=p, max_iter=1, tol=0.0, progress_bar=False).run(
+        jax.random.PRNGKey(0), jnp.asarray(xs), jnp.asarray(ys))
+    used = counts.sum(-1) > 0
+    expected = counts / np.where(used, counts.sum(-1), 1)[..., None]
+    np.testing.assert_allclose(np.asarray(fit.params["trans"])[used], expected[used], atol=1e-10)
+
+
+def test_carry_that_is_not_the_state_runs_sequentially():
+    rng = np.random.default_rng(2)
+    ys = rng.integers(V, size=T)
+    xs = (np.arange(T) >= 2).astype(int)  # what the counter computes
+    p = start(3)
+    log_z, marg, counts = brute_force(p, xs, ys)
+    estep = EM(counter_hmm, progress_bar=False).e_step(p, jnp.asarray(xs), jnp.asarray(ys))
+    np.testing.assert_allclose(estep.log_likelihood, log_z, rtol=1e-12)
+    np.testing.assert_allclose(estep.posterior["z"], marg[1:], atol=1e-12)
+    fit = EM(counter_hmm, init_values=p, max_iter=1, tol=0.0, progress_bar=False).run(
+        jax.random.PRNGKey(0), jnp.asarray(xs), jnp.asarray(ys))
+    used = counts.sum(-1) > 0
+    expected = counts / np.where(used, counts.sum(-1), 1)[..., None]
+    np.testing.assert_allclose(np.asarray(fit.params["trans"])[used], expected[used], atol=1e-10)
+
+
+def test_homogeneous_transition_factor_is_not_repeated_over_time():
+    def hmm(ys):
+        trans = numpyro.param("trans", jnp.ones((K, K)) / K, constraint=constraints.simplex)
+        emit = numpyro.param("emit", jnp.ones((K, V)) / V, constraint=constraints.simplex)
+
+        def step(z_prev, y):
+            z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
+            numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
+            return z, None
+
+        scan(step, 0, ys)
+
+    ys = jnp.asarray(np.random.default_rng(4).integers(V, size=50))
+    fit = EM(hmm, max_iter=2, progress_bar=False).run(jax.random.PRNGKey(0), ys)
+    problem = fit.problem
+    u = core.unconstrain(problem, fit.params)
+    arrays, metas = core._factors(problem, u, fit.data, vectorized=True)
+    shapes = {m.name: m.shape for m in metas}
+    assert shapes["z"][0] == 1 and shapes["y"][0] == 49  # the first step is unrolled
+    sequential, _ = core._factors(problem, u, fit.data)
+    assert sequential["z"].shape[0] == 49
+    np.testing.assert_allclose(np.broadcast_to(arrays["z"], sequential["z"].shape),
+                               sequential["z"], rtol=1e-12)
+
+
+def test_left_to_right_chain_with_zero_transitions():
+    """Exact zeros in the transition matrix (states only move forward): the scaled forward
+    pass must keep unreachable states at probability 0, not NaN."""
+    k = 3
+
+    def hmm(ys):
+        trans = numpyro.param("trans", jnp.ones((k, k)) / k, constraint=constraints.simplex)
+        emit = numpyro.param("emit", jnp.ones((k, V)) / V, constraint=constraints.simplex)
+
+        def step(z_prev, y):
+            z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
+            numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
+            return z, None
+
+        scan(step, 0, ys)
+
+    rng = np.random.default_rng(5)
+    ys = rng.integers(V, size=6)
+    p = dict(trans=np.array([[0.6, 0.4, 0.0], [0.0, 0.7, 0.3], [0.0, 0.0, 1.0]]),
+             emit=rng.dirichlet(np.ones(V), size=k))
+    paths = list(itertools.product(range(k), repeat=len(ys)))
+    with np.errstate(divide="ignore"):
+        logps = np.array([
+            sum(np.log(p["trans"][([0] + list(path))[t], path[t]]) + np.log(p["emit"][path[t], y])
+                for t, y in enumerate(ys))
+            for path in paths])
+    post = np.exp(logps - logsumexp(logps))
+    marg = np.zeros((len(ys), k))
+    for path, pr in zip(paths, post):
+        marg[np.arange(len(ys)), path] += pr
+    estep = EM(hmm, progress_bar=False).e_step(p, jnp.asarray(ys))
+    np.testing.assert_allclose(estep.log_likelihood, logsumexp(logps), rtol=1e-10)
+    np.testing.assert_allclose(estep.posterior["z"], marg, atol=1e-10)
+    fit = EM(hmm, init_values=p, max_iter=5, tol=0.0, progress_bar=False).run(
+        jax.random.PRNGKey(0), jnp.asarray(ys))
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in fit.params.values())
+    assert np.asarray(fit.params["trans"])[1, 0] < 1e-12 and np.asarray(fit.params["trans"])[2, 1] < 1e-12
