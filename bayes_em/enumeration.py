@@ -303,6 +303,10 @@ def _forward_chain(time, factors, init_vars, markov_dims, others, sum_vars, prod
     and a_T replaces them all. Its gradient is the backward pass: the weights of M_t are the
     two-slice marginals. Needs history 1, one chain variable, and no enumerated latent besides
     the chain in M_t (other inputs are plates, which every factor of a_0 shares).
+
+    M_t = C ⊗ E_t is kept in two parts: C from the factors constant over time (a homogeneous
+    transition, (K, K) once), E_t from those that vary. When E_t does not depend on the previous
+    state (emissions), a sum-product step is a matrix-vector product (:func:`_matvec_step`).
     """
     if history != 1 or len(init_vars) != 1:
         return None
@@ -318,11 +322,10 @@ def _forward_chain(time, factors, init_vars, markov_dims, others, sum_vars, prod
                                                   plates=prod_vars)
         return funsor.optimizer.apply_optimizer(lazy)
 
-    # M_t = (factors constant over time) ⊗ (factors varying with t): contracted apart, so the
-    # constant part stays (K, K) instead of being repeated T times, unless a latent local to a
-    # step couples the two
+    # C and E_t are contracted apart unless a latent local to a step couples them
     fixed = [f for f in factors if time.name not in f.inputs]
     varying = [f for f in factors if time.name in f.inputs]
+
     def latents(fs):
         return frozenset().union(*(f.inputs for f in fs)) & eliminate & sum_vars
 
@@ -386,7 +389,6 @@ def _forward_chain(time, factors, init_vars, markov_dims, others, sum_vars, prod
     out = OrderedDict((n, funsor.Bint[size[n]]) for n in names if n != prev)
     a_last = jnp.broadcast_to(a_last, tuple(d.size for d in out.values()))
     return rest + [funsor.Tensor(a_last, out)]
-
 
 
 def _lazy_contraction(arrays, metas, sum_op, prod_op):
