@@ -203,6 +203,9 @@ class EM:
         exact marginal of the observed coordinates for a ``MultivariateNormal``. NaNs at other
         observed sites still raise. A discrete site whose value other sites use needs
         ``obs_mask=`` instead (see ``docs/data.md``).
+    :param parallel_time: sum Markov chains (``scan``) by funsor's parallel-in-time contraction
+        (log₂ T rounds of K×K×K products, O(T·K³) work) instead of the forward recursion
+        (T sequential steps, O(T·K²)): for long sequences on accelerators; slower on CPUs.
     """
 
     def __init__(
@@ -224,6 +227,7 @@ class EM:
         fixed: dict | None = None,
         record_params: bool = False,
         missing: tuple | list = (),
+        parallel_time: bool = False,
     ):
         if not isinstance(restarts, (int, np.integer)) or restarts < 1:
             raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}.")
@@ -252,6 +256,7 @@ class EM:
         self.closed_form = bool(closed_form)
         self.accelerate = bool(accelerate)
         self.record_params = bool(record_params)
+        self.parallel_time = bool(parallel_time)
         self._compiled = {}
 
     # -- compiled pieces, one set per model structure and static arguments ----------------------
@@ -261,7 +266,8 @@ class EM:
             problem = core.make_problem(
                 self.model, sites, rebuild, self.max_iter, self.tol, self.hard, self.strict, self.mstep
             )
-            problem = problem._replace(accelerate=self.accelerate, record_params=self.record_params)
+            problem = problem._replace(accelerate=self.accelerate, record_params=self.record_params,
+                                       parallel_time=self.parallel_time)
             if self.closed_form:
                 from bayes_em.conjugate import detect_closed_forms
 

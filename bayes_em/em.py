@@ -79,6 +79,7 @@ class EMProblem(NamedTuple):
     closed: tuple = ()  # conjugate.ClosedForm plans: parameters updated in closed form
     accelerate: bool = False  # SQUAREM extrapolation with a monotonicity safeguard
     record_params: bool = False  # keep θ_t of every iteration in the state
+    parallel_time: bool = False  # Markov chains by the log-depth contraction (accelerators)
 
 
 class EMState(NamedTuple):
@@ -140,7 +141,7 @@ def e_step(problem, u, data, semiring=None):
     """``(log Z, log p(θ), weights)`` at ``u``; log Z = log p(X|θ) + log p(θ)."""
     semiring = semiring or ("max" if problem.hard else "sum")
     arrays, metas = _factors(problem, u, data, vectorized=semiring == "sum")
-    log_z, weights = posterior_weights(arrays, metas, semiring)
+    log_z, weights = posterior_weights(arrays, metas, semiring, problem.parallel_time)
     return log_z, _log_prior(problem, arrays), weights
 
 
@@ -293,7 +294,7 @@ def random_start(problem, u, data, rng_key, noise=1.0):
             noisy[meta.name] = a + noise * jax.random.gumbel(key, a.shape, a.dtype)
         else:
             noisy[meta.name] = a
-    _, weights = posterior_weights(noisy, metas, "sum")
+    _, weights = posterior_weights(noisy, metas, "sum", problem.parallel_time)
     return m_step(problem, u, weights, data)
 
 
@@ -308,7 +309,8 @@ def latent_posterior(problem, u, data):
     probes = _time_probes(arrays, metas, set(problem.sites.latents))
     probe_arrays = {"@probe:" + m.name: a for m, a in probes.values()}
     probe_metas = tuple(m._replace(name="@probe:" + m.name) for m, _ in probes.values())
-    _, weights = posterior_weights({**arrays, **probe_arrays}, metas + probe_metas, "sum")
+    _, weights = posterior_weights({**arrays, **probe_arrays}, metas + probe_metas, "sum",
+                                   problem.parallel_time)
     for name, (meta, _) in probes.items():
         weights[name] = weights["@probe:" + name]
     metas = tuple(probes[m.name][0] if m.name in probes else m for m in metas)
@@ -344,7 +346,7 @@ def most_probable(problem, u, data):
     """The jointly most probable value of every latent site (max-product; among tied optima one
     is chosen by a fixed random tie-break, see ``enumeration._one_optimum``)."""
     arrays, metas = _factors(problem, u, data)
-    _, weights = posterior_weights(arrays, metas, "max")
+    _, weights = posterior_weights(arrays, metas, "max", problem.parallel_time)
     order = problem.sites.plate_order
     return {
         n: jnp.argmax(chain_marginals(weights, metas, n, order), axis=-1)

@@ -262,6 +262,15 @@ def _enumerated_last(array, dim_to_name, plates):
     return moved, OrderedDict((i - nd, names[ax]) for i, ax in enumerate(perm) if ax in names)
 
 
+def _pairwise_sum(x):
+    """Σ over the leading axis by pairwise (tree) summation: round-off O(log n · eps)."""
+    while x.shape[0] > 1:
+        if x.shape[0] % 2:
+            x = jnp.concatenate([x, jnp.zeros_like(x[:1])])
+        x = x[0::2] + x[1::2]
+    return x[0]
+
+
 def _matvec_step(const, dtype):
     """Forward step a_{t+1}(j) = log Σ_i exp(a_t(i) + C(i, j)) + m_t(j) for a transition part C
     constant over time, as a matrix-vector product: K exps and K² multiply-adds per step
@@ -385,13 +394,23 @@ def _forward_chain(time, factors, init_vars, markov_dims, others, sum_vars, prod
             m_t = const if m_t is None else const + m_t
             return reduce_(a[..., :, None] + m_t, axis=-2), None
 
-    a_last, _ = jax.lax.scan(forward, a0, m, length=time.output.size)
+    def normalised(a, m_t):
+        """One step, with the message shifted to max 0 and the shift returned: the carried
+        values stay O(1), so their round-off does not grow with log Z (a message carrying
+        log Z itself adds round-off of eps·|log Z| at each of the T steps)."""
+        a_next, _ = forward(a, m_t)
+        shift = jax.lax.stop_gradient(jnp.max(a_next, axis=-1, keepdims=True))
+        shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+        return a_next - shift, shift
+
+    a_last, shifts = jax.lax.scan(normalised, a0, m, length=time.output.size)
+    a_last = a_last + _pairwise_sum(shifts)
     out = OrderedDict((n, funsor.Bint[size[n]]) for n in names if n != prev)
     a_last = jnp.broadcast_to(a_last, tuple(d.size for d in out.values()))
     return rest + [funsor.Tensor(a_last, out)]
 
 
-def _lazy_contraction(arrays, metas, sum_op, prod_op):
+def _lazy_contraction(arrays, metas, sum_op, prod_op, parallel_time=False):
     log_factors_, sum_vars, prod_vars = [], frozenset(), frozenset()
     time_to_factors = defaultdict(list)
     time_to_init_vars = defaultdict(frozenset)
@@ -447,7 +466,7 @@ def _lazy_contraction(arrays, metas, sum_op, prod_op):
                 f"Plate(s) {sorted(inside - time_to_markov_dims[time_dim])} are weighted inside a "
                 "Markov chain (scan/markov); bayes_em weights plates outside chains only."
             )
-    for time_dim in list(time_to_factors):
+    for time_dim in list(time_to_factors) if not parallel_time else ():
         fused = _forward_chain(time_dim, time_to_factors[time_dim], time_to_init_vars[time_dim],
                                time_to_markov_dims[time_dim], log_factors_, sum_vars, prod_vars,
                                history, sum_op, prod_op)
@@ -485,10 +504,14 @@ def _lazy_contraction(arrays, metas, sum_op, prod_op):
         )
 
 
-def log_partition(arrays, metas, semiring="sum"):
-    """log Z: sum-product (``"sum"``) or max-product (``"max"``) of the log-factors."""
+def log_partition(arrays, metas, semiring="sum", parallel_time=False):
+    """log Z: sum-product (``"sum"``) or max-product (``"max"``) of the log-factors.
+
+    Markov chains are summed out by a forward recursion (O(T·K²) work, T sequential steps) where
+    their structure allows, or with ``parallel_time`` by funsor's parallel-in-time contraction
+    (pairs of steps multiplied in log₂ T rounds: O(T·K³) work, log depth; for accelerators)."""
     sum_op = funsor.ops.logaddexp if semiring == "sum" else funsor.ops.max
-    lazy = _lazy_contraction(arrays, metas, sum_op, funsor.ops.add)
+    lazy = _lazy_contraction(arrays, metas, sum_op, funsor.ops.add, parallel_time)
     result = funsor.optimizer.apply_optimizer(lazy)
     if result.inputs:
         raise ValueError(
@@ -498,7 +521,7 @@ def log_partition(arrays, metas, semiring="sum"):
     return result.data
 
 
-def posterior_weights(arrays, metas, semiring="sum"):
+def posterior_weights(arrays, metas, semiring="sum", parallel_time=False):
     """``(log Z, {site: ∂ log Z / ∂ log f})``; the weights are posterior marginals of the
     factors' scopes (``"sum"``) or the indicator of one most probable configuration (``"max"``)."""
     plate_weights = {k: v for k, v in arrays.items() if k.startswith(WEIGHT)}
@@ -506,13 +529,13 @@ def posterior_weights(arrays, metas, semiring="sum"):
     if semiring == "max":
         factors = _snap(factors, metas)
     log_z, weights = jax.value_and_grad(
-        lambda a: log_partition({**a, **plate_weights}, metas, semiring))(factors)
+        lambda a: log_partition({**a, **plate_weights}, metas, semiring, parallel_time))(factors)
     if semiring == "max":
-        weights = _one_optimum(weights, metas, plate_weights)
+        weights = _one_optimum(weights, metas, plate_weights, parallel_time)
     return log_z, weights
 
 
-def _one_optimum(weights, metas, plate_weights):
+def _one_optimum(weights, metas, plate_weights, parallel_time=False):
     """Max-product weights that sit on ONE most probable configuration.
 
     With ties, the gradient of the max-product spreads its weight over the tied optima, and the
@@ -532,7 +555,7 @@ def _one_optimum(weights, metas, plate_weights):
         if not meta.is_observed and meta.name in dict(meta.dim_to_name).values():
             a = a + jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(a), dtype)
         restricted[meta.name] = a
-    return jax.grad(lambda a: log_partition({**a, **plate_weights}, metas, "max"))(
+    return jax.grad(lambda a: log_partition({**a, **plate_weights}, metas, "max", parallel_time))(
         _snap(restricted, metas))
 
 

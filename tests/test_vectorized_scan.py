@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import pytest
 from numpyro.contrib.control_flow import scan
 from numpyro.distributions import constraints
 from scipy.special import logsumexp
@@ -86,17 +87,24 @@ def start(seed):
                 emit=rng.dirichlet(np.ones(V), size=K))
 
 
-def test_time_varying_transitions_match_brute_force():
+@pytest.mark.parametrize("parallel_time", [False, True])
+def test_time_varying_transitions_match_brute_force(parallel_time):
     rng = np.random.default_rng(0)
     xs, ys = rng.integers(2, size=T), rng.integers(V, size=T)
     p = start(1)
     log_z, marg, counts = brute_force(p, xs, ys)
-    estep = EM(covariate_hmm, progress_bar=False).e_step(p, jnp.asarray(xs), jnp.asarray(ys))
+    estep = EM(covariate_hmm, progress_bar=False, parallel_time=parallel_time).e_step(
+        p, jnp.asarray(xs), jnp.asarray(ys))
     np.testing.assert_allclose(estep.log_likelihood, log_z, rtol=1e-12)
     np.testing.assert_allclose(estep.posterior["z"], marg[1:], atol=1e-12)
+    best = np.array(list(itertools.product(range(K), repeat=T + 1)))[np.argmax(
+        [sum(np.log(p["trans"][xs[t - 1], z[t - 1], z[t]]) + np.log(p["emit"][z[t], ys[t - 1]])
+             for t in range(1, T + 1)) + np.log(p["init"][z[0]])
+         for z in itertools.product(range(K), repeat=T + 1)])]
+    np.testing.assert_array_equal(estep.most_probable["z"], best[1:])
     # one EM iteration: the transition rows are the normalised expected counts
-    fit = EM(covariate_hmm, init_values=p, max_iter=1, tol=0.0, progress_bar=False).run(
-        jax.random.PRNGKey(0), jnp.asarray(xs), jnp.asarray(ys))
+    fit = EM(covariate_hmm, init_values=p, max_iter=1, tol=0.0, progress_bar=False,
+             parallel_time=parallel_time).run(jax.random.PRNGKey(0), jnp.asarray(xs), jnp.asarray(ys))
     used = counts.sum(-1) > 0
     expected = counts / np.where(used, counts.sum(-1), 1)[..., None]
     np.testing.assert_allclose(np.asarray(fit.params["trans"])[used], expected[used], atol=1e-10)
@@ -180,3 +188,47 @@ def test_left_to_right_chain_with_zero_transitions():
         jax.random.PRNGKey(0), jnp.asarray(ys))
     assert all(np.all(np.isfinite(np.asarray(v))) for v in fit.params.values())
     assert np.asarray(fit.params["trans"])[1, 0] < 1e-12 and np.asarray(fit.params["trans"])[2, 1] < 1e-12
+
+
+def test_second_order_chain_matches_brute_force():
+    """scan(..., history=2): the carry holds the previous state, so the steps are not
+    independent given the inputs and NumPyro's sequential scan (and funsor's contraction) run."""
+
+    def hmm2(ys):
+        init = numpyro.param("init", jnp.ones(K) / K, constraint=constraints.simplex)
+        first = numpyro.param("first", jnp.ones((K, K)) / K, constraint=constraints.simplex)
+        trans = numpyro.param("trans", jnp.ones((K, K, K)) / K, constraint=constraints.simplex)
+        emit = numpyro.param("emit", jnp.ones((K, V)) / V, constraint=constraints.simplex)
+        z0 = numpyro.sample("z0", dist.Categorical(init))
+        numpyro.sample("y0", dist.Categorical(emit[z0]), obs=ys[0])
+        z1 = numpyro.sample("z1", dist.Categorical(first[z0]))
+        numpyro.sample("y1", dist.Categorical(emit[z1]), obs=ys[1])
+
+        def step(carry, y):
+            a, b = carry
+            z = numpyro.sample("z", dist.Categorical(trans[a, b]))
+            numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
+            return (b, z), None
+
+        scan(step, (z0, z1), ys[2:], history=2)
+
+    rng = np.random.default_rng(6)
+    n = 6
+    ys = rng.integers(V, size=n)
+    p = dict(init=rng.dirichlet(np.ones(K)), first=rng.dirichlet(np.ones(K), size=K),
+             trans=rng.dirichlet(np.ones(K), size=(K, K)), emit=rng.dirichlet(np.ones(V), size=K))
+    paths = list(itertools.product(range(K), repeat=n))
+    logps = []
+    for z in paths:
+        lp = np.log(p["init"][z[0]]) + np.log(p["first"][z[0], z[1]])
+        lp += sum(np.log(p["trans"][z[t - 2], z[t - 1], z[t]]) for t in range(2, n))
+        lp += sum(np.log(p["emit"][z[t], ys[t]]) for t in range(n))
+        logps.append(lp)
+    logps = np.array(logps)
+    post = np.exp(logps - logsumexp(logps))
+    marg = np.zeros((n, K))
+    for z, pr in zip(paths, post):
+        marg[np.arange(n), z] += pr
+    estep = EM(hmm2, progress_bar=False).e_step(p, jnp.asarray(ys))
+    np.testing.assert_allclose(estep.log_likelihood, logsumexp(logps), rtol=1e-12)
+    np.testing.assert_allclose(estep.posterior["z"], marg[2:], atol=1e-12)
