@@ -232,3 +232,59 @@ def test_second_order_chain_matches_brute_force():
     estep = EM(hmm2, progress_bar=False).e_step(p, jnp.asarray(ys))
     np.testing.assert_allclose(estep.log_likelihood, logsumexp(logps), rtol=1e-12)
     np.testing.assert_allclose(estep.posterior["z"], marg[2:], atol=1e-12)
+
+
+def test_two_slice_marginals_match_brute_force():
+    """The posterior weights of the transition factors are the two-slice marginals
+    p(z_{t-1}, z_t | y): per step from the sequential trace, summed over the steps (the
+    sufficient statistic of the transition matrix) from the vectorised one."""
+    import funsor
+    from collections import OrderedDict
+    from bayes_em.enumeration import posterior_weights
+
+    def hmm(ys):
+        init = numpyro.param("init", jnp.ones(K) / K, constraint=constraints.simplex)
+        trans = numpyro.param("trans", jnp.ones((K, K)) / K, constraint=constraints.simplex)
+        emit = numpyro.param("emit", jnp.ones((K, V)) / V, constraint=constraints.simplex)
+
+        def step(z_prev, y):
+            z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
+            numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
+            return z, None
+
+        z0 = numpyro.sample("z0", dist.Categorical(init))
+        scan(step, z0, ys)
+
+    rng = np.random.default_rng(7)
+    ys = rng.integers(V, size=T)
+    p = dict(init=rng.dirichlet(np.ones(K)), trans=rng.dirichlet(np.ones(K), size=K),
+             emit=rng.dirichlet(np.ones(V), size=K))
+    paths = list(itertools.product(range(K), repeat=T + 1))
+    logps = np.array([np.log(p["init"][z[0]]) + sum(
+        np.log(p["trans"][z[t - 1], z[t]]) + np.log(p["emit"][z[t], ys[t - 1]])
+        for t in range(1, T + 1)) for z in paths])
+    post = np.exp(logps - logsumexp(logps))
+    xi = np.zeros((T, K, K))  # xi[t - 1, i, j] = p(z_{t-1} = i, z_t = j | y)
+    for z, pr in zip(paths, post):
+        xi[np.arange(T), z[:-1], z[1:]] += pr
+
+    fit = EM(hmm, init_values=p, max_iter=1, progress_bar=False).run(
+        jax.random.PRNGKey(0), jnp.asarray(ys))
+    problem = fit.problem
+    u = core.unconstrain(problem, {k: jnp.asarray(v) for k, v in p.items()})
+
+    def aligned(weight, meta, order):
+        f = funsor.to_funsor(weight, output=funsor.Real, dim_to_name=OrderedDict(meta.dim_to_name))
+        return np.asarray(f.align(tuple(n for n in order if n in f.inputs)).data)
+
+    for vectorized in (False, True):
+        arrays, metas = core._factors(problem, u, fit.data, vectorized=vectorized)
+        _, w = posterior_weights(arrays, metas)
+        by_name = {m.name: m for m in metas}
+        first = aligned(w["_PREV_z"], by_name["_PREV_z"], ("z0", "_PREV_z"))
+        rest = aligned(w["z"], by_name["z"], ("_time_z", "_PREV_z", "z"))
+        np.testing.assert_allclose(first, xi[0], atol=1e-12)
+        if vectorized:
+            np.testing.assert_allclose(rest, xi[1:].sum(0), atol=1e-12)
+        else:
+            np.testing.assert_allclose(rest, xi[1:], atol=1e-12)
