@@ -292,8 +292,8 @@ def _matvec_step(const, dtype):
         shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
         q = jnp.einsum("...i,...ij->...j", jnp.exp(u - shift), trans)
         reached = q > 0
-        a_next = jnp.where(reached, jnp.log(jnp.where(reached, q, 1.0)) + shift, log0)
-        return (a_next if m_t is None else a_next + m_t), None
+        a_next = jnp.where(reached, jnp.log(jnp.where(reached, q, 1.0)), log0)
+        return (a_next if m_t is None else a_next + m_t), shift
 
     return forward
 
@@ -392,18 +392,14 @@ def _forward_chain(time, factors, init_vars, markov_dims, others, sum_vars, prod
 
         def forward(a, m_t):
             m_t = const if m_t is None else const + m_t
-            return reduce_(a[..., :, None] + m_t, axis=-2), None
+            shift = jax.lax.stop_gradient(jnp.max(a, axis=-1, keepdims=True))
+            shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+            return reduce_((a - shift)[..., :, None] + m_t, axis=-2), shift
 
-    def normalised(a, m_t):
-        """One step, with the message shifted to max 0 and the shift returned: the carried
-        values stay O(1), so their round-off does not grow with log Z (a message carrying
-        log Z itself adds round-off of eps·|log Z| at each of the T steps)."""
-        a_next, _ = forward(a, m_t)
-        shift = jax.lax.stop_gradient(jnp.max(a_next, axis=-1, keepdims=True))
-        shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-        return a_next - shift, shift
-
-    a_last, shifts = jax.lax.scan(normalised, a0, m, length=time.output.size)
+    # Each step returns its message less a shift, and the shift: the carried values stay O(1),
+    # so their round-off does not grow with log Z (a message carrying log Z itself adds eps·|log Z|
+    # at each of the T steps); the shifts are summed pairwise at the end.
+    a_last, shifts = jax.lax.scan(forward, a0, m, length=time.output.size)
     a_last = a_last + _pairwise_sum(shifts)
     out = OrderedDict((n, funsor.Bint[size[n]]) for n in names if n != prev)
     a_last = jnp.broadcast_to(a_last, tuple(d.size for d in out.values()))
