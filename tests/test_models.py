@@ -317,13 +317,14 @@ def bayesian_network_obs_mask(values, observed, nodes):
 @pytest.mark.slow
 def test_bayesian_network_written_with_obs_mask_matches_brute_force():
     """obs_mask makes <name>_unobserved latents (enumerated) and <name>_observed data; each CPT
-    is used by both, so its M-step is numeric — same fit, to 1e-6."""
+    is selected by both sites, and its closed-form update sums their statistics — same fit as
+    the brute-force EM, to 1e-6."""
     values, observed, init = bn_problem()
     n_iter = 4
     result = fit(bayesian_network_obs_mask, {f"cpt_{k}": v for k, v in init.items()},
                  jnp.asarray(values), jnp.asarray(observed), NODES, n_iter=n_iter)
     assert set(result.sites.latents) == {f"{name}_unobserved" for name, _, _ in NODES}
-    assert set(result.mstep_paths.values()) == {"numeric"}
+    assert set(result.mstep_paths.values()) == {"closed-form categorical"}
     expected = bn_brute_force_em(values, observed, init, n_iter)
     for name in expected:
         np.testing.assert_allclose(result.params[f"cpt_{name}"], expected[name], atol=1e-6, err_msg=name)
