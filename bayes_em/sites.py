@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
+from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import seed, substitute, trace
 
 __all__ = ["ParamSite", "ModelSites", "ModelError", "discover_sites"]
@@ -109,9 +110,13 @@ def _traced_values(model, data, rebuild, key, init_values, rng_key, fixed):
         def traced(data, init_values, rng_key):
             key_model, key_init = jax.random.split(rng_key)
             args, kwargs = rebuild(data)
-            tr = trace(seed(substitute(model, substitute_fn=_placeholder), key_model)).get_trace(
-                *args, **kwargs
-            )
+            # NumPyro would check distribution arguments built from constants eagerly, one small
+            # XLA compilation per check (0.6 s for a mixture's covariances); the values that
+            # matter are checked below inside this compiled trace, the rest by the initial density
+            with validation_enabled(False):
+                tr = trace(seed(substitute(model, substitute_fn=_placeholder), key_model)).get_trace(
+                    *args, **kwargs
+                )
             box["trace"] = tr
             out = {}
             for name, site in tr.items():
