@@ -288,3 +288,38 @@ def test_two_slice_marginals_match_brute_force():
             np.testing.assert_allclose(rest, xi[1:].sum(0), atol=1e-12)
         else:
             np.testing.assert_allclose(rest, xi[1:], atol=1e-12)
+
+
+def test_plate_inside_the_scan_body_matches_brute_force():
+    """Several observations per step, in a plate inside the body."""
+    n_obs = 2
+
+    def hmm(ys):
+        init = numpyro.param("init", jnp.ones(K) / K, constraint=constraints.simplex)
+        trans = numpyro.param("trans", jnp.ones((K, K)) / K, constraint=constraints.simplex)
+        emit = numpyro.param("emit", jnp.ones((K, V)) / V, constraint=constraints.simplex)
+
+        def step(z_prev, y):
+            z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
+            with numpyro.plate("obs", n_obs):
+                numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
+            return z, None
+
+        z0 = numpyro.sample("z0", dist.Categorical(init))
+        scan(step, z0, ys)
+
+    rng = np.random.default_rng(8)
+    ys = rng.integers(V, size=(T, n_obs))
+    p = dict(init=rng.dirichlet(np.ones(K)), trans=rng.dirichlet(np.ones(K), size=K),
+             emit=rng.dirichlet(np.ones(V), size=K))
+    paths = list(itertools.product(range(K), repeat=T + 1))
+    logps = np.array([np.log(p["init"][z[0]]) + sum(
+        np.log(p["trans"][z[t - 1], z[t]]) + np.log(p["emit"][z[t], ys[t - 1]]).sum()
+        for t in range(1, T + 1)) for z in paths])
+    post = np.exp(logps - logsumexp(logps))
+    marg = np.zeros((T + 1, K))
+    for z, pr in zip(paths, post):
+        marg[np.arange(T + 1), z] += pr
+    estep = EM(hmm, progress_bar=False).e_step(p, jnp.asarray(ys))
+    np.testing.assert_allclose(estep.log_likelihood, logsumexp(logps), rtol=1e-12)
+    np.testing.assert_allclose(estep.posterior["z"], marg[1:], atol=1e-12)
