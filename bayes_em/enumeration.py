@@ -16,7 +16,6 @@ keeps private; ``tests/test_enumeration.py`` checks it against brute-force enume
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
-from contextlib import nullcontext
 from functools import reduce
 from typing import NamedTuple
 
@@ -145,7 +144,7 @@ def log_factors(enum_model, params, args, kwargs, vectorized=False):
     weight is summed over time. Sum-product only: the max-product weights of one optimal path
     need the time-resolved factors.
     """
-    with plate_to_enum_plate(), (vectorize_scan() if vectorized else nullcontext()):
+    with plate_to_enum_plate(), vectorize_scan(vectorized=vectorized):
         tr = packed_trace(substitute(enum_model, data=params)).get_trace(*args, **kwargs)
     arrays, metas, weights, scales = {}, [], {}, {}
     for site in tr.values():

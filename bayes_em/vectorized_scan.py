@@ -41,13 +41,29 @@ def _depends(jaxpr, seeds):
     return [type(v).__name__ != "Literal" and v in dep for v in jaxpr.outvars]
 
 
+def _sequential(body, init, xs, length=None, reverse=False, unroll=1):
+    """``lax.scan`` with the stacked trace in the order the steps run.
+
+    With ``reverse=True`` ``lax.scan`` aligns its outputs with ``xs``, so the time-stacked
+    factors of NumPyro's enumerated trace come last step first, and the contraction over time
+    (which takes index t as step t) chains them backwards: a wrong log-likelihood (numpyro
+    0.22). Flipped here, the chain is in step order; the body's own outputs stay aligned with
+    ``xs``.
+    """
+    carry, (trace, ys) = jax.lax.scan(body, init, xs, length, reverse, unroll)
+    if reverse:
+        trace = jax.tree.map(lambda a: a[::-1], trace)
+    return carry, (trace, ys)
+
+
 def _scan_all_at_once(body, init, xs, length=None, reverse=False, unroll=1):
     """``lax.scan(body, init, xs, length, reverse)`` for NumPyro's enumerated scan body, as one
-    ``vmap`` over the steps when the carry is the same at every step (see the module doc)."""
+    ``vmap`` over the steps when the carry is the same at every step (see the module doc); the
+    stacked trace is in step order, as in :func:`_sequential`."""
     i0, key, carry = init
     x_leaves = jax.tree.leaves(xs)
     if key is not None or not x_leaves or length is None or length < 1:
-        return jax.lax.scan(body, init, xs, length, reverse, unroll)
+        return _sequential(body, init, xs, length, reverse, unroll)
     i0 = jnp.asarray(i0)
     x0 = jax.tree.map(lambda a: a[0], xs)
 
@@ -67,7 +83,7 @@ def _scan_all_at_once(body, init, xs, length=None, reverse=False, unroll=1):
     on_carry = _depends(closed.jaxpr, invars[1 + n_x:])
     n_new, n_trace = (trees[-1][0].num_leaves, trees[-1][1].num_leaves)
     if any(on_step[:n_new]) or any(on_carry[:n_new]):
-        return jax.lax.scan(body, init, xs, length, reverse, unroll)
+        return _sequential(body, init, xs, length, reverse, unroll)
     # trace leaves that do not vary over steps stay unbatched (size-1 time dim); the body's own
     # outputs ys are returned at full length, as the user expects
     axes = ([None] * n_new + [0 if d else None for d in on_step[n_new: n_new + n_trace]]
@@ -81,8 +97,9 @@ def _scan_all_at_once(body, init, xs, length=None, reverse=False, unroll=1):
         xs = jax.tree.map(lambda a: a[::-1], xs)
     leaves = jax.vmap(flat_step, in_axes=(0, 0), out_axes=axes)(steps, xs)
     leaves = [a if ax is not None else a[None] for a, ax in zip(leaves, axes)]
-    if reverse:
-        leaves = [a[::-1] for a in leaves]
+    if reverse:  # the body's outputs aligned with xs again; the trace stays in step order
+        n_ys = n_new + n_trace
+        leaves = leaves[:n_ys] + [a[::-1] for a in leaves[n_ys:]]
     new_tree, trace_tree, ys_tree = trees[-1]
     new_carry = jax.tree.unflatten(new_tree, [a[0] for a in leaves[:n_new]])
     trace = jax.tree.unflatten(trace_tree, leaves[n_new: n_new + n_trace])
@@ -98,16 +115,17 @@ def _scan_all_at_once(body, init, xs, length=None, reverse=False, unroll=1):
 class _Lax:
     """``jax.lax`` as NumPyro's scan module sees it while :class:`vectorize_scan` is active."""
 
-    scan = staticmethod(_scan_all_at_once)
+    def __init__(self, scan):
+        self.scan = scan
 
     def __getattr__(self, name):
         return getattr(jax.lax, name)
 
 
 @contextmanager
-def _all_at_once():
+def _scan_by(scan):
     saved = _numpyro_scan.lax
-    _numpyro_scan.lax = _Lax()
+    _numpyro_scan.lax = _Lax(scan)
     try:
         yield
     finally:
@@ -115,16 +133,23 @@ def _all_at_once():
 
 
 class vectorize_scan(Messenger):
-    """Evaluate the enumerated ``scan`` bodies of a model all steps at once (module doc)."""
+    """Evaluate the enumerated ``scan`` bodies of a model all steps at once (module doc); with
+    ``vectorized=False`` step by step. Either way a ``reverse=True`` scan's trace is put in step
+    order (see :func:`_sequential`)."""
+
+    def __init__(self, fn=None, vectorized=True):
+        self.vectorized = vectorized
+        super().__init__(fn)
 
     def process_message(self, msg):
         if msg["type"] == "control_flow" and msg["fn"] is _numpyro_scan.scan_wrapper:
             wrapped = msg["fn"]
+            scan = _scan_all_at_once if self.vectorized else _sequential
 
             def fn(*args, **kwargs):
                 if not kwargs.get("enum", False):
                     return wrapped(*args, **kwargs)
-                with _all_at_once():
+                with _scan_by(scan):
                     return wrapped(*args, **kwargs)
 
             msg["fn"] = fn

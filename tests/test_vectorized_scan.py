@@ -323,3 +323,42 @@ def test_plate_inside_the_scan_body_matches_brute_force():
     estep = EM(hmm, progress_bar=False).e_step(p, jnp.asarray(ys))
     np.testing.assert_allclose(estep.log_likelihood, logsumexp(logps), rtol=1e-12)
     np.testing.assert_allclose(estep.posterior["z"], marg[1:], atol=1e-12)
+
+
+def test_reverse_scan_matches_brute_force():
+    """scan(..., reverse=True) steps through ys from the end. NumPyro 0.22's enumerated trace
+    stacks such steps aligned with ys, so its contraction chained them backwards (a wrong
+    log-likelihood); bayes_em orders them by step. Posteriors come in step order."""
+
+    def hmm(ys):
+        init = numpyro.param("init", jnp.ones(K) / K, constraint=constraints.simplex)
+        trans = numpyro.param("trans", jnp.ones((K, K)) / K, constraint=constraints.simplex)
+        emit = numpyro.param("emit", jnp.ones((K, V)) / V, constraint=constraints.simplex)
+
+        def step(z_prev, y):
+            z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
+            numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
+            return z, None
+
+        z0 = numpyro.sample("z0", dist.Categorical(init))
+        scan(step, z0, ys, reverse=True)
+
+    rng = np.random.default_rng(9)
+    ys = rng.integers(V, size=T)
+    p = dict(init=rng.dirichlet(np.ones(K)), trans=rng.dirichlet(np.ones(K), size=K),
+             emit=rng.dirichlet(np.ones(V), size=K))
+    steps = ys[::-1]
+    paths = list(itertools.product(range(K), repeat=T + 1))
+    logps = np.array([np.log(p["init"][z[0]]) + sum(
+        np.log(p["trans"][z[t - 1], z[t]]) + np.log(p["emit"][z[t], steps[t - 1]])
+        for t in range(1, T + 1)) for z in paths])
+    post = np.exp(logps - logsumexp(logps))
+    marg = np.zeros((T + 1, K))
+    for z, pr in zip(paths, post):
+        marg[np.arange(T + 1), z] += pr
+    for hard in (False, True):  # the sum-product (vectorised) and max-product (sequential) traces
+        estep = EM(hmm, progress_bar=False, hard=hard).e_step(p, jnp.asarray(ys))
+        np.testing.assert_allclose(estep.log_likelihood, logsumexp(logps), rtol=1e-12)
+        np.testing.assert_allclose(estep.posterior["z"], marg[1:], atol=1e-12)
+        best = paths[int(np.argmax(logps))]
+        np.testing.assert_array_equal(estep.most_probable["z"], best[1:])
