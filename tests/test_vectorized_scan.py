@@ -8,6 +8,7 @@ apply and NumPyro's sequential scan runs).
 """
 
 import itertools
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,38 @@ def counter_hmm(xs, ys):
 
     z0 = numpyro.sample("z0", dist.Categorical(init))
     scan(step, (z0, jnp.zeros((), jnp.int32)), (xs, ys))
+
+
+def hmm(ys, reverse=False, n_obs=None):
+    """A plain HMM; ``n_obs`` observations per step in a plate inside the body."""
+    init = numpyro.param("init", jnp.ones(K) / K, constraint=constraints.simplex)
+    trans = numpyro.param("trans", jnp.ones((K, K)) / K, constraint=constraints.simplex)
+    emit = numpyro.param("emit", jnp.ones((K, V)) / V, constraint=constraints.simplex)
+
+    def step(z_prev, y):
+        z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
+        if n_obs is None:
+            numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
+        else:
+            with numpyro.plate("obs", n_obs):
+                numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
+        return z, None
+
+    z0 = numpyro.sample("z0", dist.Categorical(init))
+    scan(step, z0, ys, reverse=reverse)
+
+
+def hmm_from_state0(ys, k=K):
+    """An HMM that starts in state 0 (no initial distribution)."""
+    trans = numpyro.param("trans", jnp.ones((k, k)) / k, constraint=constraints.simplex)
+    emit = numpyro.param("emit", jnp.ones((k, V)) / V, constraint=constraints.simplex)
+
+    def step(z_prev, y):
+        z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
+        numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
+        return z, None
+
+    scan(step, 0, ys)
 
 
 def brute_force(p, xs, ys):
@@ -127,19 +160,8 @@ def test_carry_that_is_not_the_state_runs_sequentially():
 
 
 def test_homogeneous_transition_factor_is_not_repeated_over_time():
-    def hmm(ys):
-        trans = numpyro.param("trans", jnp.ones((K, K)) / K, constraint=constraints.simplex)
-        emit = numpyro.param("emit", jnp.ones((K, V)) / V, constraint=constraints.simplex)
-
-        def step(z_prev, y):
-            z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
-            numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
-            return z, None
-
-        scan(step, 0, ys)
-
     ys = jnp.asarray(np.random.default_rng(4).integers(V, size=50))
-    fit = EM(hmm, max_iter=2, progress_bar=False).run(jax.random.PRNGKey(0), ys)
+    fit = EM(hmm_from_state0, max_iter=2, progress_bar=False).run(jax.random.PRNGKey(0), ys)
     problem = fit.problem
     u = core.unconstrain(problem, fit.params)
     arrays, metas = core._factors(problem, u, fit.data, vectorized=True)
@@ -155,18 +177,7 @@ def test_left_to_right_chain_with_zero_transitions():
     """Exact zeros in the transition matrix (states only move forward): the scaled forward
     pass must keep unreachable states at probability 0, not NaN."""
     k = 3
-
-    def hmm(ys):
-        trans = numpyro.param("trans", jnp.ones((k, k)) / k, constraint=constraints.simplex)
-        emit = numpyro.param("emit", jnp.ones((k, V)) / V, constraint=constraints.simplex)
-
-        def step(z_prev, y):
-            z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
-            numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
-            return z, None
-
-        scan(step, 0, ys)
-
+    model = partial(hmm_from_state0, k=k)
     rng = np.random.default_rng(5)
     ys = rng.integers(V, size=6)
     p = dict(trans=np.array([[0.6, 0.4, 0.0], [0.0, 0.7, 0.3], [0.0, 0.0, 1.0]]),
@@ -181,10 +192,10 @@ def test_left_to_right_chain_with_zero_transitions():
     marg = np.zeros((len(ys), k))
     for path, pr in zip(paths, post):
         marg[np.arange(len(ys)), path] += pr
-    estep = EM(hmm, progress_bar=False).e_step(p, jnp.asarray(ys))
+    estep = EM(model, progress_bar=False).e_step(p, jnp.asarray(ys))
     np.testing.assert_allclose(estep.log_likelihood, logsumexp(logps), rtol=1e-10)
     np.testing.assert_allclose(estep.posterior["z"], marg, atol=1e-10)
-    fit = EM(hmm, init_values=p, max_iter=5, tol=0.0, progress_bar=False).run(
+    fit = EM(model, init_values=p, max_iter=5, tol=0.0, progress_bar=False).run(
         jax.random.PRNGKey(0), jnp.asarray(ys))
     assert all(np.all(np.isfinite(np.asarray(v))) for v in fit.params.values())
     assert np.asarray(fit.params["trans"])[1, 0] < 1e-12 and np.asarray(fit.params["trans"])[2, 1] < 1e-12
@@ -242,19 +253,6 @@ def test_two_slice_marginals_match_brute_force():
     from collections import OrderedDict
     from bayes_em.enumeration import posterior_weights
 
-    def hmm(ys):
-        init = numpyro.param("init", jnp.ones(K) / K, constraint=constraints.simplex)
-        trans = numpyro.param("trans", jnp.ones((K, K)) / K, constraint=constraints.simplex)
-        emit = numpyro.param("emit", jnp.ones((K, V)) / V, constraint=constraints.simplex)
-
-        def step(z_prev, y):
-            z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
-            numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
-            return z, None
-
-        z0 = numpyro.sample("z0", dist.Categorical(init))
-        scan(step, z0, ys)
-
     rng = np.random.default_rng(7)
     ys = rng.integers(V, size=T)
     p = dict(init=rng.dirichlet(np.ones(K)), trans=rng.dirichlet(np.ones(K), size=K),
@@ -294,20 +292,6 @@ def test_plate_inside_the_scan_body_matches_brute_force():
     """Several observations per step, in a plate inside the body."""
     n_obs = 2
 
-    def hmm(ys):
-        init = numpyro.param("init", jnp.ones(K) / K, constraint=constraints.simplex)
-        trans = numpyro.param("trans", jnp.ones((K, K)) / K, constraint=constraints.simplex)
-        emit = numpyro.param("emit", jnp.ones((K, V)) / V, constraint=constraints.simplex)
-
-        def step(z_prev, y):
-            z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
-            with numpyro.plate("obs", n_obs):
-                numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
-            return z, None
-
-        z0 = numpyro.sample("z0", dist.Categorical(init))
-        scan(step, z0, ys)
-
     rng = np.random.default_rng(8)
     ys = rng.integers(V, size=(T, n_obs))
     p = dict(init=rng.dirichlet(np.ones(K)), trans=rng.dirichlet(np.ones(K), size=K),
@@ -320,7 +304,7 @@ def test_plate_inside_the_scan_body_matches_brute_force():
     marg = np.zeros((T + 1, K))
     for z, pr in zip(paths, post):
         marg[np.arange(T + 1), z] += pr
-    estep = EM(hmm, progress_bar=False).e_step(p, jnp.asarray(ys))
+    estep = EM(hmm, progress_bar=False).e_step(p, jnp.asarray(ys), n_obs=n_obs)
     np.testing.assert_allclose(estep.log_likelihood, logsumexp(logps), rtol=1e-12)
     np.testing.assert_allclose(estep.posterior["z"], marg[1:], atol=1e-12)
 
@@ -329,19 +313,6 @@ def test_reverse_scan_matches_brute_force():
     """scan(..., reverse=True) steps through ys from the end. NumPyro 0.22's enumerated trace
     stacks such steps aligned with ys, so its contraction chained them backwards (a wrong
     log-likelihood); bayes_em orders them by step. Posteriors come in step order."""
-
-    def hmm(ys):
-        init = numpyro.param("init", jnp.ones(K) / K, constraint=constraints.simplex)
-        trans = numpyro.param("trans", jnp.ones((K, K)) / K, constraint=constraints.simplex)
-        emit = numpyro.param("emit", jnp.ones((K, V)) / V, constraint=constraints.simplex)
-
-        def step(z_prev, y):
-            z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
-            numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
-            return z, None
-
-        z0 = numpyro.sample("z0", dist.Categorical(init))
-        scan(step, z0, ys, reverse=True)
 
     rng = np.random.default_rng(9)
     ys = rng.integers(V, size=T)
@@ -357,7 +328,7 @@ def test_reverse_scan_matches_brute_force():
     for z, pr in zip(paths, post):
         marg[np.arange(T + 1), z] += pr
     for hard in (False, True):  # the sum-product (vectorised) and max-product (sequential) traces
-        estep = EM(hmm, progress_bar=False, hard=hard).e_step(p, jnp.asarray(ys))
+        estep = EM(hmm, progress_bar=False, hard=hard).e_step(p, jnp.asarray(ys), reverse=True)
         np.testing.assert_allclose(estep.log_likelihood, logsumexp(logps), rtol=1e-12)
         np.testing.assert_allclose(estep.posterior["z"], marg[1:], atol=1e-12)
         best = paths[int(np.argmax(logps))]
