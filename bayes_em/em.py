@@ -26,6 +26,7 @@ from bayes_em.enumeration import (
     enumerated_model,
     log_factors,
     posterior_weights,
+    time_sizes,
 )
 from bayes_em.mstep import LBFGS, maximize
 from bayes_em.sites import ModelSites
@@ -321,11 +322,7 @@ def latent_posterior(problem, u, data):
 def _time_probes(arrays, metas, latents):
     """{site: (meta, zeros)} for every latent whose factor has a size-1 time dim: a zero factor
     over the site's time dim (full length), plates and own values (observed: not summed)."""
-    sizes = {}
-    for m in metas:
-        for d, n in m.dim_to_name:
-            if n.startswith("_time"):
-                sizes[n] = max(sizes.get(n, 1), m.shape[d])
+    sizes = time_sizes(metas)
     probes = {}
     for m in metas:
         dims = dict(m.dim_to_name)

@@ -51,6 +51,7 @@ __all__ = [
     "site_marginal",
     "chain_marginals",
     "pointwise_log_likelihood",
+    "time_sizes",
 ]
 
 
@@ -405,6 +406,17 @@ def _forward_chain(time, factors, init_vars, markov_dims, others, sum_vars, prod
     return rest + [funsor.Tensor(a_last, out)]
 
 
+def time_sizes(metas):
+    """{time dim name: number of steps}; a factor constant over the steps of a vectorised
+    ``scan`` has a time dim of size 1, so the size is the largest among the factors."""
+    sizes = {}
+    for meta in metas:
+        for dim, name in meta.dim_to_name:
+            if name.startswith("_time"):
+                sizes[name] = max(sizes.get(name, 1), meta.shape[dim])
+    return sizes
+
+
 def _lazy_contraction(arrays, metas, sum_op, prod_op, parallel_time=False):
     log_factors_, sum_vars, prod_vars = [], frozenset(), frozenset()
     time_to_factors = defaultdict(list)
@@ -412,11 +424,7 @@ def _lazy_contraction(arrays, metas, sum_op, prod_op, parallel_time=False):
     time_to_markov_dims = defaultdict(frozenset)
     history = 0
     dim_to_name_of = {m.name: OrderedDict(m.dim_to_name) for m in metas}
-    time_sizes = defaultdict(int)  # a factor constant over time has a time dim of size 1
-    for meta in metas:
-        for dim, name in meta.dim_to_name:
-            if name.startswith("_time"):
-                time_sizes[name] = max(time_sizes[name], arrays[meta.name].shape[dim])
+    sizes = time_sizes(metas)
     for meta in metas:
         dim_to_name = dim_to_name_of[meta.name]
         log_prob = arrays[meta.name]
@@ -426,7 +434,7 @@ def _lazy_contraction(arrays, metas, sum_op, prod_op, parallel_time=False):
         time_dim = None
         for dim, name in dim_to_name.items():
             if name.startswith("_time"):
-                time_dim = funsor.Variable(name, funsor.Bint[time_sizes[name]])
+                time_dim = funsor.Variable(name, funsor.Bint[sizes[name]])
                 history = max(history, max(_get_shift(s) for s in dim_to_name.values()))
                 if history == 0:
                     log_factors_.append(factor)
