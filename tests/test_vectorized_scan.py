@@ -333,3 +333,35 @@ def test_reverse_scan_matches_brute_force():
         np.testing.assert_allclose(estep.posterior["z"], marg[1:], atol=1e-12)
         best = paths[int(np.argmax(logps))]
         np.testing.assert_array_equal(estep.most_probable["z"], best[1:])
+
+
+def test_observed_information_through_the_forward_recursion():
+    """Second derivatives (the diagnostics' forward-over-reverse Hessian) through the forward
+    recursion equal those through funsor's parallel-in-time contraction."""
+    from bayes_em import diagnostics
+
+    def gaussian_hmm(ys):
+        init = numpyro.param("init", jnp.array([0.6, 0.4]), constraint=constraints.simplex)
+        trans = numpyro.param("trans", jnp.array([[0.8, 0.2], [0.3, 0.7]]),
+                              constraint=constraints.simplex)
+        loc = numpyro.param("loc", jnp.array([-1.0, 1.0]))
+        scale = numpyro.param("scale", jnp.ones(2), constraint=constraints.positive)
+
+        def step(z_prev, y):
+            z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
+            numpyro.sample("y", dist.Normal(loc[z], scale[z]), obs=y)
+            return z, None
+
+        z0 = numpyro.sample("z0", dist.Categorical(init))
+        scan(step, z0, ys)
+
+    rng = np.random.default_rng(10)
+    states = np.repeat(rng.integers(2, size=20), 10)
+    ys = jnp.asarray(np.where(states == 1, 2.0, -2.0) + rng.normal(size=states.size))
+    infos = []
+    for parallel_time in (False, True):
+        fit = EM(gaussian_hmm, max_iter=300, progress_bar=False, parallel_time=parallel_time).run(
+            jax.random.PRNGKey(0), ys)
+        infos.append(diagnostics.observed_information(fit))
+    np.testing.assert_allclose(infos[0], infos[1], rtol=1e-8, atol=1e-8)
+    assert np.linalg.eigvalsh(infos[0]).min() > -1e-8  # a maximum (init on the boundary: ~0)
