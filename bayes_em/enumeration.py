@@ -376,12 +376,13 @@ def _forward_chain(time, factors, init_vars, markov_dims, others, sum_vars, prod
         return f.align(present).data.reshape(tuple(size[n] if n in f.inputs else 1 for n in order))
 
     dtype = jnp.result_type(*(p.data for p in parts))
-    const = sum((aligned(p, names) for p in parts if time.name not in p.inputs),
-                jnp.zeros((), dtype))
-    steps = [aligned(p, (time.name,) + names) for p in parts if time.name in p.inputs]
-    m = steps[0] if steps else None
-    for extra in steps[1:]:
-        m = m + extra
+    # at most one part of each kind: C (no time input) and E_t
+    const, m = jnp.zeros((), dtype), None
+    for p in parts:
+        if time.name in p.inputs:
+            m = aligned(p, (time.name,) + names)
+        else:
+            const = aligned(p, names)
     a0 = jnp.broadcast_to(aligned(init, names[:-1]), tuple(size[n] for n in names[:-1]))
     a0 = a0.astype(dtype)
     if sum_op is funsor.ops.logaddexp and jnp.ndim(const) >= 2 and (m is None or m.shape[-2] == 1):
