@@ -14,9 +14,10 @@ from jax import lax
 from numpyro import handlers
 
 from bayes_em import em as core
+from bayes_em.compiled import jit
 from bayes_em.missing import check_missing, marginalize_missing
 from bayes_em.mstep import LBFGS
-from bayes_em.sites import ModelError, ModelSites, discover_sites, split_data
+from bayes_em.sites import ModelSites, discover_sites, split_data
 
 __all__ = ["EM", "EMResult", "EStep", "AscentWarning"]
 
@@ -272,34 +273,33 @@ class EM:
                 from bayes_em.conjugate import detect_closed_forms
 
                 args, kwargs = rebuild(data)
-                init = {p.name: jnp.asarray(p.init) for p in sites.params}
+                init = {p.name: p.init for p in sites.params}
                 problem = problem._replace(closed=detect_closed_forms(problem, init, args, kwargs))
             noise = self.restart_noise
 
             restarts = self.restarts
 
-            def start(u0, data, rng_key):
+            def start(params0, data, rng_key):  # pending states: their first E-step is the loop's
                 if restarts == 1:  # the declared start only
-                    return jax.tree.map(lambda x: x[None], core.init(problem, u0, data))
+                    return jax.tree.map(lambda x: x[None], core.pending(problem, params0, data))
                 keys = jax.random.split(jax.random.fold_in(rng_key, 1), restarts)
 
                 def one(i_key):
                     i, k = i_key
                     u = lax.cond(
                         i == 0,
-                        lambda: u0,
-                        lambda: core.random_start(problem, u0, data, k, noise),
+                        lambda: params0,
+                        lambda: core.random_start(problem, params0, data, k, noise),
                     )
-                    return core.init(problem, u, data)
+                    return core.pending(problem, u, data)
 
                 return lax.map(one, (jnp.arange(keys.shape[0]), keys))
 
             def advance(states, data, stop_at):
                 return lax.map(lambda s: core.run(problem, s, data, stop_at), states)
 
-            def fit(u0, data, rng_key):  # start, run, constrain: one compilation (no bar)
-                states = advance(start(u0, data, rng_key), data, problem.max_iter)
-                return states, jax.vmap(lambda u: core.constrain(problem, u))(states.params)
+            def fit(params0, data, rng_key):  # start and run: one compilation (no bar)
+                return advance(start(params0, data, rng_key), data, problem.max_iter)
 
             def latents(u, data):
                 return core.latent_posterior(problem, u, data), core.most_probable(problem, u, data)
@@ -307,16 +307,11 @@ class EM:
             self._compiled[cache_key] = (
                 problem,
                 dict(
-                    start=jax.jit(start),
-                    advance=jax.jit(advance),
-                    fit=jax.jit(fit),
-                    latents=jax.jit(latents),
-                    e_step=jax.jit(lambda u, data: core.e_step(problem, u, data, "sum")[:2]),
-                    unconstrain=jax.jit(lambda p: core.unconstrain(problem, p)),
-                    constrain=jax.jit(jax.vmap(lambda u: core.constrain(problem, u))),
-                    constrain_history=jax.jit(
-                        jax.vmap(jax.vmap(lambda u: core.constrain(problem, u)))
-                    ),
+                    start=jit(start),
+                    advance=jit(advance),
+                    fit=jit(fit),
+                    latents=jit(latents),
+                    e_step=jit(lambda u, data: core.e_step(problem, u, data, "sum")[:2]),
                 ),
             )
         return self._compiled[cache_key]
@@ -328,18 +323,11 @@ class EM:
         if self.missing:
             check_missing(self._unmarginalized, self.missing, args, kwargs)
         sites = discover_sites(self.model, args, kwargs, init_values, rng_key, self.fixed)
-        init_params = {p.name: jnp.asarray(p.init) for p in sites.params}
+        init_params = {p.name: p.init for p in sites.params}  # host arrays: no transfer
         bare = core.make_problem(self.model, sites, rebuild, self.max_iter, self.tol)
         check_enumeration(bare, init_params, data, self.memory_limit)
         problem, functions = self._functions(sites, rebuild, key, data)
-        u0 = jax.device_get(functions["unconstrain"](init_params))
-        for p in sites.params:  # a boundary value maps to a large finite number; NaN is invalid
-            if np.any(np.isnan(u0[p.name])):
-                raise ModelError(
-                    f"Initial value of site '{p.name}' cannot be mapped to unconstrained space "
-                    f"({p.constraint}); choose a value inside the support."
-                )
-        return problem, functions, u0, data
+        return problem, functions, init_params, data
 
     def e_step(self, params, *args, **kwargs) -> EStep:
         """The exact E-step at ``params`` (constrained values; sites not given take their initial
@@ -347,55 +335,48 @@ class EM:
         from bayes_em.checks import check_initial_density
 
         init_values = {**self.init_values, **params}
-        problem, functions, u, data = self._prepare(
+        problem, functions, params, data = self._prepare(
             jax.random.PRNGKey(0), init_values, args, kwargs
         )
-        log_z, log_prior = functions["e_step"](u, data)
-        check_initial_density(problem, log_z, u, data)
-        posterior, mode = functions["latents"](u, data)
+        log_z, log_prior = functions["e_step"](params, data)
+        check_initial_density(problem, log_z, params, data)
+        posterior, mode = functions["latents"](params, data)
         return EStep(float(log_z - log_prior), float(log_prior), posterior, mode)
 
     def run(self, rng_key, *args, **kwargs) -> EMResult:
         """Fit the model to the data in ``args`` / ``kwargs`` (passed on to the model)."""
         from bayes_em.checks import check_initial_density
 
-        problem, functions, u0, data = self._prepare(rng_key, self.init_values, args, kwargs)
-        restart_params = None
+        problem, functions, params0, data = self._prepare(rng_key, self.init_values, args, kwargs)
         if self.progress_bar:
-            states = functions["start"](u0, data, rng_key)
-            check_initial_density(problem, _first_objective(states), u0, data)
+            states = functions["start"](params0, data, rng_key)
+            states = functions["advance"](states, data, 0)  # the first E-step only
+            check_initial_density(problem, _first_objective(states), params0, data)
             states = self._iterate(functions["advance"], states, data)
         else:
-            states, restart_params = functions["fit"](u0, data, rng_key)
-            check_initial_density(problem, _first_objective(states), u0, data)
-        return self._result(problem, states, data, functions, restart_params)
+            states = functions["fit"](params0, data, rng_key)
+            check_initial_density(problem, _first_objective(states), params0, data)
+        return self._result(problem, states, data, functions)
 
     def _iterate(self, advance, states, data):
-        if not self.progress_bar:
-            return advance(states, data, self.max_iter)
+        """Advance in chunks of about 1% of ``max_iter``, updating a tqdm bar in between (the
+        bar reads the states on the host: no eager JAX operation)."""
         from tqdm.auto import tqdm
 
         chunk = max(1, self.max_iter // 100)
         with tqdm(total=self.max_iter, desc="EM", unit="it") as bar:
             done = 0
-            while done < self.max_iter and bool(jnp.any(states.status == core.RUNNING)):
+            while done < self.max_iter and np.any(np.asarray(states.status) == core.RUNNING):
                 done = min(done + chunk, self.max_iter)
                 states = advance(states, data, done)
-                n = int(jnp.max(states.n_iter))
-                bar.update(n - bar.n)
-                bar.set_postfix(objective=f"{float(jnp.nanmax(states.objective)):.6g}")
+                bar.update(int(np.max(np.asarray(states.n_iter))) - bar.n)
+                bar.set_postfix(objective=f"{np.nanmax(np.asarray(states.objective)):.6g}")
         return states
 
-    def _result(self, problem, states, data, functions, restart_params=None):
-        if restart_params is None:
-            restart_params = functions["constrain"](states.params)
-        restart_params = jax.device_get(restart_params)
-        param_history = (
-            jax.device_get(functions["constrain_history"](states.param_history))
-            if self.record_params
-            else None
-        )
+    def _result(self, problem, states, data, functions):
         states = jax.device_get(states)
+        restart_params = states.params
+        param_history = states.param_history if self.record_params else None
         objective = np.asarray(states.objective)
         finite = np.isfinite(objective)
         if not finite.any():
@@ -413,10 +394,10 @@ class EM:
             if self.strict:
                 raise RuntimeError(msg)
             warnings.warn(msg, AscentWarning, stacklevel=3)
-        u_best = jax.tree.map(lambda x: x[best], states.params)
+        params_best = {k: v[best] for k, v in restart_params.items()}
         history = np.asarray(states.history)
         return EMResult(
-            params={k: v[best] for k, v in restart_params.items()},
+            params=params_best,
             objective=float(objective[best]),
             log_likelihood=float(objective[best] - states.log_prior[best]),
             log_prior=float(states.log_prior[best]),
@@ -436,7 +417,7 @@ class EM:
             },
             n_evals=np.asarray(states.n_evals),
             n_accepted=np.asarray(states.n_accepted),
-            latents=functools.partial(functions["latents"], u_best, data),
+            latents=functools.partial(functions["latents"], params_best, data),
             sites=problem.sites,
             problem=problem,
             data=tuple(data),

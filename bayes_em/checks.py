@@ -87,12 +87,12 @@ def _dims(metas, name):
     return [f"{n}={meta.shape[d]}" for d, n in meta.dim_to_name]
 
 
-def check_initial_density(problem, objective, u, data):
+def check_initial_density(problem, objective, params, data):
     """Raise if ``objective`` = log p(X|θ_0) + log p(θ_0) is not finite, naming the sites
     responsible (found by an eager evaluation of the log-factors, on this failure path only)."""
     if np.isfinite(np.asarray(objective)):
         return
-    arrays, _ = core._factors(problem, u, data)
+    arrays, _ = core._factors(problem, params, data)
     bad = [f"'{k}' (NaN or +inf)" for k, a in arrays.items()
            if np.isnan(a).any() or np.isposinf(a).any()]
     if not bad:

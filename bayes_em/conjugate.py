@@ -35,6 +35,7 @@ from numpyro.distributions import constraints
 from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import substitute
 
+from bayes_em.compiled import jit
 from bayes_em.enumeration import is_plate_weight
 from bayes_em.vectorized_scan import vectorize_scan
 
@@ -235,42 +236,47 @@ def detect_closed_forms(problem, params, args, kwargs):
                     out[name]["value"] = site["value"]
         return out
 
+    bases = {}  # site -> its distribution (unwrapped), captured while tracing
+
     def family_args(p):
         out = {}
         for name, site in trace_at(p).items():
-            if site["type"] == "sample" and name not in param_names:
-                base = _unwrap(site["fn"])[0]
-                out[name] = {f: _arg(base, f) for f, spec in _FAMILIES.items()
-                             if isinstance(base, spec[0])}
+            if site["type"] == "sample":
+                bases[name] = base = _unwrap(site["fn"])[0]
+                if name not in param_names:
+                    out[name] = {f: _arg(base, f) for f, spec in _FAMILIES.items()
+                                 if isinstance(base, spec[0])}
         return out
 
-    # jit-compiled once each: eager tracing of an enumerated model is slow
-    def to_numpy(f):
-        return lambda *a: jax.tree.map(np.asarray, f(*a))
+    def probe(p, tangents):
+        """The family arguments at ``p``, and for each tangent row which distribution leaves
+        move along it (one JVP per row, reduced to a flag in the program)."""
 
-    tangent_of = to_numpy(jax.jit(lambda p, t: jax.jvp(dependencies, (p,), (t,))[1]))
-    args_at = to_numpy(jax.jit(family_args))
-    bases = {}
+        def moved(t):
+            primal, dot = jax.jvp(dependencies, (p,), (t,))
+            return jax.tree.map(lambda x, d: jnp.any(d != 0) if jnp.issubdtype(x.dtype, jnp.inexact)
+                                else jnp.zeros((), bool), primal, dot)
 
-    def capture_bases(p):
-        for name, site in trace_at(p).items():
-            if site["type"] == "sample":
-                bases[name] = _unwrap(site["fn"])[0]
-        return jnp.zeros(())
+        return family_args(p), jax.vmap(moved)(tangents)
 
-    jax.eval_shape(capture_bases, params)  # distribution types, without running anything
-    args_now = args_at(params)
+    # one compiled program answers every question below: eager tracing of an enumerated model
+    # is slow, and every program costs its own XLA compilation
+    compiled_probe = jit(probe)
     params = jax.tree.map(np.asarray, params)
     np_rng = np.random.default_rng(0)
+    tangents = {k: np.zeros((len(sites.params),) + np.shape(v), v.dtype) for k, v in params.items()}
+    for i, p in enumerate(sites.params):  # row i: a random tangent on parameter i alone
+        tangents[p.name][i] = np_rng.standard_normal(np.shape(params[p.name]))
+
+    def args_at(p):
+        return jax.tree.map(np.asarray, compiled_probe(p, tangents)[0])
+
+    args_now, moved = jax.tree.map(np.asarray, compiled_probe(params, tangents))
     plans = []
-    for p in sites.params:
-        # where does θ enter? one JVP with a random tangent on θ alone
-        tangent = jax.tree.map(np.zeros_like, params)
+    for i, p in enumerate(sites.params):
+        # where does θ enter? the leaves that move along row i's tangent
         value = params[p.name]
-        tangent[p.name] = np_rng.standard_normal(np.shape(value)).astype(value.dtype)
-        dots = tangent_of(params, tangent)
-        users = {(s, leaf) for s, leaves in dots.items() for leaf, d in leaves.items()
-                 if np.issubdtype(d.dtype, np.inexact) and np.any(d != 0)}
+        users = {(s, leaf) for s, leaves in moved.items() for leaf, m in leaves.items() if m[i]}
         user_sites = sorted({s for s, _ in users})
         if not user_sites or any(s in param_names for s in user_sites):
             continue

@@ -78,11 +78,11 @@ def _metas(result):
     def build():
         box = {}
 
-        def factors(u, data):
-            arrays, box["metas"] = core._factors(result.problem, u, data)
+        def factors(params, data):
+            arrays, box["metas"] = core._factors(result.problem, params, data)
             return arrays
 
-        jax.eval_shape(factors, core.unconstrain(result.problem, result.params), result.data)
+        jax.eval_shape(factors, dict(result.params), result.data)
         return box["metas"]
 
     return _cached(result, "metas", build)
@@ -108,18 +108,21 @@ def _functions(result) -> _Functions:
         _, unravel_c = ravel_pytree(dict(result.params))
         drop = _map_sites(problem)
 
+        def params(v):
+            return core.constrain(problem, unravel(v))
+
         def objective(v, data):
-            return core.e_step(problem, unravel(v), data, semiring="sum")[0]
+            return core.e_step(problem, params(v), data, semiring="sum")[0]
 
         def constrained(v):
-            return ravel_pytree(core.constrain(problem, unravel(v)))[0]
+            return ravel_pytree(params(v))[0]
 
         def pointwise(v, data):
-            arrays, metas = core._factors(problem, unravel(v), data)
+            arrays, metas = core._factors(problem, params(v), data)
             return _pointwise(arrays, metas, plate, drop)
 
         def log_prior(v, data):
-            return core._log_prior(problem, core._factors(problem, unravel(v), data)[0])
+            return core._log_prior(problem, core._factors(problem, params(v), data)[0])
 
         # lax.map, not vmap, over draws: batched linear algebra under vmap has hung on CPU.
         return _Functions(
@@ -293,7 +296,7 @@ def posterior_entropy(result, restart=None) -> float:
     """H[p(Z | X, θ̂)] = log p(X|θ̂) − E_q[log p(X, Z | θ̂)], exact for any factor graph; the
     expectation is Σ_f ⟨w_f, log f⟩ over the likelihood factors (MAP priors left out)."""
     problem = result.problem
-    arrays, metas = core._factors(problem, core.unconstrain(problem, _params(result, restart)), result.data)
+    arrays, metas = core._factors(problem, _params(result, restart), result.data)
     log_z, weights = posterior_weights(arrays, metas, "sum")
     drop = set(_map_sites(problem))
     expected = sum(
@@ -339,9 +342,9 @@ def lower_bound_trace(result, n_iter=None) -> dict:
     if n < 1:
         raise ValueError(f"n_iter must be >= 1, got {n}.")
 
-    def go(u0, data):
-        def expected(u, weights, log_prior):  # E_q[log p(X, Z | θ)] (weights hold q)
-            return core.q_function(problem, u, weights, data) - log_prior
+    def go(params0, data):
+        def expected(params, weights, log_prior):  # E_q[log p(X, Z | θ)] (weights hold q)
+            return core.q_function(problem, params, weights, data) - log_prior
 
         def body(state, _):
             new = core.step(problem, state, data)
@@ -351,14 +354,13 @@ def lower_bound_trace(result, n_iter=None) -> dict:
             ll_next = new.objective - new.log_prior
             return new, (ll_next, new.log_prior, bound, ll_next - bound, new.params)
 
-        state = core.init(problem, u0, data)
-        _, (ll, lp, bound, gap, u) = jax.lax.scan(body, state, None, length=n)
-        u = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), u0, u)
-        params = jax.vmap(lambda v: core.constrain(problem, v))(u)
+        state = core.init(problem, params0, data)
+        _, (ll, lp, bound, gap, params) = jax.lax.scan(body, state, None, length=n)
+        params = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), params0, params)
         return state.objective - state.log_prior, state.log_prior, ll, lp, bound, gap, params
 
-    u0 = core.unconstrain(problem, {p.name: jnp.asarray(p.init) for p in problem.sites.params})
-    ll0, lp0, ll, lp, bound, gap, params = jax.jit(go)(u0, result.data)
+    params0 = {p.name: p.init for p in problem.sites.params}
+    ll0, lp0, ll, lp, bound, gap, params = jax.jit(go)(params0, result.data)
     return {
         "log_likelihood": np.concatenate([[float(ll0)], np.asarray(ll)]),
         "log_prior": np.concatenate([[float(lp0)], np.asarray(lp)]),

@@ -5,7 +5,8 @@
 
 ``init`` builds an :class:`EMState`, ``step`` does one iteration, ``run`` iterates under
 ``lax.while_loop`` until the relative change of log p(X|θ) + log p(θ) drops below ``tol`` or
-``max_iter`` iterations are done. With ``hard=True`` the E-step is max-product: all weight on the
+``max_iter`` iterations are done. ``pending`` is a state whose first E-step is left to the loop's
+first pass, so that a compiled fit holds the E-step once. With ``hard=True`` the E-step is max-product: all weight on the
 most probable configuration (K-means, Viterbi training).
 """
 
@@ -41,6 +42,7 @@ __all__ = [
     "EMProblem",
     "EMState",
     "make_problem",
+    "pending",
     "constrain",
     "unconstrain",
     "e_step",
@@ -56,13 +58,14 @@ __all__ = [
     "most_probable",
 ]
 
-RUNNING, CONVERGED, MAX_ITER, NONFINITE, DECREASED = 0, 1, 2, 3, 4
+RUNNING, CONVERGED, MAX_ITER, NONFINITE, DECREASED, PENDING = 0, 1, 2, 3, 4, 5
 STATUS = {
     RUNNING: "running",
     CONVERGED: "converged",
     MAX_ITER: "max_iter",
     NONFINITE: "nonfinite",
     DECREASED: "decreased",
+    PENDING: "pending",  # the first E-step is not done yet
 }
 
 
@@ -84,7 +87,7 @@ class EMProblem(NamedTuple):
 
 
 class EMState(NamedTuple):
-    params: dict  # unconstrained parameters θ_t
+    params: dict  # parameters θ_t (constrained values: the model's own parametrisation)
     objective: Any  # log p(X|θ_t) + log p(θ_t)  (max_Z log p(X,Z|θ_t) + log p(θ_t) if hard)
     log_prior: Any  # log p(θ_t)
     weights: dict  # E-step weights at θ_t
@@ -94,7 +97,7 @@ class EMState(NamedTuple):
     history: Any  # (max_iter + 1, 2): objective and log prior after each iteration
     n_evals: Any = 0  # EM maps evaluated (M-steps); 3 per iteration under SQUAREM
     n_accepted: Any = 0  # SQUAREM extrapolations accepted
-    param_history: Any = ()  # {site: (max_iter + 1, ...)} unconstrained θ_t, if recorded
+    param_history: Any = ()  # {site: (max_iter + 1, ...)} θ_t, if recorded
 
 
 def make_problem(model, sites, rebuild, max_iter, tol, hard=False, strict=False, solver=LBFGS()):
@@ -112,23 +115,27 @@ def make_problem(model, sites, rebuild, max_iter, tol, hard=False, strict=False,
 
 
 def constrain(problem, u):
-    return {p.name: biject_to(p.constraint)(u[p.name]) for p in problem.sites.params}
+    """Constrained values of the sites in ``u`` (unconstrained)."""
+    return {p.name: biject_to(p.constraint)(u[p.name]) for p in problem.sites.params if p.name in u}
 
 
 def unconstrain(problem, params):
-    """Unconstrained values; a value on the boundary (a zero probability from a closed-form
-    update) maps to a large finite number whose constrained image is that boundary value."""
+    """Unconstrained values of the sites in ``params``; a value on the boundary (a zero
+    probability from a closed-form update) maps to a large finite number whose constrained
+    image is that boundary value."""
     out = {}
     for p in problem.sites.params:
-        u = biject_to(p.constraint).inv(params[p.name])
-        big = 2 * float(np.log(jnp.finfo(jnp.result_type(u)).max))
-        out[p.name] = jnp.nan_to_num(u, nan=jnp.nan, posinf=big, neginf=-big)
+        if p.name in params:
+            u = biject_to(p.constraint).inv(params[p.name])
+            big = 2 * float(np.log(jnp.finfo(jnp.result_type(u)).max))
+            out[p.name] = jnp.nan_to_num(u, nan=jnp.nan, posinf=big, neginf=-big)
     return out
 
 
-def _factors(problem, u, data, vectorized=False):
+def _factors(problem, params, data, vectorized=False):
     args, kwargs = problem.rebuild(data)
-    return log_factors(problem.enum_model, constrain(problem, u), args, kwargs, vectorized)
+    params = {k: jnp.asarray(v) for k, v in params.items()}  # host arrays index like the model's
+    return log_factors(problem.enum_model, params, args, kwargs, vectorized)
 
 
 def _log_prior(problem, arrays):
@@ -138,17 +145,17 @@ def _log_prior(problem, arrays):
     )
 
 
-def e_step(problem, u, data, semiring=None):
-    """``(log Z, log p(θ), weights)`` at ``u``; log Z = log p(X|θ) + log p(θ)."""
+def e_step(problem, params, data, semiring=None):
+    """``(log Z, log p(θ), weights)`` at θ = ``params``; log Z = log p(X|θ) + log p(θ)."""
     semiring = semiring or ("max" if problem.hard else "sum")
-    arrays, metas = _factors(problem, u, data, vectorized=semiring == "sum")
+    arrays, metas = _factors(problem, params, data, vectorized=semiring == "sum")
     log_z, weights = posterior_weights(arrays, metas, semiring, problem.parallel_time)
     return log_z, _log_prior(problem, arrays), weights
 
 
-def q_function(problem, u, weights, data):
+def q_function(problem, params, weights, data):
     """Q(θ; θ_t) + log p(θ) = Σ_f ⟨w_f, log f(θ)⟩ (weights held fixed)."""
-    arrays, _ = _factors(problem, u, data, vectorized=True)
+    arrays, _ = _factors(problem, params, data, vectorized=True)
     weights = jax.lax.stop_gradient(weights)
     return sum(jnp.sum(weights[k] * jnp.where(weights[k] > 0, arrays[k], 0.0)) for k in weights)
 
@@ -157,43 +164,62 @@ def _roundoff(x):
     return 100 * jnp.finfo(jnp.result_type(x)).eps * jnp.maximum(1.0, jnp.abs(x))
 
 
-def init(problem, u, data):
-    """The state at θ_0 = ``u`` (unconstrained), after its first E-step."""
-    objective, log_prior, weights = e_step(problem, u, data)
-    history = jnp.full((problem.max_iter + 1, 2), jnp.nan, jnp.result_type(objective))
-    history = history.at[0].set(jnp.stack([objective, log_prior]))
-    status = jnp.where(jnp.isfinite(objective), RUNNING, NONFINITE)
+def pending(problem, params, data):
+    """The state at θ_0 = ``params`` before its first E-step: ``step`` does that E-step alone
+    (no M-step), and ``run`` always does it."""
+    shapes = jax.eval_shape(lambda: e_step(problem, params, data))  # traced only: nothing runs
+    objective = jnp.full((), jnp.nan, shapes[0].dtype)
+    weights = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[2])
+    history = jnp.full((problem.max_iter + 1, 2), jnp.nan, shapes[0].dtype)
     zero = jnp.zeros((), jnp.int32)
-    params = {}
+    recorded = {}
     if problem.record_params:
-        params = {k: jnp.full((problem.max_iter + 1,) + jnp.shape(v), jnp.nan, jnp.result_type(v))
-                  .at[0].set(v) for k, v in u.items()}
-    return EMState(u, objective, log_prior, weights, zero, status, zero, history, zero, zero, params)
+        recorded = {k: jnp.full((problem.max_iter + 1,) + jnp.shape(v), jnp.nan, jnp.result_type(v))
+                    for k, v in params.items()}
+    status = jnp.asarray(PENDING, jnp.int32)
+    return EMState(params, objective, objective, weights, zero, status, zero, history, zero, zero,
+                   recorded)
 
 
-def m_step(problem, u, weights, data):
+def init(problem, params, data):
+    """The state at θ_0 = ``params``, after its first E-step."""
+    return step(problem, pending(problem, params, data), data)
+
+
+def _as_represented(problem, params):
+    """Closed-form values as the unconstrained parametrisation represents them, so that a site's
+    objective does not depend on its M-step path: the simplex and sigmoid transforms keep a zero
+    probability at the smallest normal float, where a flat Dirichlet or Beta prior's (α−1) log p
+    is 0 rather than NaN. Matrix constraints (covariances) are left as they are: their round trip
+    is a Cholesky factorisation, the costliest part of a compiled fit, for no boundary value."""
+    cheap = {p.name for p in problem.sites.params if p.name in params and p.constraint.event_dim < 2}
+    return constrain(problem, unconstrain(problem, {k: params[k] for k in cheap}))
+
+
+def m_step(problem, params, weights, data):
     """θ_{t+1}: closed-form updates for the planned parameters (in order, each conditional on
-    the ones before), then L-BFGS on Q + log p over the rest, with the closed-form ones fixed."""
+    the ones before), then L-BFGS on Q + log p over the rest in unconstrained space, with the
+    closed-form ones fixed."""
     closed = {c.param for c in problem.closed}
     if closed:
         args, kwargs = problem.rebuild(data)
-        params = closed_form_update(problem, problem.closed, constrain(problem, u), weights, args, kwargs)
-        u = {**u, **{k: v for k, v in unconstrain(problem, params).items() if k in closed}}
-    numeric = [p.name for p in problem.sites.params if p.name not in closed]
+        params = closed_form_update(problem, problem.closed, params, weights, args, kwargs)
+        params = {**params, **_as_represented(problem, {k: params[k] for k in closed})}
+    numeric = {p.name: params[p.name] for p in problem.sites.params if p.name not in closed}
     if numeric:
         sub, _ = maximize(
-            lambda v: q_function(problem, {**u, **v}, weights, data),
-            {k: u[k] for k in numeric},
+            lambda v: q_function(problem, {**params, **constrain(problem, v)}, weights, data),
+            unconstrain(problem, numeric),
             problem.solver,
         )
-        u = {**u, **sub}
-    return u
+        params = {**params, **constrain(problem, sub)}
+    return params
 
 
-def em_map(problem, u, weights, data):
-    """The EM map θ ↦ F(θ) with the E-step at F(θ): ``(u, objective, log_prior, weights)``."""
-    u = m_step(problem, u, weights, data)
-    return (u, *e_step(problem, u, data))
+def em_map(problem, params, weights, data):
+    """The EM map θ ↦ F(θ) with the E-step at F(θ): ``(θ, objective, log_prior, weights)``."""
+    params = m_step(problem, params, weights, data)
+    return (params, *e_step(problem, params, data))
 
 
 def squarem(problem, state, data):
@@ -202,21 +228,21 @@ def squarem(problem, state, data):
         r = F(θ) − θ,  v = F(F(θ)) − 2F(θ) + θ,  α = −‖r‖/‖v‖ ≤ −1,
         θ' = F(θ − 2αr + α²v),
 
-    kept only if its objective is finite and at least that of F(F(θ)) (so ascent holds).
-    Returns ``(u, objective, log_prior, weights, accepted)``.
+    in unconstrained coordinates, kept only if its objective is finite and at least that of
+    F(F(θ)) (so ascent holds). Returns ``(θ, objective, log_prior, weights, accepted)``.
     """
-    u0 = state.params
-    one = em_map(problem, u0, state.weights, data)
+    one = em_map(problem, state.params, state.weights, data)
     two = em_map(problem, one[0], one[3], data)
-    r = jax.tree.map(lambda a, b: a - b, one[0], u0)
-    v = jax.tree.map(lambda c, b, a: c - 2 * b + a, two[0], one[0], u0)
+    u0, u1, u2 = (unconstrain(problem, p) for p in (state.params, one[0], two[0]))
+    r = jax.tree.map(lambda a, b: a - b, u1, u0)
+    v = jax.tree.map(lambda c, b, a: c - 2 * b + a, u2, u1, u0)
     sq = lambda t: sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t))  # noqa: E731
     rr, vv = sq(r), sq(v)
     alpha = jnp.where(vv > 0, -jnp.sqrt(rr / jnp.where(vv > 0, vv, 1.0)), -1.0)
     alpha = jnp.minimum(alpha, -1.0)
-    u_ext = jax.tree.map(lambda a, b, c: a - 2 * alpha * b + alpha**2 * c, u0, r, v)
-    _, _, w_ext = e_step(problem, u_ext, data)
-    three = em_map(problem, u_ext, w_ext, data)
+    ext = constrain(problem, jax.tree.map(lambda a, b, c: a - 2 * alpha * b + alpha**2 * c, u0, r, v))
+    _, _, w_ext = e_step(problem, ext, data)
+    three = em_map(problem, ext, w_ext, data)
     ok = jnp.isfinite(three[1]) & (three[1] >= two[1]) & jnp.all(
         jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(three[0])])
     )
@@ -226,30 +252,40 @@ def squarem(problem, state, data):
 
 def step(problem, state, data):
     """One EM iteration: M-step from the state's weights, then the E-step at the new θ
-    (with ``problem.accelerate``: one SQUAREM cycle of three EM maps)."""
+    (with ``problem.accelerate``: one SQUAREM cycle of three EM maps). A pending state gets its
+    first E-step only; the M-step sits in a ``lax.cond``, so the E-step is compiled once."""
+    first = state.status == PENDING
     if problem.accelerate:
-        u, objective, log_prior, weights, accepted = squarem(problem, state, data)
+        def first_e_step():
+            return (state.params, *e_step(problem, state.params, data), jnp.zeros((), bool))
+
+        params, objective, log_prior, weights, accepted = lax.cond(
+            first, first_e_step, lambda: squarem(problem, state, data)
+        )
         evals = 3
     else:
-        u, objective, log_prior, weights = em_map(problem, state.params, state.weights, data)
+        params = lax.cond(first, lambda: state.params,
+                          lambda: m_step(problem, state.params, state.weights, data))
+        objective, log_prior, weights = e_step(problem, params, data)
         accepted, evals = jnp.zeros((), bool), 1
     finite = jnp.isfinite(objective)
     change = objective - state.objective
-    decreased = finite & (change < -_roundoff(state.objective))
+    decreased = ~first & finite & (change < -_roundoff(state.objective))
     tol = problem.tol
     if tol > 0:
         tol = max(tol, 4 * float(jnp.finfo(jnp.result_type(objective)).eps))
-        converged = jnp.abs(change) <= tol * jnp.abs(state.objective)
+        converged = ~first & (jnp.abs(change) <= tol * jnp.abs(state.objective))
     else:
         converged = jnp.zeros((), bool)
-    n_iter = state.n_iter + 1
+    n_iter = state.n_iter + jnp.where(first, 0, 1).astype(jnp.int32)
+    evals = jnp.where(first, 0, evals).astype(jnp.int32)
     status = jnp.select(
-        [~finite, decreased & problem.strict, converged, n_iter >= problem.max_iter],
+        [~finite, decreased & problem.strict, converged, ~first & (n_iter >= problem.max_iter)],
         [NONFINITE, DECREASED, CONVERGED, MAX_ITER],
         RUNNING,
-    )
+    ).astype(jnp.int32)
     new = EMState(
-        u,
+        params,
         objective,
         log_prior,
         weights,
@@ -259,7 +295,7 @@ def step(problem, state, data):
         state.history.at[n_iter].set(jnp.stack([objective, log_prior])),
         state.n_evals + evals,
         state.n_accepted + accepted.astype(jnp.int32),
-        {k: h.at[n_iter].set(u[k]) for k, h in state.param_history.items()},
+        {k: h.at[n_iter].set(params[k]) for k, h in state.param_history.items()},
     )
     # A non-finite objective keeps the last finite parameters: no fit returns NaN.
     keep = jax.tree.map(lambda old, nw: jnp.where(finite, nw, old), state, new)
@@ -267,23 +303,24 @@ def step(problem, state, data):
 
 
 def run(problem, state, data, stop_at=None):
-    """Iterate ``step`` until the state stops running (or ``n_iter`` reaches ``stop_at``)."""
+    """Iterate ``step`` until the state stops running (or ``n_iter`` reaches ``stop_at``); a
+    pending state always gets its first E-step."""
     stop_at = problem.max_iter if stop_at is None else stop_at
     return lax.while_loop(
-        lambda s: (s.status == RUNNING) & (s.n_iter < stop_at),
+        lambda s: (s.status == PENDING) | ((s.status == RUNNING) & (s.n_iter < stop_at)),
         lambda s: step(problem, s, data),
         state,
     )
 
 
-def random_start(problem, u, data, rng_key, noise=1.0):
+def random_start(problem, params, data, rng_key, noise=1.0):
     """θ from one M-step under random posterior weights (random responsibilities).
 
     The weights come from enumerating the model with the observed factors switched off and
     Gumbel noise of scale ``noise`` added to every latent factor, so they stay consistent
     (marginals of one joint distribution over the latents) whatever the model's structure.
     """
-    arrays, metas = _factors(problem, u, data)
+    arrays, metas = _factors(problem, params, data)
     latents = set(problem.sites.latents)
     keys = jax.random.split(rng_key, len(metas))
     noisy = {k: v for k, v in arrays.items() if k.startswith(WEIGHT)}  # plate weights kept
@@ -296,17 +333,17 @@ def random_start(problem, u, data, rng_key, noise=1.0):
         else:
             noisy[meta.name] = a
     _, weights = posterior_weights(noisy, metas, "sum", problem.parallel_time)
-    return m_step(problem, u, weights, data)
+    return m_step(problem, params, weights, data)
 
 
-def latent_posterior(problem, u, data):
+def latent_posterior(problem, params, data):
     """Posterior marginal of every latent site: plates first, then the site's values.
 
     A latent whose factor is constant over the steps of a vectorised ``scan`` has weights summed
     over time; its marginal at each step comes from a zero "probe" factor over (time, plates,
     latent), whose weight is exactly that marginal.
     """
-    arrays, metas = _factors(problem, u, data, vectorized=True)
+    arrays, metas = _factors(problem, params, data, vectorized=True)
     probes = _time_probes(arrays, metas, set(problem.sites.latents))
     probe_arrays = {"@probe:" + m.name: a for m, a in probes.values()}
     probe_metas = tuple(m._replace(name="@probe:" + m.name) for m, _ in probes.values())
@@ -339,10 +376,10 @@ def _time_probes(arrays, metas, latents):
     return probes
 
 
-def most_probable(problem, u, data):
+def most_probable(problem, params, data):
     """The jointly most probable value of every latent site (max-product; among tied optima one
     is chosen by a fixed random tie-break, see ``enumeration._one_optimum``)."""
-    arrays, metas = _factors(problem, u, data)
+    arrays, metas = _factors(problem, params, data)
     _, weights = posterior_weights(arrays, metas, "max", problem.parallel_time)
     order = problem.sites.plate_order
     return {

@@ -31,6 +31,7 @@ from numpyro.contrib.funsor.infer_util import (
     plate_to_enum_plate,
 )
 from numpyro.distributions.util import is_identically_one
+from numpyro.distributions.distribution import validation_enabled
 from funsor.ops import UNITS
 from funsor.sum_product import _partition
 
@@ -145,7 +146,9 @@ def log_factors(enum_model, params, args, kwargs, vectorized=False):
     weight is summed over time. Sum-product only: the max-product weights of one optimal path
     need the time-resolved factors.
     """
-    with plate_to_enum_plate(), vectorize_scan(vectorized=vectorized):
+    # NumPyro's argument validation only checks arguments built from constants, eagerly, one
+    # small XLA compilation per check; the initial density check covers what it would catch
+    with plate_to_enum_plate(), vectorize_scan(vectorized=vectorized), validation_enabled(False):
         tr = packed_trace(substitute(enum_model, data=params)).get_trace(*args, **kwargs)
     arrays, metas, weights, scales = {}, [], {}, {}
     for site in tr.values():

@@ -18,6 +18,8 @@ from numpyro.distributions import constraints
 from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import seed, substitute, trace
 
+from bayes_em.compiled import jit
+
 __all__ = ["ParamSite", "ModelSites", "ModelError", "discover_sites"]
 
 
@@ -139,7 +141,7 @@ def _traced_values(model, data, rebuild, key, init_values, rng_key, fixed):
 
         try:
             hash(cache_key)
-            _TRACERS[cache_key] = (jax.jit(traced), box)
+            _TRACERS[cache_key] = (jit(traced), box)
         except TypeError:
             return _traced_values_uncached(traced, box, data, init_values, rng_key)
     fn, box = _TRACERS[cache_key]
@@ -148,7 +150,7 @@ def _traced_values(model, data, rebuild, key, init_values, rng_key, fixed):
 
 
 def _traced_values_uncached(traced, box, data, init_values, rng_key):
-    numbers = jax.device_get(jax.jit(traced)(data, init_values, rng_key))
+    numbers = jax.device_get(jit(traced)(data, init_values, rng_key))
     return box["trace"], numbers
 
 

@@ -70,6 +70,26 @@ def test_progress_bar_on_by_default(capsys):
     assert "EM" in err and "objective=" in err
 
 
+def test_progress_bar_fit_starts_from_the_exact_initial_objective():
+    """With the bar on, the first E-step runs alone before the chunks: history[0] is
+    log p(X|θ_0) + log p(θ_0) at the declared start (computed here with scipy), and every later
+    entry is one EM iteration, the trajectory of the fit compiled as one program."""
+    from scipy.special import logsumexp
+    from scipy.stats import dirichlet, invgamma, norm
+
+    x = np.asarray(data())
+    bar = EM(mixture, max_iter=25, tol=0.0).run(jax.random.PRNGKey(0), jnp.asarray(x), K=3)
+    w0, loc0 = np.ones(3) / 3, np.linspace(-1.0, 1.0, 3)  # prior mean, declared init, scale 1
+    ll0 = np.sum(logsumexp(norm.logpdf(x[:, None], loc0, 1.0) + np.log(w0), axis=1))
+    lp0 = dirichlet.logpdf(w0, 2.0 * np.ones(3)) + 3 * invgamma.logpdf(1.0, 2.0, scale=1.0)
+    np.testing.assert_allclose(bar.history["log_likelihood"][0, 0], ll0, rtol=1e-12)
+    np.testing.assert_allclose(bar.history["log_prior"][0, 0], lp0, rtol=1e-12)
+    assert bar.n_iter == 25 and bar.n_evals[0] == 25
+    plain = EM(mixture, max_iter=25, tol=0.0, progress_bar=False).run(
+        jax.random.PRNGKey(0), jnp.asarray(x), K=3)
+    np.testing.assert_allclose(bar.history["objective"], plain.history["objective"], rtol=1e-10)
+
+
 def test_second_run_with_same_shapes_does_not_recompile():
     em = EM(mixture, max_iter=10, progress_bar=False)
     em.run(jax.random.PRNGKey(0), data(0), K=3)

@@ -163,11 +163,10 @@ def test_homogeneous_transition_factor_is_not_repeated_over_time():
     ys = jnp.asarray(np.random.default_rng(4).integers(V, size=50))
     fit = EM(hmm_from_state0, max_iter=2, progress_bar=False).run(jax.random.PRNGKey(0), ys)
     problem = fit.problem
-    u = core.unconstrain(problem, fit.params)
-    arrays, metas = core._factors(problem, u, fit.data, vectorized=True)
+    arrays, metas = core._factors(problem, fit.params, fit.data, vectorized=True)
     shapes = {m.name: m.shape for m in metas}
     assert shapes["z"][0] == 1 and shapes["y"][0] == 49  # the first step is unrolled
-    sequential, _ = core._factors(problem, u, fit.data)
+    sequential, _ = core._factors(problem, fit.params, fit.data)
     assert sequential["z"].shape[0] == 49
     np.testing.assert_allclose(np.broadcast_to(arrays["z"], sequential["z"].shape),
                                sequential["z"], rtol=1e-12)
@@ -269,14 +268,14 @@ def test_two_slice_marginals_match_brute_force():
     fit = EM(hmm, init_values=p, max_iter=1, progress_bar=False).run(
         jax.random.PRNGKey(0), jnp.asarray(ys))
     problem = fit.problem
-    u = core.unconstrain(problem, {k: jnp.asarray(v) for k, v in p.items()})
+    params = {k: jnp.asarray(v) for k, v in p.items()}
 
     def aligned(weight, meta, order):
         f = funsor.to_funsor(weight, output=funsor.Real, dim_to_name=OrderedDict(meta.dim_to_name))
         return np.asarray(f.align(tuple(n for n in order if n in f.inputs)).data)
 
     for vectorized in (False, True):
-        arrays, metas = core._factors(problem, u, fit.data, vectorized=vectorized)
+        arrays, metas = core._factors(problem, params, fit.data, vectorized=vectorized)
         _, w = posterior_weights(arrays, metas)
         by_name = {m.name: m for m in metas}
         first = aligned(w["_PREV_z"], by_name["_PREV_z"], ("z0", "_PREV_z"))
