@@ -188,7 +188,8 @@ class EM:
     :param init_values: dict of constrained initial values, overriding any site's.
     :param mstep: settings of the numeric M-step (:class:`bayes_em.LBFGS`).
     :param strict: raise if the objective ever decreases (default: warn).
-    :param progress_bar: show a tqdm bar with the iteration and the best objective.
+    :param progress_bar: show a tqdm bar with the iteration and the objective of the restart
+        being fitted (updated from inside the compiled loop by a host callback).
     :param memory_limit: bytes the enumerated tensors may take; checked before allocating.
     :param restart_noise: scale of the Gumbel noise behind the random starts.
     :param closed_form: update parameters that qualify by closed-form conjugate M-steps
@@ -259,6 +260,7 @@ class EM:
         self.record_params = bool(record_params)
         self.parallel_time = bool(parallel_time)
         self._compiled = {}
+        self._bar = {}  # {"bar": the running fit's tqdm bar}, shown by a host callback
 
     # -- compiled pieces, one set per model structure and static arguments ----------------------
     def _functions(self, sites, rebuild, key, data):
@@ -275,9 +277,8 @@ class EM:
                 args, kwargs = rebuild(data)
                 init = {p.name: p.init for p in sites.params}
                 problem = problem._replace(closed=detect_closed_forms(problem, init, args, kwargs))
-            noise = self.restart_noise
-
-            restarts = self.restarts
+            noise, restarts, max_iter = self.restart_noise, self.restarts, self.max_iter
+            bar, progress = self._bar, self.progress_bar
 
             def start(params0, data, rng_key):  # pending states: their first E-step is the loop's
                 if restarts == 1:  # the declared start only
@@ -295,11 +296,21 @@ class EM:
 
                 return lax.map(one, (jnp.arange(keys.shape[0]), keys))
 
-            def advance(states, data, stop_at):
-                return lax.map(lambda s: core.run(problem, s, data, stop_at), states)
+            def show(restart, n_iter, objective):  # host side: move the current run's bar
+                if bar.get("bar") is not None:
+                    bar["bar"].update(max(int(restart) * max_iter + int(n_iter) - bar["bar"].n, 0))
+                    bar["bar"].set_postfix(objective=f"{float(objective):.6g}")
 
-            def fit(params0, data, rng_key):  # start and run: one compilation (no bar)
-                return advance(start(params0, data, rng_key), data, problem.max_iter)
+            def fit(params0, data, rng_key):  # start and run: one compiled program
+                def one(i_state):
+                    i, state = i_state
+                    report = None
+                    if progress:  # about every 1% of max_iter, and when the restart stops
+                        report = lambda s: jax.debug.callback(show, i, s.n_iter, s.objective)  # noqa: E731
+                    return core.run(problem, state, data, report=report, every=max(1, max_iter // 100))
+
+                states = start(params0, data, rng_key)
+                return lax.map(one, (jnp.arange(restarts), states))
 
             def latents(u, data):
                 return core.latent_posterior(problem, u, data), core.most_probable(problem, u, data)
@@ -307,8 +318,6 @@ class EM:
             self._compiled[cache_key] = (
                 problem,
                 dict(
-                    start=jit(start),
-                    advance=jit(advance),
                     fit=jit(fit),
                     latents=jit(latents),
                     e_step=jit(lambda u, data: core.e_step(problem, u, data, "sum")[:2]),
@@ -349,29 +358,19 @@ class EM:
 
         problem, functions, params0, data = self._prepare(rng_key, self.init_values, args, kwargs)
         if self.progress_bar:
-            states = functions["start"](params0, data, rng_key)
-            states = functions["advance"](states, data, 0)  # the first E-step only
-            check_initial_density(problem, _first_objective(states), params0, data)
-            states = self._iterate(functions["advance"], states, data)
+            from tqdm.auto import tqdm
+
+            with tqdm(total=self.max_iter * self.restarts, desc="EM", unit="it") as bar:
+                self._bar["bar"] = bar  # read by the compiled fit's host callback
+                try:
+                    states = jax.block_until_ready(functions["fit"](params0, data, rng_key))
+                finally:
+                    self._bar["bar"] = None
         else:
             states = functions["fit"](params0, data, rng_key)
-            check_initial_density(problem, _first_objective(states), params0, data)
+        # a non-finite start stops its restart at once; then this names the sites responsible
+        check_initial_density(problem, _first_objective(states), params0, data)
         return self._result(problem, states, data, functions)
-
-    def _iterate(self, advance, states, data):
-        """Advance in chunks of about 1% of ``max_iter``, updating a tqdm bar in between (the
-        bar reads the states on the host: no eager JAX operation)."""
-        from tqdm.auto import tqdm
-
-        chunk = max(1, self.max_iter // 100)
-        with tqdm(total=self.max_iter, desc="EM", unit="it") as bar:
-            done = 0
-            while done < self.max_iter and np.any(np.asarray(states.status) == core.RUNNING):
-                done = min(done + chunk, self.max_iter)
-                states = advance(states, data, done)
-                bar.update(int(np.max(np.asarray(states.n_iter))) - bar.n)
-                bar.set_postfix(objective=f"{np.nanmax(np.asarray(states.objective)):.6g}")
-        return states
 
     def _result(self, problem, states, data, functions):
         states = jax.device_get(states)

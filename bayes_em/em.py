@@ -6,8 +6,10 @@
 ``init`` builds an :class:`EMState`, ``step`` does one iteration, ``run`` iterates under
 ``lax.while_loop`` until the relative change of log p(X|θ) + log p(θ) drops below ``tol`` or
 ``max_iter`` iterations are done. ``pending`` is a state whose first E-step is left to the loop's
-first pass, so that a compiled fit holds the E-step once. With ``hard=True`` the E-step is max-product: all weight on the
-most probable configuration (K-means, Viterbi training).
+first pass, so that a compiled fit holds the E-step once. The state holds θ at its constrained
+values; only the numeric M-step and SQUAREM work in unconstrained coordinates. With
+``hard=True`` the E-step is max-product: all weight on the most probable configuration
+(K-means, Viterbi training).
 """
 
 from __future__ import annotations
@@ -302,13 +304,26 @@ def step(problem, state, data):
     return keep._replace(status=status, n_iter=n_iter, history=new.history, n_evals=new.n_evals)
 
 
-def run(problem, state, data, stop_at=None):
+def run(problem, state, data, stop_at=None, report=None, every=1):
     """Iterate ``step`` until the state stops running (or ``n_iter`` reaches ``stop_at``); a
-    pending state always gets its first E-step."""
+    pending state always gets its first E-step.
+
+    ``report(state)``, if given, is traced into the loop and runs every ``every`` iterations and
+    when the state stops: the hook for host callbacks (``jax.debug.callback``) such as a
+    progress bar, so that a fit with a bar is still one compiled loop.
+    """
     stop_at = problem.max_iter if stop_at is None else stop_at
+
+    def body(s):
+        s = step(problem, s, data)
+        if report is not None:
+            due = (s.n_iter % every == 0) | (s.status != RUNNING)
+            lax.cond(due, lambda: report(s), lambda: None)
+        return s
+
     return lax.while_loop(
         lambda s: (s.status == PENDING) | ((s.status == RUNNING) & (s.n_iter < stop_at)),
-        lambda s: step(problem, s, data),
+        body,
         state,
     )
 
