@@ -287,12 +287,12 @@ class EM:
 
                 def one(i_key):
                     i, k = i_key
-                    u = lax.cond(
+                    params = lax.cond(
                         i == 0,
                         lambda: params0,
                         lambda: core.random_start(problem, params0, data, k, noise),
                     )
-                    return core.pending(problem, u, data)
+                    return core.pending(problem, params, data)
 
                 return lax.map(one, (jnp.arange(keys.shape[0]), keys))
 
@@ -312,15 +312,16 @@ class EM:
                 states = start(params0, data, rng_key)
                 return lax.map(one, (jnp.arange(restarts), states))
 
-            def latents(u, data):
-                return core.latent_posterior(problem, u, data), core.most_probable(problem, u, data)
+            def latents(params, data):
+                return (core.latent_posterior(problem, params, data),
+                        core.most_probable(problem, params, data))
 
             self._compiled[cache_key] = (
                 problem,
                 dict(
                     fit=jit(fit),
                     latents=jit(latents),
-                    e_step=jit(lambda u, data: core.e_step(problem, u, data, "sum")[:2]),
+                    e_step=jit(lambda params, data: core.e_step(problem, params, data, "sum")[:2]),
                 ),
             )
         return self._compiled[cache_key]
@@ -344,12 +345,12 @@ class EM:
         from bayes_em.checks import check_initial_density
 
         init_values = {**self.init_values, **params}
-        problem, functions, params, data = self._prepare(
+        problem, functions, theta, data = self._prepare(
             jax.random.PRNGKey(0), init_values, args, kwargs
         )
-        log_z, log_prior = functions["e_step"](params, data)
-        check_initial_density(problem, log_z, params, data)
-        posterior, mode = functions["latents"](params, data)
+        log_z, log_prior = functions["e_step"](theta, data)
+        check_initial_density(problem, log_z, theta, data)
+        posterior, mode = functions["latents"](theta, data)
         return EStep(float(log_z - log_prior), float(log_prior), posterior, mode)
 
     def run(self, rng_key, *args, **kwargs) -> EMResult:

@@ -30,8 +30,8 @@ from numpyro.contrib.funsor.infer_util import (
     compute_markov_factors,
     plate_to_enum_plate,
 )
-from numpyro.distributions.util import is_identically_one
 from numpyro.distributions.distribution import validation_enabled
+from numpyro.distributions.util import is_identically_one
 from funsor.ops import UNITS
 from funsor.sum_product import _partition
 
