@@ -6,7 +6,7 @@ process, so nothing compiled by an earlier row (or by a peer) is reused.
 "compile" = first run − best warm run, both after imports and data creation (includes site
 discovery, the checks, the closed-form detection and the fit's own compilation); "XLA" = the
 seconds XLA spends compiling in the first run (JAX's ``backend_compile_duration`` events), with
-the number of programs compiled. D = 8, K = 16, 5 iterations, the benchmark's ``gmm.py`` models.
+the number of programs compiled. D = 8, K = 16, 5 iterations, the models of ``gmm.py``.
 """
 
 import argparse
@@ -16,41 +16,17 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, os, sys, time
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-import jax
+import json, sys, time
 cfg = json.loads(sys.argv[1])
-jax.config.update("jax_enable_x64", not cfg["f32"])
-import jax.numpy as jnp, numpy as np
-import numpyro, numpyro.distributions as dist
-from numpyro.distributions import constraints
+sys.argv = ["gmm.py"] + (["--f32"] if cfg["f32"] else [])
+sys.path.insert(0, cfg["dir"])
+import gmm  # the benchmark's models; it sets float32 / float64 and the threads from its arguments
+import jax, jax.numpy as jnp, numpy as np
 from bayes_em import EM
 
 xla = []
 jax.monitoring.register_event_duration_secs_listener(
     lambda e, d, **_: xla.append(d) if e == "/jax/core/compile/backend_compile_duration" else None)
-
-
-def gmm_full(x, K):
-    D = x.shape[1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    loc = numpyro.param("loc", jnp.zeros((K, D)))
-    cov = numpyro.param("cov", jnp.broadcast_to(jnp.eye(D), (K, D, D)),
-                        constraint=constraints.positive_definite)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.MultivariateNormal(loc[z], covariance_matrix=cov[z]), obs=x)
-
-
-def gmm_diag(x, K):
-    D = x.shape[1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    loc = numpyro.param("loc", jnp.zeros((K, D)))
-    scale = numpyro.param("scale", jnp.ones((K, D)), constraint=constraints.positive)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.Normal(loc[z], scale[z]).to_event(1), obs=x)
-
 
 N, D, K = cfg["n"], 8, 16
 dtype = jnp.float32 if cfg["f32"] else jnp.float64
@@ -59,9 +35,9 @@ centers = 3 * rng.normal(size=(K, D))
 x = jnp.asarray(centers[rng.integers(K, size=N)] + rng.normal(size=(N, D)), dtype)
 init = dict(w=jnp.ones(K, dtype) / K, loc=jnp.asarray(centers + rng.normal(size=(K, D)), dtype))
 if cfg["cov"] == "full":
-    model, init["cov"] = gmm_full, jnp.broadcast_to(2 * jnp.eye(D, dtype=dtype), (K, D, D))
+    model, init["cov"] = gmm.gmm_full, jnp.broadcast_to(2 * jnp.eye(D, dtype=dtype), (K, D, D))
 else:
-    model, init["scale"] = gmm_diag, jnp.full((K, D), 1.4, dtype)
+    model, init["scale"] = gmm.gmm_diag, jnp.full((K, D), 1.4, dtype)
 x.block_until_ready()
 xla.clear()  # count the fit's compilations only, not the data's
 em = EM(model, max_iter=5, tol=0.0, init_values=init, progress_bar=cfg["bar"])
@@ -92,7 +68,8 @@ def main():
     print("|---|---|---|---|---|---|")
     for n in (int(float(s)) for s in args.sizes.split(",")):
         for cov in args.cov.split(","):
-            cfg = dict(n=n, cov=cov, f32=args.f32, bar=args.bar)
+            cfg = dict(n=n, cov=cov, f32=args.f32, bar=args.bar,
+                       dir=os.path.dirname(os.path.abspath(__file__)))
             out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], check=True,
                                  capture_output=True, text=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
