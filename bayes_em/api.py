@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass, field
+from enum import StrEnum
 import functools
 from typing import Any, NamedTuple
 
@@ -18,8 +20,12 @@ from bayes_em.compiled import jit
 from bayes_em.missing import check_missing, marginalize_missing
 from bayes_em.mstep import LBFGS
 from bayes_em.sites import ModelSites, discover_sites, split_data
+from bayes_em.curvature import is_saddle
+from bayes_em.starts import INITS
+from bayes_em.validation import check_arguments, check_options
 
-__all__ = ["EM", "EMResult", "EStep", "AscentWarning"]
+__all__ = ["EM", "EMResult", "EStep", "Status", "AscentWarning", "ConvergenceWarning",
+           "ClosedFormWarning", "MStepPaths"]
 
 
 class EStep(NamedTuple):
@@ -36,8 +42,65 @@ def _first_objective(states):
     return np.asarray(jax.device_get(states.history))[0, 0, 0]
 
 
+class MStepPaths(dict):
+    """``{site: path}``; called with ``explain=True`` it adds, for each numeric site, why it was
+    refused a closed form (``"numeric: <reason>"``)."""
+
+    def __init__(self, paths, reasons):
+        super().__init__(paths)
+        self.reasons = reasons
+
+    def __call__(self, explain: bool = False) -> dict:
+        if not explain:
+            return dict(self)
+        return {k: f"{v}: {self.reasons[k]}" if v == "numeric" and k in self.reasons else v
+                for k, v in self.items()}
+
+
 class AscentWarning(UserWarning):
     """The objective log p(X|θ) + log p(θ) fell between two iterations by more than round-off."""
+
+
+class ConvergenceWarning(UserWarning):
+    """The best restart did not converge: it hit ``max_iter``, stopped at a saddle, collapsed
+    or went non-finite (``result.status`` and ``result.message`` say which and what to do)."""
+
+
+class Status(StrEnum):
+    """How a restart ended; compares equal to its name (``result.status == "converged"``)."""
+
+    CONVERGED = "converged"
+    MAX_ITER = "max_iter"
+    NONFINITE = "nonfinite"
+    DECREASED = "decreased"
+    SADDLE = "saddle"
+    COLLAPSED = "collapsed"
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES[self]
+
+
+_MESSAGES = {
+    Status.CONVERGED: "the relative change of the objective fell below tol",
+    Status.MAX_ITER: "max_iter iterations ran before the objective settled: raise max_iter, "
+                     "loosen tol, or try accelerate=True",
+    Status.NONFINITE: "the objective became non-finite; the parameters are the last finite ones. "
+                      "Usually a component collapsed onto a point (a scale reached 0) or the data "
+                      "got zero probability: add a prior on the scales / probabilities",
+    Status.DECREASED: "the objective fell by more than round-off (strict=True)",
+    Status.SADDLE: "two values of a latent have indistinguishable posteriors (e.g. two identical "
+                   "mixture components): a symmetric saddle EM cannot leave. Use restarts "
+                   "(random starts are anchored on data rows) or start the components apart",
+    Status.COLLAPSED: "a scale or covariance shrank towards 0: the likelihood is unbounded there "
+                      "(a component on a single point). Put a prior on it (MAP, e.g. "
+                      "models.gmm(..., prior=True)) or hold it away from 0",
+}
+
+
+class ClosedFormWarning(UserWarning):
+    """A closed-form M-step lowered Q + log p(θ); the guard rejected it and the iteration took
+    the numeric M-step instead (the fit is sound; its closed-form plan is not)."""
 
 
 @dataclass(frozen=True)
@@ -56,16 +119,18 @@ class EMResult:
     log_likelihood: float
     log_prior: float
     n_iter: int
-    status: str
+    status: Status
     best_restart: int
     restart_params: dict  # site -> array with a leading restart axis
     restart_objective: np.ndarray  # (R,)
     restart_n_iter: np.ndarray  # (R,)
-    restart_status: tuple  # (R,) status names
+    restart_status: tuple  # (R,) Status of each restart
+    restart_messages: tuple  # (R,) what each status means for that restart, and what to do
     n_decreases: np.ndarray  # (R,)
     history: dict  # "objective" / "log_prior" / "log_likelihood": (R, max_iter + 1); "params"
     n_evals: np.ndarray  # (R,) EM maps evaluated (M-steps): 3 per iteration with SQUAREM
     n_accepted: np.ndarray  # (R,) SQUAREM extrapolations kept
+    n_fallbacks: np.ndarray  # (R,) closed-form M-steps the guard rejected (numeric instead)
     latents: Any = field(repr=False, compare=False)  # () -> (posterior, most probable), lazily
     sites: ModelSites = field(repr=False)
     problem: core.EMProblem = field(repr=False, compare=False, default=None)  # for diagnostics
@@ -93,18 +158,26 @@ class EMResult:
         return self.status == "converged"
 
     @property
+    def message(self) -> str:
+        """What the best restart's status means, and what to do about it."""
+        return self.restart_messages[self.best_restart]
+
+    @property
     def n_restarts(self) -> int:
         return len(self.restart_objective)
 
     @property
-    def mstep_paths(self) -> dict:
-        """How each parameter site was updated: ``"closed-form <family>"`` or ``"numeric"``."""
-        closed = {c.param: c for c in (self.problem.closed if self.problem else ())}
-        return {
+    def mstep_paths(self) -> "MStepPaths":
+        """How each parameter site was updated: ``"closed-form <family>"`` or ``"numeric"``;
+        ``result.mstep_paths(explain=True)`` also says why a site was refused a closed form."""
+        problem = self.problem
+        closed = {c.param: c for c in (problem.closed if problem else ())}
+        paths = {
             name: f"closed-form {closed[name].family}" + (f" ({closed[name].prior} MAP)" if closed[name].prior else "")
             if name in closed else "numeric"
             for name in self.sites.param_names
         }
+        return MStepPaths(paths, dict(problem.refused) if problem else {})
 
     def trace(self, restart: int | None = None) -> dict:
         """History of one restart (default: the best), trimmed to the iterations it ran."""
@@ -120,37 +193,109 @@ class EMResult:
         """ArviZ ``InferenceData``: see :func:`bayes_em.diagnostics.to_inference_data`."""
         from bayes_em import diagnostics
 
-        return diagnostics.to_inference_data(self, **kwargs)
+        return _locked(diagnostics.to_inference_data, self, **kwargs)
 
     def standard_errors(self, restart: int | None = None) -> dict:
         """Delta-method standard errors: see :func:`bayes_em.diagnostics.standard_errors`."""
         from bayes_em import diagnostics
 
-        return diagnostics.standard_errors(self, restart)
+        return _locked(diagnostics.standard_errors, self, restart)
 
     def summary(self, prob: float = 0.9, **kwargs) -> None:
         """Print estimate, standard error and interval of every parameter entry."""
         from bayes_em import diagnostics
 
-        diagnostics.print_summary(self, prob, **kwargs)
+        _locked(diagnostics.print_summary, self, prob, **kwargs)
 
     def bic(self) -> float:
         """−2 log p(X|θ̂) + k log n: see :func:`bayes_em.diagnostics.bic`."""
         from bayes_em import diagnostics
 
-        return diagnostics.bic(self)
+        return _locked(diagnostics.bic, self)
 
     def aic(self) -> float:
         """−2 log p(X|θ̂) + 2k: see :func:`bayes_em.diagnostics.aic`."""
         from bayes_em import diagnostics
 
-        return diagnostics.aic(self)
+        return _locked(diagnostics.aic, self)
 
     def icl(self) -> float:
         """BIC + 2 H[p(Z|X,θ̂)]: see :func:`bayes_em.diagnostics.icl`."""
         from bayes_em import diagnostics
 
-        return diagnostics.icl(self)
+        return _locked(diagnostics.icl, self)
+
+
+# one fit at a time in a process: NumPyro's handler stack is a module global (see EM.run)
+_ENGINE_LOCK = threading.RLock()
+
+
+def _locked(fn, *args, **kwargs):
+    with _ENGINE_LOCK:
+        return fn(*args, **kwargs)
+
+
+def _confirm_saddle(problem, hvp, restart_params, r, data):
+    """A restart that converged with two latent values indistinguishable is a saddle if the
+    objective curves upwards somewhere (a positive Hessian eigenvalue); otherwise it is a
+    degenerate maximum (the data support fewer distinct values) and stays converged."""
+    params = {k: v[r] for k, v in restart_params.items()}
+    n = sum(int(np.size(v)) for v in jax.tree.leaves(
+        jax.eval_shape(lambda: core.unconstrain(problem, params))))
+    with _ENGINE_LOCK:
+        saddle, (low, high) = is_saddle(lambda v: hvp(params, data, jnp.asarray(v)), n)
+    if saddle:
+        return Status.SADDLE, (f"{Status.SADDLE.message} (the objective's curvature has a "
+                               f"positive eigenvalue {high:.3g})")
+    return Status.CONVERGED, (f"{Status.CONVERGED.message}, at a symmetric point: two values of "
+                              "a latent are indistinguishable, and no direction of the objective "
+                              "curves upwards (a degenerate maximum, not a saddle)")
+
+
+def _collapsed(problem, restart_params, ratio=1e-4):
+    """Per restart, a description of the first maximum-likelihood scale or covariance that
+    shrank towards 0 ("" if none): a covariance whose smallest eigenvalue is below ``ratio``²
+    of its largest, or a closed-form Normal scale below ``ratio`` of the site's largest."""
+    scales = {c.param for c in problem.closed if c.family == "normal_scale"}
+    out = [""] * len(next(iter(restart_params.values()))) if restart_params else []
+    for p in problem.sites.params:
+        if p.kind != "param":
+            continue
+        name = str(type(p.constraint).__name__)
+        values = np.asarray(restart_params[p.name], dtype=float)
+        for r in range(len(out)):
+            if out[r]:
+                continue
+            v = values[r]
+            if name in ("_PositiveDefinite", "_LowerCholesky") and v.ndim >= 2:
+                cov = v if name == "_PositiveDefinite" else v @ np.swapaxes(v, -1, -2)
+                eig = np.linalg.eigvalsh(cov.reshape((-1,) + cov.shape[-2:]))
+                bad = eig[:, 0] <= ratio**2 * np.maximum(eig[:, -1], np.finfo(float).tiny)
+                if bad.any():
+                    k = int(np.flatnonzero(bad)[0])
+                    idx = np.unravel_index(k, cov.shape[:-2]) if cov.ndim > 2 else ()
+                    out[r] = (f"site '{p.name}'{list(idx) if idx else ''}: smallest eigenvalue "
+                              f"{eig[k, 0]:.3g} against largest {eig[k, -1]:.3g}")
+            elif p.name in scales and v.size > 1:
+                flat = v.reshape(-1)
+                bad = flat <= ratio * flat.max()
+                if bad.any():
+                    k = int(np.flatnonzero(bad)[0])
+                    idx = list(np.unravel_index(k, v.shape))
+                    out[r] = f"site '{p.name}'{idx}: scale {flat[k]:.3g} against {flat.max():.3g}"
+    return out
+
+
+def _redo_rejected(states, fallback, data):
+    """Restarts stopped by the guard (a closed-form M-step that lowered Q) go on from there:
+    that iteration numerically, then the compiled loop again."""
+    status = np.asarray(jax.device_get(states.status))
+    while (status == core.REJECTED).any():
+        for r in np.flatnonzero(status == core.REJECTED):
+            one = fallback(jax.tree.map(lambda x: x[r], states), data)
+            states = jax.tree.map(lambda x, y: x.at[r].set(y), states, one)
+        status = np.asarray(jax.device_get(states.status))
+    return states
 
 
 def _freeze(model, fixed):
@@ -180,7 +325,13 @@ class EM:
         sample sites without ``obs`` are enumerated exactly.
     :param restarts: number of starts. The first is the model's declared initial values
         (``numpyro.param`` inits; for MAP sites ``init_values`` or the prior mean); the others
-        start from one M-step under random posterior weights. The best final objective wins.
+        are drawn by ``init``. The best final objective wins.
+    :param init: how restarts after the first begin: ``"anchors"`` (default: one M-step under
+        posterior weights concentrated around data rows drawn by k-means++, one anchor per
+        value of each latent; see ``bayes_em.starts``), ``"noise"`` (one M-step under random
+        posterior weights, Gumbel noise of scale ``restart_noise``), or a callable
+        ``init(rng_key, params) -> dict`` of constrained values (traced: JAX operations only)
+        that override the declared ``params``.
     :param max_iter: maximum number of EM iterations.
     :param tol: stop when |Δ objective| ≤ tol · |objective| (at least a few ulps of the dtype);
         ``tol=0`` runs exactly ``max_iter`` iterations.
@@ -215,6 +366,7 @@ class EM:
         model,
         *,
         restarts: int = 1,
+        init="anchors",
         max_iter: int = 500,
         tol: float = 1e-8,
         hard: bool = False,
@@ -235,16 +387,19 @@ class EM:
             raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}.")
         if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
             raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
-        if not tol >= 0:
-            raise ValueError(f"tol must be >= 0, got {tol!r}.")
+        check_options(tol, memory_limit, restart_noise, init_values, fixed, missing)
         if not isinstance(mstep, LBFGS) or mstep.max_steps < 1:
             raise ValueError(f"mstep must be an LBFGS(...) with max_steps >= 1, got {mstep!r}.")
-        self.fixed = dict(fixed or {})
+        # as JAX arrays: a NumPy array indexed by a traced latent (loc[z]) cannot be traced
+        self.fixed = {k: jnp.asarray(v) for k, v in dict(fixed or {}).items()}
         self.model = _freeze(model, self.fixed) if self.fixed else model
         self.missing = (missing,) if isinstance(missing, str) else tuple(missing)
         if self.missing:
             self._unmarginalized = self.model
             self.model = marginalize_missing(self.model, self.missing)
+        if not (callable(init) or init in INITS):
+            raise ValueError(f"init must be one of {INITS} or a callable, got {init!r}.")
+        self.init = init
         self.restarts = int(restarts)
         self.max_iter = int(max_iter)
         self.tol = float(tol)
@@ -276,8 +431,23 @@ class EM:
 
                 args, kwargs = rebuild(data)
                 init = {p.name: p.init for p in sites.params}
-                problem = problem._replace(closed=detect_closed_forms(problem, init, args, kwargs))
-            noise, restarts, max_iter = self.restart_noise, self.restarts, self.max_iter
+                closed, refused = detect_closed_forms(problem, init, args, kwargs)
+                problem = problem._replace(closed=closed, refused=refused)
+            noise, restarts, max_iter, init = (self.restart_noise, self.restarts, self.max_iter,
+                                               self.init)
+
+            def draw(params0, data, k):
+                if callable(init):
+                    drawn = init(k, params0)
+                    unknown = sorted(set(drawn) - set(params0))
+                    if unknown:
+                        raise ValueError(f"init returned values for {unknown}, which are not "
+                                         f"fitted sites ({sorted(params0)}).")
+                    return {**params0, **{n: jnp.broadcast_to(
+                        jnp.asarray(v, jnp.result_type(params0[n])), jnp.shape(params0[n]))
+                        for n, v in drawn.items()}}
+                return core.random_start(problem, params0, data, k, noise, init)
+
             bar, progress = self._bar, self.progress_bar
 
             def start(params0, data, rng_key):  # pending states: their first E-step is the loop's
@@ -290,7 +460,7 @@ class EM:
                     params = lax.cond(
                         i == 0,
                         lambda: params0,
-                        lambda: core.random_start(problem, params0, data, k, noise),
+                        lambda: draw(params0, data, k),
                     )
                     return core.pending(problem, params, data)
 
@@ -322,6 +492,11 @@ class EM:
                     fit=jit(fit),
                     latents=jit(latents),
                     e_step=jit(lambda params, data: core.e_step(problem, params, data, "sum")[:2]),
+                    # compiled only where a restart stopped at a symmetric point
+                    hvp=jit(lambda params, data, v: core.objective_hvp(problem, params, data, v)),
+                    # compiled only if the guard rejects a closed-form M-step
+                    fallback=jit(lambda state, data: core.run(
+                        problem, core.fallback_step(problem, state, data), data)),
                 ),
             )
         return self._compiled[cache_key]
@@ -329,6 +504,7 @@ class EM:
     def _prepare(self, rng_key, init_values, args, kwargs):
         from bayes_em.checks import check_enumeration
 
+        check_arguments(args, kwargs)
         data, rebuild, key = split_data(args, kwargs)
         if self.missing:
             check_missing(self._unmarginalized, self.missing, args, kwargs)
@@ -342,6 +518,10 @@ class EM:
     def e_step(self, params, *args, **kwargs) -> EStep:
         """The exact E-step at ``params`` (constrained values; sites not given take their initial
         values): log p(X|θ), log p(θ), posterior marginals and the most probable latents."""
+        with _ENGINE_LOCK:
+            return self._e_step(params, *args, **kwargs)
+
+    def _e_step(self, params, *args, **kwargs) -> EStep:
         from bayes_em.checks import check_initial_density
 
         init_values = {**self.init_values, **params}
@@ -354,7 +534,15 @@ class EM:
         return EStep(float(log_z - log_prior), float(log_prior), posterior, mode)
 
     def run(self, rng_key, *args, **kwargs) -> EMResult:
-        """Fit the model to the data in ``args`` / ``kwargs`` (passed on to the model)."""
+        """Fit the model to the data in ``args`` / ``kwargs`` (passed on to the model).
+
+        Thread-safe: fits from several threads run one at a time (NumPyro's effect handlers
+        live on one global stack, and the vectorised scan patches NumPyro's scan module while a
+        model is traced), each with the result it would have alone."""
+        with _ENGINE_LOCK:
+            return self._run(rng_key, *args, **kwargs)
+
+    def _run(self, rng_key, *args, **kwargs) -> EMResult:
         from bayes_em.checks import check_initial_density
 
         problem, functions, params0, data = self._prepare(rng_key, self.init_values, args, kwargs)
@@ -369,6 +557,7 @@ class EM:
                     self._bar["bar"] = None
         else:
             states = functions["fit"](params0, data, rng_key)
+        states = _redo_rejected(states, functions["fallback"], data)
         # a non-finite start stops its restart at once; then this names the sites responsible
         check_initial_density(problem, _first_objective(states), params0, data)
         return self._result(problem, states, data, functions)
@@ -383,8 +572,24 @@ class EM:
             raise FloatingPointError(
                 "Every restart reached a non-finite objective; the fit has no valid parameters."
             )
-        best = int(np.argmax(np.where(finite, objective, -np.inf)))
-        status = tuple(core.STATUS[int(s)] for s in np.asarray(states.status))
+        status = [Status(core.STATUS[int(s)]) for s in np.asarray(states.status)]
+        messages = [st.message for st in status]
+        for r in np.flatnonzero(np.asarray(status, dtype=str) == "saddle"):
+            status[r], messages[r] = _confirm_saddle(problem, functions["hvp"], restart_params, r,
+                                                     data)
+        for r, found in enumerate(_collapsed(problem, restart_params)):
+            if found and status[r] in (Status.CONVERGED, Status.MAX_ITER):
+                status[r] = Status.COLLAPSED
+                messages[r] = f"{found}: {Status.COLLAPSED.message}"
+        status = tuple(status)
+        # the best objective among restarts that ended well, else among the finite ones
+        good = finite & np.isin(np.asarray(status, dtype=str), ["converged", "max_iter"])
+        pool = good if good.any() else finite
+        best = int(np.argmax(np.where(pool, objective, -np.inf)))
+        if status[best] != Status.CONVERGED and not (status[best] == Status.MAX_ITER
+                                                     and self.tol == 0):
+            warnings.warn(f"The best restart ({best}) ended '{status[best]}': {messages[best]}.",
+                          ConvergenceWarning, stacklevel=4)
         n_decreases = np.asarray(states.n_decreases)
         if n_decreases.any():
             msg = (
@@ -393,7 +598,15 @@ class EM:
             )
             if self.strict:
                 raise RuntimeError(msg)
-            warnings.warn(msg, AscentWarning, stacklevel=3)
+            warnings.warn(msg, AscentWarning, stacklevel=4)
+        n_fallbacks = np.asarray(states.n_fallbacks)
+        if n_fallbacks.any():
+            warnings.warn(
+                f"A closed-form M-step lowered Q + log p(θ) in {int(n_fallbacks.sum())} "
+                f"iteration(s) (restarts {np.flatnonzero(n_fallbacks).tolist()}); the guard "
+                "rejected it and used the numeric M-step there. Please report the model; "
+                "closed_form=False avoids the closed forms altogether.",
+                ClosedFormWarning, stacklevel=4)
         params_best = {k: v[best] for k, v in restart_params.items()}
         history = np.asarray(states.history)
         return EMResult(
@@ -408,6 +621,7 @@ class EM:
             restart_objective=objective,
             restart_n_iter=np.asarray(states.n_iter),
             restart_status=status,
+            restart_messages=tuple(messages),
             n_decreases=n_decreases,
             history={
                 "objective": history[..., 0],
@@ -417,7 +631,8 @@ class EM:
             },
             n_evals=np.asarray(states.n_evals),
             n_accepted=np.asarray(states.n_accepted),
-            latents=functools.partial(functions["latents"], params_best, data),
+            n_fallbacks=n_fallbacks,
+            latents=functools.partial(_locked, functions["latents"], params_best, data),
             sites=problem.sites,
             problem=problem,
             data=tuple(data),

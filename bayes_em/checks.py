@@ -97,7 +97,14 @@ def check_initial_density(problem, objective, params, data):
            if np.isnan(a).any() or np.isposinf(a).any()]
     if not bad:
         bad = [f"'{k}' (zero density)" for k, a in arrays.items() if np.isneginf(a).any()]
+    args, kwargs = problem.rebuild(data)
+    leaves = jax.tree_util.tree_flatten_with_path((args, kwargs))[0]
+    nan_args = [jax.tree_util.keystr(path[1:]) or "an argument" for path, leaf in leaves
+                if isinstance(leaf, (np.ndarray, jax.Array))
+                and jnp.issubdtype(leaf.dtype, jnp.inexact) and not np.isfinite(leaf).all()]
+    hint = (f" Model argument(s) {', '.join(nan_args)} hold NaN or infinite values: a covariate "
+            "cannot be missing (only observed sites listed in missing= can)." if nan_args else "")
     raise ModelError(
         f"The log-density at the initial values is not finite ({float(objective)}); "
-        f"sites: {', '.join(bad) or 'unknown'}. Check the initial values and the data."
+        f"sites: {', '.join(bad) or 'unknown'}. Check the initial values and the data.{hint}"
     )

@@ -23,6 +23,7 @@ Everything else keeps the numeric M-step.
 from __future__ import annotations
 
 import string
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -36,6 +37,7 @@ from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import substitute
 
 from bayes_em.compiled import jit
+from bayes_em.dependence import dependence
 from bayes_em.enumeration import is_plate_weight
 from bayes_em.vectorized_scan import vectorize_scan
 
@@ -169,20 +171,35 @@ _ALLOWED = {"mvn_cov": ("covariance_matrix", "scale_tril")}
 _CONSTRAINTS = {"mvn_loc": (constraints.real, constraints.real_vector)}
 
 
-def _site_candidates(p, value, site_name, base, used, args_now, args_at, params, coded_args):
-    """Families under which ``site_name``'s argument is a pure selection of parameter ``p``."""
-    candidates = []
+def _site_candidates(p, value, site_name, base, used, args_now, args_at, params, coded_args, deps):
+    """Families under which ``site_name``'s argument is a pure selection of parameter ``p``,
+    the reason for each family refused (for ``mstep_paths(explain=True)``), and whether the
+    site never selects an entry of ``p`` (it then does not use ``p`` at any value)."""
+    candidates, reasons = [], []
     for family, (types, attr, event_ndim, constraint) in _FAMILIES.items():
         allowed = _CONSTRAINTS.get(family, (constraint,))
         if not isinstance(base, types) or str(_base_constraint(p.constraint)) not in map(str, allowed):
             continue
         if not used <= set(_ALLOWED.get(family, (attr,))) or attr not in used:
+            reasons.append(f"{family}: '{p.name}' enters {sorted(used)} of site '{site_name}', "
+                           f"not only its {attr}")
             continue
         arg = args_now[site_name][family]
         if arg is None or jnp.ndim(value) < event_ndim:
             continue
-        # a pure selection: the coded evaluation decodes to valid rows, and the argument
-        # equals θ's rows gathered along that index map
+        # structural: the argument only moves entries of fitted parameters (no arithmetic on
+        # any of them, whatever their values), so each entry is one entry of θ, of another
+        # parameter, or a constant, chosen by data alone (``where(z < 0, init, trans[z])``)
+        dep = deps[site_name][family]
+        arith = sorted(n for i, n in enumerate(params) if dep.other >> i & 1)
+        if arith:
+            reasons.append(f"{family}: the {attr} of site '{site_name}' is computed by arithmetic "
+                           f"from {', '.join(repr(o) for o in arith)}"
+                           + ("" if arith == [p.name] else " (a dependence on another parameter "
+                              "holds at every value, even one that is 0 now)"))
+            continue
+        # the index map: the coded evaluation decodes to valid rows, and the argument equals
+        # θ's rows gathered along it
         batch = np.shape(value)[: np.ndim(value) - event_ndim]
         n_rows = int(np.prod(batch))
         key = (event_ndim, family in ("mvn_cov", "mvn_tril"))
@@ -192,14 +209,19 @@ def _site_candidates(p, value, site_name, base, used, args_now, args_at, params,
                 for off in (0, n_rows)
             ]
         arg_coded, arg_shifted = (c[site_name][family] for c in coded_args[key])
+        failed = f"{family}: the {attr} of site '{site_name}' is not a selection of whole rows"
         if arg_coded is None or jnp.shape(arg_coded) != jnp.shape(arg):
+            reasons.append(failed)
             continue
         first = arg_coded[(...,) + (0,) * event_ndim] if event_ndim else arg_coded
         second = arg_shifted[(...,) + (0,) * event_ndim] if event_ndim else arg_shifted
         idx = np.where(first != second, np.round(first).astype(np.int64) - 1, n_rows)
-        dep = idx < n_rows
-        if not dep.any() or np.any(idx < 0):
+        sel = idx < n_rows
+        if np.any(idx < 0):
+            reasons.append(failed)
             continue
+        if not sel.any():  # data never chooses θ here (a scan's first step): not a user
+            return [], [], True
         code = (idx + 1).astype(arg_coded.dtype)
         if family in ("mvn_cov", "mvn_tril"):
             expect = code[..., None, None] * np.eye(arg_coded.shape[-1])
@@ -207,98 +229,113 @@ def _site_candidates(p, value, site_name, base, used, args_now, args_at, params,
         else:
             expect = np.broadcast_to(code.reshape(code.shape + (1,) * event_ndim), arg_coded.shape)
             ev = (Ellipsis,) + (None,) * event_ndim
-        dep_b = np.broadcast_to(dep[ev], arg_coded.shape)
-        if not np.array_equal(expect[dep_b], arg_coded[dep_b]):
-            continue
+        sel_b = np.broadcast_to(sel[ev], arg_coded.shape)
         rows = np.reshape(value, (n_rows,) + np.shape(value)[len(batch):])
-        if not np.allclose(rows[np.where(dep, idx, 0)][dep_b], np.asarray(arg)[dep_b],
-                           rtol=1e-6, atol=1e-12):
+        if not (np.array_equal(expect[sel_b], arg_coded[sel_b])
+                and np.allclose(rows[np.where(sel, idx, 0)][sel_b], np.asarray(arg)[sel_b],
+                                rtol=1e-6, atol=1e-12)):
+            reasons.append(failed)
             continue
         candidates.append(family)
-    return candidates
+    return candidates, reasons, False
 
 
 def detect_closed_forms(problem, params, args, kwargs):
-    """Which parameters take a closed-form update: a tuple of :class:`ClosedForm`, found once
-    before the fit by concrete checks at ``params``."""
+    """Which parameters take a closed-form update: ``(plans, refused)``, a tuple of
+    :class:`ClosedForm` and a tuple of ``(site, reason)`` for the parameters left to the
+    numeric M-step.
+
+    Where a parameter enters the model, and whether it enters as a selection, is read from the
+    program (:mod:`bayes_em.dependence`), so the answer holds at every θ, not only at
+    ``params``; the index map is decoded from coded evaluations.
+    """
     sites = problem.sites
     param_names = set(sites.param_names)
+    bases = {}  # site -> its distribution (unwrapped), captured while tracing
 
-    def trace_at(p):
-        return _trace(problem.enum_model, p, args, kwargs)
-
-    def dependencies(p):
+    def leaves(p):
         out = {}
-        for name, site in trace_at(p).items():
+        for name, site in _trace(problem.enum_model, p, args, kwargs).items():
             if site["type"] == "sample":
+                bases[name] = _unwrap(site["fn"])[0]
                 out[name] = _leaves(site["fn"])
                 if name not in param_names:
                     out[name]["value"] = site["value"]
         return out
 
-    bases = {}  # site -> its distribution (unwrapped), captured while tracing
-
     def family_args(p):
         out = {}
-        for name, site in trace_at(p).items():
-            if site["type"] == "sample":
-                bases[name] = base = _unwrap(site["fn"])[0]
-                if name not in param_names:
-                    out[name] = {f: _arg(base, f) for f, spec in _FAMILIES.items()
-                                 if isinstance(base, spec[0])}
+        for name, site in _trace(problem.enum_model, p, args, kwargs).items():
+            if site["type"] == "sample" and name not in param_names:
+                base = _unwrap(site["fn"])[0]
+                out[name] = {f: _arg(base, f) for f, spec in _FAMILIES.items()
+                             if isinstance(base, spec[0])}
         return out
 
-    def probe(p, tangents):
-        """The family arguments at ``p``, and for each tangent row which distribution leaves
-        move along it (one JVP per row, reduced to a flag in the program)."""
-
-        def moved(t):
-            primal, dot = jax.jvp(dependencies, (p,), (t,))
-            return jax.tree.map(lambda x, d: jnp.any(d != 0) if jnp.issubdtype(x.dtype, jnp.inexact)
-                                else jnp.zeros((), bool), primal, dot)
-
-        return family_args(p), jax.vmap(moved)(tangents)
-
-    # one compiled program answers every question below: eager tracing of an enumerated model
-    # is slow, and every program costs its own XLA compilation
-    compiled_probe = jit(probe)
-    params = jax.tree.map(np.asarray, params)
-    np_rng = np.random.default_rng(0)
-    tangents = {k: np.zeros((len(sites.params),) + np.shape(v), v.dtype) for k, v in params.items()}
-    for i, p in enumerate(sites.params):  # row i: a random tangent on parameter i alone
-        tangents[p.name][i] = np_rng.standard_normal(np.shape(params[p.name]))
+    params = {p.name: np.asarray(params[p.name]) for p in sites.params}
+    leaf_deps = dependence(leaves, params)
+    arg_deps = dependence(family_args, params)
+    # one compiled program evaluates the arguments at θ and at the coded values
+    compiled_args = jit(family_args)
 
     def args_at(p):
-        return jax.tree.map(np.asarray, compiled_probe(p, tangents)[0])
+        return jax.tree.map(np.asarray, compiled_args(p))
 
-    args_now, moved = jax.tree.map(np.asarray, compiled_probe(params, tangents))
-    plans = []
+    args_now = None
+    plans, refused = [], []
     for i, p in enumerate(sites.params):
-        # where does θ enter? the leaves that move along row i's tangent
         value = params[p.name]
-        users = {(s, leaf) for s, leaves in moved.items() for leaf, m in leaves.items() if m[i]}
+        users = {(s, leaf) for s, ls in leaf_deps.items() for leaf, d in ls.items()
+                 if d.depends >> i & 1}
         user_sites = sorted({s for s, _ in users})
-        if not user_sites or any(s in param_names for s in user_sites):
+        if not user_sites:
+            refused.append((p.name, "no sample site depends on it"))
+            warnings.warn(f"Parameter site '{p.name}' is used by no sample site: the data say "
+                          "nothing about it and it stays at its initial value (and counts in "
+                          "BIC/AIC). Remove it, or hold it with fixed=.", UserWarning,
+                          stacklevel=4)
             continue
-        families, coded_args = set(), {}
+        priors = [s for s in user_sites if s in param_names]
+        if priors:
+            refused.append((p.name, f"it enters the prior of {', '.join(map(repr, priors))}"))
+            continue
+        if args_now is None:
+            args_now = args_at(params)
+        families, coded_args, reasons, selecting = set(), {}, [], []
         for site_name in user_sites:
-            candidates = _site_candidates(
+            candidates, why, unused = _site_candidates(
                 p, value, site_name, bases[site_name],
                 {leaf.split(".", 1)[1] for s, leaf in users if s == site_name},
-                args_now, args_at, params, coded_args)
+                args_now, args_at, params, coded_args, arg_deps)
+            if unused:
+                continue
+            selecting.append(site_name)
+            reasons += why
+            if len(candidates) != 1 and not why:
+                why = [f"site '{site_name}' ({type(bases[site_name]).__name__}) has no "
+                       f"closed-form family for a {p.constraint} parameter"]
+                reasons += why
             families.add(candidates[0] if len(candidates) == 1 else None)
-        if len(families) != 1 or None in families:
+        if not selecting:
+            refused.append((p.name, "no site selects an entry of it"))
             continue
-        candidates = list(families)
-        family = candidates[0]
+        if len(families) != 1 or None in families:
+            if len(families) > 1 and None not in families:
+                reasons.append(f"its sites need different families {sorted(families)}")
+            refused.append((p.name, "; ".join(reasons)))
+            continue
+        family = families.pop()
         prior = None
         if p.kind == "map":
             prior_fn = bases[p.name]
             if not isinstance(prior_fn, _PRIORS[family]):
+                refused.append((p.name, f"its prior {type(prior_fn).__name__} is not conjugate "
+                                        f"to {family} (closed form: "
+                                        f"{', '.join(t.__name__ for t in _PRIORS[family]) or 'none'})"))
                 continue
             prior = type(prior_fn).__name__
-        plans.append(ClosedForm(p.name, tuple(user_sites), family, prior))
-    return tuple(sorted(plans, key=lambda c: _ORDER.index(c.family)))
+        plans.append(ClosedForm(p.name, tuple(selecting), family, prior))
+    return tuple(sorted(plans, key=lambda c: _ORDER.index(c.family))), tuple(refused)
 
 
 def _reduce_to(x, shape):
@@ -385,34 +422,46 @@ def _site_stats(family, site, idx, n_rows, event_shape, weight):
         return {"n": scatter(_weighted_sum(w, jnp.ones_like(x, dtype), arg_batch)),
                 "s": scatter(_weighted_sum(w, x.astype(dtype), arg_batch))}
     if family in ("normal_loc", "normal_scale"):
-        # moments about the data mean c at the joint shape of loc and scale
         joint = jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale))
-        c = jnp.mean(x)
-        xc = x - c
-        n = _weighted_sum(w, jnp.ones_like(xc), joint)
-        s1 = _weighted_sum(w, xc, joint)
-        if family == "normal_loc":
+        n = _weighted_sum(w, jnp.ones_like(x, dtype), joint)
+        if family == "normal_loc":  # the step from the current locations m: Σ w P (x − m)
             prec = 1.0 / jnp.square(base.scale)
-            return {"a": scatter(n * prec), "b": scatter((s1 + n * c) * prec)}
-        mc = base.loc - c
-        ss = _weighted_sum(w, jnp.square(xc), joint) - 2 * mc * s1 + jnp.square(mc) * n
-        return {"n": scatter(jnp.broadcast_to(n, joint)), "ss": scatter(jnp.maximum(ss, 0.0))}
-    # multivariate normal: moments about the data mean at the joint (loc, cov) shape
+            return {"a": scatter(n * prec),
+                    "b": scatter(_weighted_sum(w, x - base.loc, joint) * prec)}
+        # squared distances to the current locations, formed directly (no cancellation)
+        ss = _weighted_sum(w, jnp.square(x - base.loc), joint)
+        return {"n": scatter(jnp.broadcast_to(n, joint)), "ss": scatter(ss)}
+    # multivariate normal, at the joint (loc, covariance) batch shape
     D = jnp.shape(x)[-1]
     joint = jnp.broadcast_shapes(jnp.shape(base.loc)[:-1], jnp.shape(base.scale_tril)[:-2])
-    c = jnp.mean(x.reshape(-1, D), axis=0)
-    xc = x - c
-    n = _weighted_sum(w, jnp.ones(xc.shape[:-1], dtype), joint)
-    s1 = _weighted_sum(w, xc, joint, 1)
+    n = _weighted_sum(w, jnp.ones(x.shape[:-1], dtype), joint)
     if family == "mvn_loc":
-        return {"s1": scatter(s1 + n[..., None] * c, 1),
-                "n": scatter(jnp.broadcast_to(n[..., None], joint + (D,)), 1)}
-    xx = (xc[..., :, None] * xc[..., None, :]).reshape(xc.shape[:-1] + (D * D,))
-    s2 = _weighted_sum(w, xx, joint, 1).reshape(joint + (D, D))
-    mc = jnp.broadcast_to(base.loc - c, joint + (D,))
-    outer = s1[..., :, None] * mc[..., None, :]
-    ss = s2 - outer - jnp.swapaxes(outer, -1, -2) + n[..., None, None] * mc[..., :, None] * mc[..., None, :]
+        # μ_j = (Σ_e w_e P_e)⁻¹ Σ_e w_e P_e x_e: entries selecting one row may differ in covariance
+        prec = jnp.broadcast_to(base.precision_matrix, joint + (D, D))
+        s1 = _weighted_sum(w, x - base.loc, joint, 1)  # about the current locations
+        return {"a": scatter(n[..., None, None] * prec, 2),
+                "b": scatter((prec @ s1[..., None])[..., 0], 1)}
+    ss = _weighted_outer(w, x - base.loc, joint)
     return {"ss": scatter(ss, 2), "n": scatter(jnp.broadcast_to(n, joint))}
+
+
+def _weighted_outer(w, d, out_batch):
+    """Σ of w · d dᵀ over the broadcast batch entries that ``out_batch`` does not keep (one
+    batched matrix product; the distances d are formed before the product, so no moments
+    about a far-away centre cancel)."""
+    D = d.shape[-1]
+    batch = jnp.broadcast_shapes(jnp.shape(w), d.shape[:-1])
+    d = jnp.broadcast_to(d, batch + (D,))
+    wd = jnp.broadcast_to(w, batch)[..., None] * d
+    nd = len(batch)
+    os_ = (1,) * (nd - len(out_batch)) + tuple(out_batch)
+    letters = string.ascii_letters
+    sub = letters[:nd]
+    kept = [i for i in range(nd) if os_[i] != 1]
+    res = jnp.einsum(f"{sub}Y,{sub}Z->{''.join(sub[i] for i in kept)}YZ", wd, d)
+    shape = tuple(os_[i] if i in kept else 1 for i in range(nd)) + (D, D)
+    res = jnp.broadcast_to(res.reshape(shape), os_ + (D, D))
+    return res.reshape(tuple(out_batch) + (D, D))
 
 
 def _mode(family, st, prior_fn, hyper, value):
@@ -431,12 +480,14 @@ def _mode(family, st, prior_fn, hyper, value):
         if prior_fn is not None:
             num, den = num + hyper("concentration") - 1.0, den + hyper("rate")
         return num / den
-    if family == "normal_loc":
+    rows = jnp.reshape(value, st[next(iter(st))].shape[:1] + jnp.shape(value)[
+        jnp.ndim(value) - _FAMILIES[family][2]:])
+    if family == "normal_loc":  # m + (Σ w P (x − m) + P₀ (μ₀ − m)) / (Σ w P + P₀)
         a, b = st["a"], st["b"]
         if prior_fn is not None:
             p0 = 1.0 / jnp.square(hyper("scale"))
-            a, b = a + p0, b + p0 * hyper("loc")
-        return b / a
+            a, b = a + p0, b + p0 * (hyper("loc") - rows)
+        return rows + b / a
     if family == "normal_scale":
         n, ss = st["n"], st["ss"]
         if prior_fn is None:
@@ -444,8 +495,12 @@ def _mode(family, st, prior_fn, hyper, value):
         a, b = hyper("concentration"), hyper("rate")  # mode of n(−log σ) − ss/2σ² − (a+1)log σ − b/σ
         cc = a + 1.0 + n
         return (b + jnp.sqrt(b * b + 4.0 * cc * ss)) / (2.0 * cc)
-    if family == "mvn_loc":
-        return st["s1"] / st["n"]
+    if family == "mvn_loc":  # a row with no weight has a = 0: NaN, so it keeps its value
+        a, b = st["a"], st["b"]
+        empty = jnp.trace(a, axis1=-2, axis2=-1) <= 0
+        a = jnp.where(empty[..., None, None], jnp.eye(a.shape[-1], dtype=a.dtype), a)
+        step = jnp.linalg.solve(a, b[..., None])[..., 0]
+        return jnp.where(empty[..., None], jnp.nan, rows + step)
     D = jnp.shape(value)[-1]
     n_k = st["n"][:, None, None]
     if prior_fn is not None:  # inverse-Wishart mode: (Ψ + S) / (ν + n + D + 1)
@@ -487,8 +542,12 @@ def closed_form_update(problem, plans, params, weights, args, kwargs):
                 (n_rows,) + event_shape
             )
 
-        new = _mode(plan.family, stats, prior_fn, hyper, value)
-        new = new.reshape(jnp.shape(value)).astype(jnp.result_type(value))
-        ok = jnp.all(jnp.isfinite(new))
-        params[plan.param] = jnp.where(ok, new, value)
+        new = _mode(plan.family, stats, prior_fn, hyper, value).astype(jnp.result_type(value))
+        # per row: a row no entry selects with positive weight has no statistics (0/0 under
+        # ML) and keeps its value; under MAP the prior alone gives its mode. A row never
+        # vetoes the others.
+        old = jnp.reshape(value, new.shape)
+        ok = jnp.all(jnp.isfinite(new.reshape(n_rows, -1)), axis=1)
+        new = jnp.where(ok.reshape((n_rows,) + (1,) * (new.ndim - 1)), new, old)
+        params[plan.param] = new.reshape(jnp.shape(value))
     return params

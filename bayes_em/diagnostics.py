@@ -480,7 +480,7 @@ def _attrs(result, chain_restart):
     return {
         "inference_library": "bayes_em",
         "method": "Laplace approximation at the EM optimum, in unconstrained space",
-        "status": result.status,
+        "status": str(result.status.value if hasattr(result.status, "value") else result.status),
         "n_iter": int(result.n_iter),
         "best_restart": int(result.best_restart),
         "n_restarts": int(result.n_restarts),

@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.flatten_util import ravel_pytree
 from numpyro.distributions.transforms import biject_to
 
 from bayes_em.conjugate import closed_form_update
 from bayes_em.enumeration import (
-    WEIGHT,
     chain_marginals,
     enumerated_model,
     log_factors,
@@ -32,6 +32,7 @@ from bayes_em.enumeration import (
     time_sizes,
 )
 from bayes_em.mstep import LBFGS, maximize
+from bayes_em.starts import start_weights
 from bayes_em.sites import ModelSites
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "init",
     "m_step",
     "step",
+    "fallback_step",
     "em_map",
     "squarem",
     "run",
@@ -60,7 +62,7 @@ __all__ = [
     "most_probable",
 ]
 
-RUNNING, CONVERGED, MAX_ITER, NONFINITE, DECREASED, PENDING = 0, 1, 2, 3, 4, 5
+RUNNING, CONVERGED, MAX_ITER, NONFINITE, DECREASED, PENDING, REJECTED, SADDLE = range(8)
 STATUS = {
     RUNNING: "running",
     CONVERGED: "converged",
@@ -68,6 +70,8 @@ STATUS = {
     NONFINITE: "nonfinite",
     DECREASED: "decreased",
     PENDING: "pending",  # the first E-step is not done yet
+    REJECTED: "rejected",  # the guard refused a closed-form M-step: fallback_step goes on
+    SADDLE: "saddle",  # converged with two values of a latent indistinguishable: a candidate saddle
 }
 
 
@@ -83,6 +87,7 @@ class EMProblem(NamedTuple):
     strict: bool = False
     solver: LBFGS = LBFGS()
     closed: tuple = ()  # conjugate.ClosedForm plans: parameters updated in closed form
+    refused: tuple = ()  # (site, reason): why the other parameters take the numeric M-step
     accelerate: bool = False  # SQUAREM extrapolation with a monotonicity safeguard
     record_params: bool = False  # keep θ_t of every iteration in the state
     parallel_time: bool = False  # Markov chains by the log-depth contraction (accelerators)
@@ -100,6 +105,8 @@ class EMState(NamedTuple):
     n_evals: Any = 0  # EM maps evaluated (M-steps); 3 per iteration under SQUAREM
     n_accepted: Any = 0  # SQUAREM extrapolations accepted
     param_history: Any = ()  # {site: (max_iter + 1, ...)} θ_t, if recorded
+    q: Any = 0.0  # Q(θ_t; θ_t) + log p(θ_t): the guard's reference for the next M-step
+    n_fallbacks: Any = 0  # closed-form M-steps rejected by the guard (numeric instead)
 
 
 def make_problem(model, sites, rebuild, max_iter, tol, hard=False, strict=False, solver=LBFGS()):
@@ -149,17 +156,35 @@ def _log_prior(problem, arrays):
 
 def e_step(problem, params, data, semiring=None):
     """``(log Z, log p(θ), weights)`` at θ = ``params``; log Z = log p(X|θ) + log p(θ)."""
+    return guarded_e_step(problem, params, data, None, semiring)[:3]
+
+
+def _expected(weights, arrays):
+    """Σ_f ⟨w_f, log f⟩ over the factors that carry weight."""
+    return sum(jnp.sum(weights[k] * jnp.where(weights[k] > 0, arrays[k], 0.0)) for k in weights)
+
+
+def guarded_e_step(problem, params, data, prev_weights, semiring=None):
+    """The E-step at θ = ``params`` and the guard's two values of Q:
+    ``(log Z, log p(θ), weights, Q(θ; θ) + log p(θ), Q(θ; θ_prev) + log p(θ))``, the last from
+    the previous E-step's ``prev_weights`` (NaN without them)."""
     semiring = semiring or ("max" if problem.hard else "sum")
     arrays, metas = _factors(problem, params, data, vectorized=semiring == "sum")
     log_z, weights = posterior_weights(arrays, metas, semiring, problem.parallel_time)
-    return log_z, _log_prior(problem, arrays), weights
+    q_self = _expected(weights, arrays)
+    q_prev = jnp.full((), jnp.nan, q_self.dtype)
+    if prev_weights is not None:
+        # a factor that the new θ rules out (a component annihilated by a Dirichlet α < 1 MAP
+        # step, bayes_em.boundary) leaves Q rather than sending it to −∞
+        q_prev = _expected(prev_weights, {k: jnp.where(a == -jnp.inf, 0.0, a)
+                                          for k, a in arrays.items()})
+    return log_z, _log_prior(problem, arrays), weights, q_self, q_prev
 
 
 def q_function(problem, params, weights, data):
     """Q(θ; θ_t) + log p(θ) = Σ_f ⟨w_f, log f(θ)⟩ (weights held fixed)."""
     arrays, _ = _factors(problem, params, data, vectorized=True)
-    weights = jax.lax.stop_gradient(weights)
-    return sum(jnp.sum(weights[k] * jnp.where(weights[k] > 0, arrays[k], 0.0)) for k in weights)
+    return _expected(jax.lax.stop_gradient(weights), arrays)
 
 
 def _roundoff(x):
@@ -180,7 +205,7 @@ def pending(problem, params, data):
                     for k, v in params.items()}
     status = jnp.asarray(PENDING, jnp.int32)
     return EMState(params, objective, objective, weights, zero, status, zero, history, zero, zero,
-                   recorded)
+                   recorded, objective, zero)
 
 
 def init(problem, params, data):
@@ -188,34 +213,29 @@ def init(problem, params, data):
     return step(problem, pending(problem, params, data), data)
 
 
-def _as_represented(problem, params):
-    """Closed-form values as the unconstrained parametrisation represents them, so that a site's
-    objective does not depend on its M-step path: the simplex and sigmoid transforms keep a zero
-    probability at the smallest normal float, where a flat Dirichlet or Beta prior's (α−1) log p
-    is 0 rather than NaN. Matrix constraints (covariances) are left as they are: their round trip
-    is a Cholesky factorisation, the costliest part of a compiled fit, for no boundary value."""
-    cheap = {p.name for p in problem.sites.params if p.name in params and p.constraint.event_dim < 2}
-    return constrain(problem, unconstrain(problem, {k: params[k] for k in cheap}))
+def _numeric_m_step(problem, params, weights, data, names):
+    """L-BFGS on Q + log p over the sites ``names`` in unconstrained space, the rest fixed."""
+    numeric = {p.name: params[p.name] for p in problem.sites.params if p.name in names}
+    if not numeric:
+        return params
+    sub, _ = maximize(
+        lambda v: q_function(problem, {**params, **constrain(problem, v)}, weights, data),
+        unconstrain(problem, numeric),
+        problem.solver,
+    )
+    return {**params, **constrain(problem, sub)}
 
 
 def m_step(problem, params, weights, data):
     """θ_{t+1}: closed-form updates for the planned parameters (in order, each conditional on
     the ones before), then L-BFGS on Q + log p over the rest in unconstrained space, with the
-    closed-form ones fixed."""
+    closed-form ones fixed (ECM: each update maximises Q given the others' current values)."""
     closed = {c.param for c in problem.closed}
     if closed:
         args, kwargs = problem.rebuild(data)
         params = closed_form_update(problem, problem.closed, params, weights, args, kwargs)
-        params = {**params, **_as_represented(problem, {k: params[k] for k in closed})}
-    numeric = {p.name: params[p.name] for p in problem.sites.params if p.name not in closed}
-    if numeric:
-        sub, _ = maximize(
-            lambda v: q_function(problem, {**params, **constrain(problem, v)}, weights, data),
-            unconstrain(problem, numeric),
-            problem.solver,
-        )
-        params = {**params, **constrain(problem, sub)}
-    return params
+    names = {p.name for p in problem.sites.params} - closed
+    return _numeric_m_step(problem, params, weights, data, names)
 
 
 def em_map(problem, params, weights, data):
@@ -265,6 +285,7 @@ def step(problem, state, data):
         params, objective, log_prior, weights, accepted = lax.cond(
             first, first_e_step, lambda: squarem(problem, state, data)
         )
+        q = q_prev = state.q  # SQUAREM keeps its own monotonicity safeguard on the objective
         evals = 3
     else:
         # a select, not a lax.cond: XLA on CPU runs a conditional's branches out of line, which
@@ -272,9 +293,16 @@ def step(problem, state, data):
         # zero weights) is discarded
         stepped = m_step(problem, state.params, state.weights, data)
         params = jax.tree.map(lambda old, new: jnp.where(first, old, new), state.params, stepped)
-        objective, log_prior, weights = e_step(problem, params, data)
+        objective, log_prior, weights, q, q_prev = guarded_e_step(
+            problem, params, data, state.weights)
         accepted, evals = jnp.zeros((), bool), 1
     finite = jnp.isfinite(objective)
+    # the guard: an M-step never lowers Q(·; θ_t) + log p (closed forms and L-BFGS both
+    # maximise it); one that does is rejected: the state stays at θ_t with status "rejected",
+    # and ``fallback_step`` (compiled only when needed) does that iteration numerically
+    rejected = jnp.zeros((), bool)
+    if problem.closed and not problem.accelerate:
+        rejected = ~first & finite & ~(q_prev >= state.q - _roundoff(state.q))
     change = objective - state.objective
     decreased = ~first & finite & (change < -_roundoff(state.objective))
     tol = problem.tol
@@ -283,13 +311,15 @@ def step(problem, state, data):
         converged = ~first & (jnp.abs(change) <= tol * jnp.abs(state.objective))
     else:
         converged = jnp.zeros((), bool)
-    n_iter = state.n_iter + jnp.where(first, 0, 1).astype(jnp.int32)
+    n_iter = state.n_iter + jnp.where(first | rejected, 0, 1).astype(jnp.int32)
     evals = jnp.where(first, 0, evals).astype(jnp.int32)
     status = jnp.select(
-        [~finite, decreased & problem.strict, converged, ~first & (n_iter >= problem.max_iter)],
-        [NONFINITE, DECREASED, CONVERGED, MAX_ITER],
+        [rejected, ~finite, decreased & problem.strict, converged,
+         ~first & (n_iter >= problem.max_iter)],
+        [REJECTED, NONFINITE, DECREASED, CONVERGED, MAX_ITER],
         RUNNING,
     ).astype(jnp.int32)
+    decreased = decreased & ~rejected
     new = EMState(
         params,
         objective,
@@ -302,10 +332,22 @@ def step(problem, state, data):
         state.n_evals + evals,
         state.n_accepted + accepted.astype(jnp.int32),
         {k: h.at[n_iter].set(params[k]) for k, h in state.param_history.items()},
+        q,
+        state.n_fallbacks + rejected.astype(jnp.int32),
     )
-    # A non-finite objective keeps the last finite parameters: no fit returns NaN.
-    keep = jax.tree.map(lambda old, nw: jnp.where(finite, nw, old), state, new)
-    return keep._replace(status=status, n_iter=n_iter, history=new.history, n_evals=new.n_evals)
+    # A non-finite objective keeps the last finite parameters: no fit returns NaN; a rejected
+    # M-step keeps θ_t and its E-step.
+    keep = jax.tree.map(lambda old, nw: jnp.where(finite & ~rejected, nw, old), state, new)
+    history = jnp.where(rejected, state.history, new.history)
+    return keep._replace(status=status, n_iter=n_iter, history=history, n_evals=new.n_evals,
+                         n_fallbacks=new.n_fallbacks)
+
+
+def fallback_step(problem, state, data):
+    """The iteration the guard rejected, redone with the numeric M-step for every parameter
+    (a valid generalised-EM step: L-BFGS keeps only points that do not lower Q + log p)."""
+    numeric = problem._replace(closed=())
+    return step(numeric, state._replace(status=jnp.asarray(RUNNING, jnp.int32)), data)
 
 
 def run(problem, state, data, stop_at=None, report=None, every=1):
@@ -325,33 +367,62 @@ def run(problem, state, data, stop_at=None, report=None, every=1):
             lax.cond(due, lambda: report(s), lambda: None)
         return s
 
-    return lax.while_loop(
+    final = lax.while_loop(
         lambda s: (s.status == PENDING) | ((s.status == RUNNING) & (s.n_iter < stop_at)),
         body,
         state,
     )
+    # a candidate only: the caller confirms it by the curvature (bayes_em.curvature)
+    saddle = (final.status == CONVERGED) & symmetric_latents(problem, final.weights, final.params,
+                                                             data)
+    return final._replace(status=jnp.where(saddle, SADDLE, final.status).astype(jnp.int32))
 
 
-def random_start(problem, params, data, rng_key, noise=1.0):
-    """θ from one M-step under random posterior weights (random responsibilities).
+def objective_hvp(problem, params, data, v):
+    """∇²f(u) v for f(u) = log p(X|θ(u)) + log p(θ(u)) in unconstrained coordinates u, at
+    ``params``, with v flat (the layout of ``ravel_pytree`` of the unconstrained sites)."""
+    u, unravel = ravel_pytree(unconstrain(problem, params))
 
-    The weights come from enumerating the model with the observed factors switched off and
-    Gumbel noise of scale ``noise`` added to every latent factor, so they stay consistent
-    (marginals of one joint distribution over the latents) whatever the model's structure.
-    """
-    arrays, metas = _factors(problem, params, data)
+    def f(u):
+        return e_step(problem, constrain(problem, unravel(u)), data, "sum")[0]
+
+    return jax.jvp(jax.grad(f), (u,), (v.astype(u.dtype),))[1]
+
+
+def symmetric_latents(problem, weights, params, data, rtol=1e-6):
+    """Whether two values of some latent have the same posterior (within ``rtol``) wherever it
+    has mass: their parameters cannot be told apart, the symmetric point EM cannot leave (a
+    saddle of the objective, e.g. two mixture components with equal parameters). Compared by
+    two fixed random projections of each value's posterior weights."""
+    _, metas = _factors(problem, params, data, vectorized=not problem.hard)  # shapes only
     latents = set(problem.sites.latents)
-    keys = jax.random.split(rng_key, len(metas))
-    noisy = {k: v for k, v in arrays.items() if k.startswith(WEIGHT)}  # plate weights kept
-    for key, meta in zip(keys, metas):
-        a = arrays[meta.name]
-        if meta.is_observed:  # switched off (a · 0, not a constant XLA would fold)
-            noisy[meta.name] = jnp.where(jnp.isfinite(a), a * 0.0, 0.0)
-        elif meta.name in latents:
-            noisy[meta.name] = a + noise * jax.random.gumbel(key, a.shape, a.dtype)
-        else:
-            noisy[meta.name] = a
-    _, weights = posterior_weights(noisy, metas, "sum", problem.parallel_time)
+    found = jnp.zeros((), bool)
+    for m in metas:
+        own = [d for d, n in m.dim_to_name if n == m.name]
+        w = weights.get(m.name)
+        if m.name not in latents or not own or w is None or jnp.ndim(w) != len(m.shape):
+            continue
+        w = jnp.moveaxis(w, len(m.shape) + own[0], 0).reshape(m.shape[own[0]], -1)
+        if w.shape[0] < 2:
+            continue
+        r = jax.random.uniform(jax.random.PRNGKey(0), (2, w.shape[1]), w.dtype, 0.5, 1.0)
+        sig = w @ r.T  # (K, 2): positive where a value has mass
+        close = jnp.abs(sig[:, None, :] - sig[None, :, :]) <= rtol * jnp.maximum(
+            sig[:, None, :], sig[None, :, :])
+        pair = jnp.all(close, -1) & (sig[:, None, 0] > 0) & (sig[None, :, 0] > 0)
+        pair = pair & ~jnp.eye(w.shape[0], dtype=bool)
+        found = found | jnp.any(pair)
+    return found
+
+
+def random_start(problem, params, data, rng_key, noise=1.0, init="anchors"):
+    """θ from one M-step under made-up posterior weights (``bayes_em.starts``): each latent
+    value anchored on a data row drawn by k-means++ (``init="anchors"``), or Gumbel noise of
+    scale ``noise`` on the latent factors (``init="noise"``)."""
+    args, kwargs = problem.rebuild(data)
+    weights = start_weights(problem.enum_model, {k: jnp.asarray(v) for k, v in params.items()},
+                            args, kwargs, set(problem.sites.latents), rng_key, init, noise,
+                            problem.parallel_time)
     return m_step(problem, params, weights, data)
 
 

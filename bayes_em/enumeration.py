@@ -35,7 +35,7 @@ from numpyro.distributions.util import is_identically_one
 from funsor.ops import UNITS
 from funsor.sum_product import _partition
 
-from bayes_em import gaussian
+from bayes_em import boundary, gaussian
 from bayes_em.vectorized_scan import TIME_NAME, vectorize_scan
 from numpyro.handlers import substitute
 
@@ -129,7 +129,7 @@ def _weighted_plate(site, scale, dim_to_name):
     return names[0]
 
 
-def log_factors(enum_model, params, args, kwargs, vectorized=False):
+def log_factors(enum_model, params, args, kwargs, vectorized=False, observed_values=False):
     """Trace ``enum_model`` at ``params``; return ``({site: log f}, (FactorMeta, ...))``.
 
     ``log f`` is the site's (masked) log-density, one entry per enumerated value and plate
@@ -145,17 +145,27 @@ def log_factors(enum_model, params, args, kwargs, vectorized=False):
     a factor that does not vary over time then has a time dim of size 1, and its posterior
     weight is summed over time. Sum-product only: the max-product weights of one optimal path
     need the time-resolved factors.
+
+    ``observed_values``: also return ``{site: (value, event_dim)}`` of the observed sites, the
+    value's batch dims aligned (from the right) with those of its log-factor.
     """
     # NumPyro's argument validation only checks arguments built from constants, eagerly, one
     # small XLA compilation per check; the initial density check covers what it would catch
     with plate_to_enum_plate(), vectorize_scan(vectorized=vectorized), validation_enabled(False):
         tr = packed_trace(substitute(enum_model, data=params)).get_trace(*args, **kwargs)
-    arrays, metas, weights, scales = {}, [], {}, {}
+    arrays, metas, weights, scales, values = {}, [], {}, {}, {}
     for site in tr.values():
         if site["type"] != "sample":
             continue
         fn, value = site["fn"], site["value"]
-        if site["intermediates"]:
+        if site["is_observed"]:
+            values[site["name"]] = (value, fn.event_dim)
+        prior = None
+        if not site["is_observed"] and not fn.support.is_discrete:  # a MAP site's prior
+            prior = boundary.prior_log_prob(fn, value)
+        if prior is not None:
+            log_prob = prior
+        elif site["intermediates"]:
             log_prob = fn.log_prob(value, site["intermediates"])
         else:
             log_prob = gaussian.log_prob(fn, value)
@@ -206,6 +216,8 @@ def log_factors(enum_model, params, args, kwargs, vectorized=False):
                     f"the whole body of plate '{plate}' in numpyro.handlers.scale(scale=w)."
                 )
         arrays[WEIGHT + plate] = w
+    if observed_values:
+        return arrays, tuple(metas), values
     return arrays, tuple(metas)
 
 

@@ -16,56 +16,48 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from jax.scipy.linalg import solve_triangular
 
-__all__ = ["broadcast_dot", "mvn_log_prob", "log_prob"]
+__all__ = ["broadcast_matvec", "mvn_log_prob", "diag_normal_log_prob", "log_prob"]
 
 
-def broadcast_dot(a, b):
-    """Σ_i a[..., i] b[..., i] with NumPy broadcasting of the leading dims, as one einsum."""
-    shape = jnp.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+def broadcast_matvec(m, v):
+    """m[..., e, :] · v[..., :] with NumPy broadcasting of the leading dims, as one einsum."""
+    shape = jnp.broadcast_shapes(m.shape[:-2], v.shape[:-1])
     nd = len(shape)
-    a_shape = (1,) * (nd - a.ndim + 1) + a.shape[:-1]
-    b_shape = (1,) * (nd - b.ndim + 1) + b.shape[:-1]
+    m_shape = (1,) * (nd - m.ndim + 2) + m.shape[:-2]
+    v_shape = (1,) * (nd - v.ndim + 1) + v.shape[:-1]
     letters = string.ascii_letters
-    sub_a = "".join(letters[i] for i in range(nd) if a_shape[i] != 1) + "Z"
-    sub_b = "".join(letters[i] for i in range(nd) if b_shape[i] != 1) + "Z"
-    sub_out = "".join(letters[i] for i in range(nd) if shape[i] != 1)
-    a = a.reshape(tuple(s for s in a_shape if s != 1) + a.shape[-1:])
-    b = b.reshape(tuple(s for s in b_shape if s != 1) + b.shape[-1:])
-    return jnp.einsum(f"{sub_a},{sub_b}->{sub_out}", a, b).reshape(shape)
+    sub_m = "".join(letters[i] for i in range(nd) if m_shape[i] != 1) + "YZ"
+    sub_v = "".join(letters[i] for i in range(nd) if v_shape[i] != 1) + "Z"
+    kept = "".join(letters[i] for i in range(nd) if m_shape[i] != 1 or v_shape[i] != 1)
+    m = m.reshape(tuple(s for s in m_shape if s != 1) + m.shape[-2:])
+    v = v.reshape(tuple(s for s in v_shape if s != 1) + v.shape[-1:])
+    out = jnp.einsum(f"{sub_m},{sub_v}->{kept}Y", m, v)
+    full = tuple(shape[i] if (m_shape[i] != 1 or v_shape[i] != 1) else 1 for i in range(nd))
+    return jnp.broadcast_to(out.reshape(full + m.shape[-2:-1]), shape + m.shape[-2:-1])
 
 
 def mvn_log_prob(loc, scale_tril, x):
-    """log N(x | loc, L Lᵀ) for broadcasting batches, by the quadratic-form expansion."""
+    """log N(x | loc, L Lᵀ) for broadcasting batches: ‖L⁻¹x − L⁻¹μ‖², one matrix product for
+    L⁻¹x over every (row, component) pair. Each pair's distance is formed before it is squared,
+    so clusters far apart relative to their spread keep their accuracy (the expansion
+    ⟨x xᵀ, P⟩ − 2⟨x, Pμ⟩ + μᵀPμ loses (distance / spread)² · eps of it, fatal in float32)."""
     D = x.shape[-1]
     centre = jnp.mean(x.reshape(-1, D), axis=0)
     xc, mc = x - centre, loc - centre
     eye = jnp.broadcast_to(jnp.eye(D, dtype=scale_tril.dtype), scale_tril.shape)
     inv_l = solve_triangular(scale_tril, eye, lower=True)
-    prec = jnp.swapaxes(inv_l, -1, -2) @ inv_l
-    prec_m = (prec @ mc[..., None])[..., 0]
-    xx = (xc[..., :, None] * xc[..., None, :]).reshape(xc.shape[:-1] + (D * D,))
-    maha = (
-        broadcast_dot(xx, prec.reshape(prec.shape[:-2] + (D * D,)))
-        - 2.0 * broadcast_dot(xc, prec_m)
-        + jnp.sum(mc * prec_m, -1)
-    )
+    y = broadcast_matvec(inv_l, xc) - (inv_l @ mc[..., None])[..., 0]
+    maha = jnp.sum(jnp.square(y), -1)
     half_logdet = jnp.sum(jnp.log(jnp.diagonal(scale_tril, axis1=-2, axis2=-1)), -1)
-    return -0.5 * jnp.maximum(maha, 0.0) - half_logdet - 0.5 * D * jnp.log(2 * jnp.pi)
+    return -0.5 * maha - half_logdet - 0.5 * D * jnp.log(2 * jnp.pi)
 
 
 def diag_normal_log_prob(loc, scale, x):
-    """Σ_d log N(x_d | loc_d, scale_d²) over the last dim, by the same expansion."""
+    """Σ_d log N(x_d | loc_d, scale_d²) over the last dim, each distance formed directly."""
     loc, scale = jnp.broadcast_arrays(loc, scale)
     D = x.shape[-1]
-    centre = jnp.mean(x.reshape(-1, D), axis=0)
-    xc, mc = x - centre, loc - centre
-    prec = 1.0 / jnp.square(scale)
-    maha = (
-        broadcast_dot(jnp.square(xc), prec)
-        - 2.0 * broadcast_dot(xc, mc * prec)
-        + jnp.sum(jnp.square(mc) * prec, -1)
-    )
-    return -0.5 * jnp.maximum(maha, 0.0) - jnp.sum(jnp.log(scale), -1) - 0.5 * D * jnp.log(2 * jnp.pi)
+    maha = jnp.sum(jnp.square((x - loc) / scale), -1)
+    return -0.5 * maha - jnp.sum(jnp.log(scale), -1) - 0.5 * D * jnp.log(2 * jnp.pi)
 
 
 def _unexpand(fn):

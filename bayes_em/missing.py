@@ -254,6 +254,18 @@ def check_missing(model, sites, args, kwargs):
                 f"missing= names '{name}', which is {what} of the model; list observed sample "
                 "sites (numpyro.sample with obs=) whose NaN entries are to be marginalised."
             )
+    try:  # the raw model may not even trace with NaNs where a value is used: checked below
+        raw = trace(seed(substitute(model, substitute_fn=_random_params(key)), key)).get_trace(
+            *args, **kwargs)
+    except Exception:
+        raw = {}
+    for name in sites:
+        if name not in raw:
+            continue
+        value = np.asarray(raw[name]["value"])
+        if value.size and np.issubdtype(value.dtype, np.floating) and np.isnan(value).all():
+            raise ModelError(f"Observed site '{name}' listed in missing= has no observed value "
+                             "(all NaN): there is nothing to fit it to.")
     tr1 = run(1)
     with warnings.catch_warnings():  # the data of other sites are checked later
         warnings.simplefilter("ignore")

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, NamedTuple
 
 import jax
@@ -19,12 +20,9 @@ from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import seed, substitute, trace
 
 from bayes_em.compiled import jit
+from bayes_em.validation import ModelError, SiteRecorder, check_observed_shape, traced_model_error
 
 __all__ = ["ParamSite", "ModelSites", "ModelError", "discover_sites"]
-
-
-class ModelError(ValueError):
-    """The model or its inputs cannot be fitted by EM; the message names the site."""
 
 
 class ParamSite(NamedTuple):
@@ -95,7 +93,10 @@ def split_data(args, kwargs):
     return data, rebuild, key
 
 
-_TRACERS = {}  # (model, static key, fixed) -> (jitted trace, box holding the last trace)
+# model -> {(static key, data shapes, init shapes, fixed): (jitted trace, box with its trace)};
+# weakly keyed (a model function is not kept alive), and keyed on shapes so that a model whose
+# structure depends on the data's shape never reads a trace made for other shapes
+_TRACERS = weakref.WeakKeyDictionary()
 
 
 def _traced_values(model, data, rebuild, key, init_values, rng_key, fixed):
@@ -105,17 +106,29 @@ def _traced_values(model, data, rebuild, key, init_values, rng_key, fixed):
     the prior mean or median for MAP sites) and (number of non-finite entries,) for observed
     float sites. One compilation instead of many eager operations.
     """
-    cache_key = (model, key, tuple(sorted(fixed)))
-    if cache_key not in _TRACERS:
+    shapes = tuple((jnp.shape(x), jnp.result_type(x)) for x in data)
+    init_shapes = tuple(sorted((k, jnp.shape(v)) for k, v in init_values.items()))
+    cache_key = (key, shapes, init_shapes, tuple(sorted(fixed)))
+    try:
+        cache = _TRACERS.setdefault(model, {})
+    except TypeError:  # not weakly referenceable: no reuse
+        cache = {}
+    if cache_key not in cache:
         box = {}
+        try:  # the cached program must not keep its own key (the model) alive
+            model_ref = weakref.ref(model)
+        except TypeError:
+            model_ref = lambda m=model: m  # noqa: E731
 
         def traced(data, init_values, rng_key):
+            model = model_ref()
             key_model, key_init = jax.random.split(rng_key)
             args, kwargs = rebuild(data)
             # NumPyro would check distribution arguments built from constants eagerly, one small
             # XLA compilation per check (0.6 s for a mixture's covariances); the values that
             # matter are checked below inside this compiled trace, the rest by the initial density
-            with validation_enabled(False):
+            recorder = box["recorder"] = SiteRecorder()
+            with validation_enabled(False), recorder:
                 tr = trace(seed(substitute(model, substitute_fn=_placeholder), key_model)).get_trace(
                     *args, **kwargs
                 )
@@ -125,33 +138,82 @@ def _traced_values(model, data, rebuild, key, init_values, rng_key, fixed):
                 if site["type"] == "param" and name not in fixed:
                     constraint = site["kwargs"].get("constraint", constraints.real)
                     value = jnp.asarray(init_values.get(name, site["value"]))
+                    _check_shape("init_values", name, value, jnp.shape(site["value"]))
                     out[name] = (value, constraint(value))
+                elif site["type"] == "param":  # held fixed: its value must be in the support
+                    constraint = site["kwargs"].get("constraint", constraints.real)
+                    out[name] = (site["value"], constraint(site["value"]))
                 elif site["type"] == "sample" and site["is_observed"]:
                     value = site["value"]
+                    if not site.get("_control_flow_done"):
+                        check_observed_shape(name, value, site["fn"],
+                                             site.get("cond_indep_stack", ()))
+                    nonfinite = jnp.zeros((), jnp.int32)
                     if jnp.issubdtype(jnp.result_type(value), jnp.inexact):
-                        out[name] = (jnp.sum(~jnp.isfinite(value)),)
+                        nonfinite = jnp.sum(~jnp.isfinite(value))
+                    out[name] = (nonfinite, _outside_support(site["fn"], value))
                 elif site["type"] == "sample" and not site["fn"].support.is_discrete:
                     if isinstance(_base(site["fn"]), dist.ImproperUniform):
                         continue
                     key_init, sub = jax.random.split(key_init)
                     value = init_values.get(name)
+                    if value is not None:
+                        _check_shape("init_values", name, value, site["fn"].shape())
                     value = _map_init(site["fn"], sub) if value is None else jnp.asarray(value)
                     out[name] = (value, site["fn"].support(value))
             return out
 
         try:
             hash(cache_key)
-            _TRACERS[cache_key] = (jit(traced), box)
+            cache[cache_key] = (jit(traced), box)
         except TypeError:
             return _traced_values_uncached(traced, box, data, init_values, rng_key)
-    fn, box = _TRACERS[cache_key]
-    numbers = jax.device_get(fn(data, init_values, rng_key))
+    fn, box = cache[cache_key]
+    numbers = _run_traced(fn, box, data, init_values, rng_key)
     return box["trace"], numbers
 
 
 def _traced_values_uncached(traced, box, data, init_values, rng_key):
-    numbers = jax.device_get(jit(traced)(data, init_values, rng_key))
+    numbers = _run_traced(jit(traced), box, data, init_values, rng_key)
     return box["trace"], numbers
+
+
+def _run_traced(fn, box, data, init_values, rng_key):
+    try:
+        return jax.device_get(fn(data, init_values, rng_key))
+    except ModelError:
+        raise
+    except Exception as err:  # name the site being traced, say what to do
+        clear = traced_model_error(err, box.get("recorder") or SiteRecorder())
+        if clear is None:
+            raise
+        raise clear from err
+
+
+def _outside_support(fn, value):
+    """Entries of an observed value outside its distribution's support (masked ones excepted)."""
+    support = fn.support
+    while hasattr(support, "base_constraint"):
+        support = support.base_constraint
+    bounds = [v for v in vars(support).values() if isinstance(v, (jax.Array, np.ndarray))]
+    if isinstance(_base(fn), dist.Unit) or bounds:
+        # numpyro.factor has no data; a support bounded by parameters (Uniform(0, high[z]))
+        # is the initial density check's to report
+        return jnp.zeros((), jnp.int32)
+    ok = fn.support(value)
+    extra = jnp.ndim(ok) - len(fn.batch_shape)
+    if extra > 0:  # an event the constraint checks entrywise
+        ok = jnp.all(ok, axis=tuple(range(-extra, 0)))
+    mask = getattr(fn, "_mask", None)
+    if isinstance(fn, dist.MaskedDistribution) and mask is not None and mask is not True:
+        ok = ok | ~jnp.broadcast_to(jnp.asarray(mask, bool), jnp.shape(ok))
+    return jnp.sum(~ok)
+
+
+def _check_shape(option, name, value, shape):
+    if tuple(jnp.shape(value)) != tuple(shape):
+        raise ModelError(f"{option}['{name}'] has shape {tuple(jnp.shape(value))}, but site "
+                         f"'{name}' has shape {tuple(shape)}.")
 
 
 def _check_value(name, constraint, value, ok):
@@ -177,6 +239,11 @@ def discover_sites(model, args, kwargs, init_values=None, rng_key=None, fixed=()
             if frame.dim is not None:
                 dims[frame.name] = frame.dim
         if site["type"] == "param" and name in fixed:
+            if name in numbers:
+                value, ok = numbers[name]
+                if not np.all(ok) or not np.all(np.isfinite(value)):
+                    raise ModelError(f"fixed['{name}'] lies outside the support of site "
+                                     f"'{name}': {value}.")
             continue
         if site["type"] == "param":
             if site.get("_control_flow_done"):
@@ -192,12 +259,17 @@ def discover_sites(model, args, kwargs, init_values=None, rng_key=None, fixed=()
         elif site["type"] == "sample":
             fn = _base(site["fn"])
             if site["is_observed"]:
-                bad = int(numbers[name][0]) if name in numbers else 0
+                bad, outside = (int(n) for n in numbers[name]) if name in numbers else (0, 0)
                 if bad:
                     raise ModelError(
                         f"Observed site '{name}' has {bad} NaN or infinite value(s); remove them, "
                         f"mask them out with numpyro.handlers.mask, or marginalise NaNs with "
                         f"EM(..., missing=('{name}',))."
+                    )
+                if outside:
+                    raise ModelError(
+                        f"Observed site '{name}' has {outside} value(s) outside the support "
+                        f"{site['fn'].support} of its {type(fn).__name__} distribution."
                     )
                 observed.append(name)
             elif site["fn"].support.is_discrete:

@@ -98,8 +98,17 @@ def test_nonfinite_density_at_initial_values_names_site():
             z = numpyro.sample("z", dist.Bernoulli(0.5))
             numpyro.sample("x", dist.Exponential(rate[z.astype(int)]), obs=x)
 
-    with pytest.raises(ModelError, match="not finite.*'x'"):
+    with pytest.raises(ModelError, match="'x'.*outside the support"):  # data: checked first
         fit(model, jnp.array([1.0, -2.0]))
+
+    def bounded(x):  # data outside a support that the parameters set
+        high = numpyro.param("high", jnp.array([1.0, 2.0]), constraint=constraints.positive)
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Bernoulli(0.5))
+            numpyro.sample("x", dist.Uniform(0.0, high[z.astype(int)]), obs=x)
+
+    with pytest.raises(ModelError, match="not finite.*'x'"):
+        fit(bounded, jnp.array([0.5, 3.0]))
 
 
 def test_initial_value_outside_support_names_site():

@@ -126,9 +126,9 @@ def test_normal_inverse_wishart_map_matches_fraley_raftery():
 
 def test_dirichlet_map_reaching_the_boundary_keeps_a_finite_objective():
     """A component no observation can come from gets zero expected count: under Dirichlet(1) its
-    MAP weight is 0 (KKT). The simplex transform keeps it at the smallest normal float, where the
-    prior's (α − 1) log w term is exactly 0, so the objective stays finite and equal to the
-    brute-force one (NumPyro's Dirichlet.log_prob would give NaN at an exact 0)."""
+    MAP weight is 0 (KKT), kept exactly 0. The log prior is then the Dirichlet of the other
+    components on their face (bayes_em.boundary): Dirichlet(1, 1) has density 1, log prior 0
+    (NumPyro's Dirichlet.log_prob would give NaN at an exact 0)."""
 
     def mixture(y):
         w = numpyro.sample("w", dist.Dirichlet(jnp.ones(3)))
@@ -145,7 +145,34 @@ def test_dirichlet_map_reaching_the_boundary_keeps_a_finite_objective():
     assert result.status == "converged"
     w = np.asarray(result.params["w"])
     emit = np.concatenate([[[0.0, 0.0, 1.0]], np.asarray(result.params["emit"])])
-    assert w[0] < 1e-300  # 0 up to the simplex transform's floor (the smallest normal float)
+    assert w[0] == 0.0  # exactly: the excluded component cannot leak back
     brute = np.sum(np.log(w @ emit[:, np.asarray(y)]))  # Σ_n log Σ_k w_k emit[k, y_n]
     np.testing.assert_allclose(result.log_likelihood, brute, rtol=1e-12)
-    np.testing.assert_allclose(result.log_prior, np.log(2.0), rtol=1e-12)  # log Γ(3): flat prior
+    np.testing.assert_allclose(result.log_prior, 0.0, atol=1e-12)  # Dirichlet(1, 1) on the face
+
+
+def test_dirichlet_below_one_annihilates_a_component_with_a_defined_objective():
+    """Dirichlet(α < 1) MAP: a component whose expected count c_j ≤ 1 − α_j gets weight 0 (KKT)
+    and is dropped from the prior (Figueiredo & Jain 2002): the log prior is that of the others'
+    Dirichlet on their face, computed here with scipy, and the objective is finite."""
+    from scipy.stats import dirichlet
+
+    def mixture(x):
+        w = numpyro.sample("w", dist.Dirichlet(jnp.full(3, 0.5)))
+        loc = numpyro.param("loc", jnp.array([-3.0, 3.0, 40.0]))
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(w))
+            numpyro.sample("x", dist.Normal(loc[z], 1.0), obs=x)
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(np.concatenate([rng.normal(-3, 1, 40), rng.normal(3, 1, 60)]))
+    result = EM(mixture, max_iter=500, tol=1e-12, init_values=dict(w=jnp.ones(3) / 3),
+                progress_bar=False).run(jax.random.PRNGKey(0), x)
+    w = np.asarray(result.params["w"])
+    assert w[2] == 0.0 and result.status == "converged"
+    assert np.isfinite(result.objective)
+    np.testing.assert_allclose(result.log_prior, dirichlet([0.5, 0.5]).logpdf(w[:2]), rtol=1e-10)
+    # the other weights: the KKT point of the remaining two, (c_k + α − 1) / (N + 2α − 2)
+    r = np.asarray(result.posterior["z"])
+    n = r.sum(0)
+    np.testing.assert_allclose(w[:2], (n[:2] - 0.5) / (len(x) - 1.0), rtol=1e-8)

@@ -1,0 +1,100 @@
+"""Separated clusters in float32 (issue 12, defect 3): moments about a global centre cancel when
+clusters lie far apart relative to their spread (means ±1e3, sd 1e-2); bayes_em forms each
+distance before squaring it, in the E-step's log-densities and the M-step's statistics alike.
+Reference: scikit-learn's float64 ``GaussianMixture`` from the same start."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.distributions import constraints
+from sklearn.mixture import GaussianMixture
+
+from bayes_em import EM
+
+
+def spherical(x, K):
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    loc = numpyro.param("loc", jnp.zeros((K, x.shape[1])))
+    scale = numpyro.param("scale", jnp.ones(K), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(loc[z], scale[z][..., None]).to_event(1), obs=x)
+
+
+def full(x, K):
+    D = x.shape[1]
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    loc = numpyro.param("loc", jnp.zeros((K, D)))
+    cov = numpyro.param("cov", jnp.broadcast_to(jnp.eye(D), (K, D, D)),
+                        constraint=constraints.positive_definite)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.MultivariateNormal(loc[z], covariance_matrix=cov[z]), obs=x)
+
+
+def univariate(x, K):
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    loc = numpyro.param("loc", jnp.zeros(K))
+    scale = numpyro.param("scale", jnp.ones(K), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(loc[z], scale[z]), obs=x)
+
+
+def separated(D=2, n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    means = np.array([[-1e3, 1e3], [1e3, -1e3], [1e3, 1e3]]) if D == 2 else np.array(
+        [[-1e3], [1e3], [3e3]])
+    sd = np.array([1e-2, 2e-2, 5e-3])
+    z = rng.integers(0, 3, n)
+    x = means[z] + sd[z, None] * rng.normal(size=(n, D))
+    return x, means + 0.02 * rng.normal(size=means.shape), np.full(3, 0.05)
+
+
+def sklearn_fit(x, m0, s0, covariance_type):
+    precisions = 1 / s0**2 if covariance_type == "spherical" else np.stack(
+        [np.eye(x.shape[1]) / s**2 for s in s0])
+    return GaussianMixture(3, covariance_type=covariance_type, weights_init=np.ones(3) / 3,
+                           means_init=m0, precisions_init=precisions, tol=1e-12, max_iter=500,
+                           reg_covar=0.0).fit(x)
+
+
+def fit32(model, x, init):
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no guard rejection, no ascent warning
+        init = {k: np.asarray(v, np.float32) for k, v in init.items()}
+        return EM(model, init_values=init, progress_bar=False).run(
+            jax.random.PRNGKey(0), jnp.asarray(x, jnp.float32), 3)
+
+
+def test_spherical_float32_matches_sklearn_float64():
+    x, m0, s0 = separated()
+    ref = sklearn_fit(x, m0, s0, "spherical")
+    result = fit32(spherical, x, dict(loc=m0, scale=s0))
+    assert result.status == "converged" and result.params["scale"].dtype == np.float32
+    np.testing.assert_allclose(result.params["scale"], np.sqrt(ref.covariances_), rtol=0.05)
+    np.testing.assert_allclose(result.params["loc"], ref.means_, atol=1e-3)
+
+
+def test_full_covariance_float32_matches_sklearn_float64():
+    x, m0, s0 = separated()
+    ref = sklearn_fit(x, m0, s0, "full")
+    cov0 = np.stack([np.eye(2) * s**2 for s in s0])
+    result = fit32(full, x, dict(loc=m0, cov=cov0))
+    assert result.status == "converged"
+    np.testing.assert_allclose(np.diagonal(result.params["cov"], axis1=1, axis2=2),
+                               np.diagonal(ref.covariances_, axis1=1, axis2=2), rtol=0.1)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_univariate_float32_far_from_origin(offset):
+    x, m0, s0 = separated(D=1)
+    x, m0 = x[:, 0] + offset, m0[:, 0] + offset
+    ref = sklearn_fit(x[:, None], m0[:, None], s0, "spherical")
+    result = fit32(univariate, x, dict(loc=m0, scale=s0))
+    np.testing.assert_allclose(result.params["scale"], np.sqrt(ref.covariances_), rtol=0.05)

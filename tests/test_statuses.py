@@ -1,0 +1,77 @@
+"""Statuses that tell the truth (issue 13): max_iter, saddle and collapse are reported, warned
+about, and never chosen over a restart that ended well."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.distributions import constraints
+
+from bayes_em import EM, ConvergenceWarning, Status
+
+
+def full_mixture(x, K):
+    D = x.shape[1]
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    loc = numpyro.param("loc", jnp.zeros((K, D)))
+    cov = numpyro.param("cov", jnp.broadcast_to(jnp.eye(D), (K, D, D)),
+                        constraint=constraints.positive_definite)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.MultivariateNormal(loc[z], covariance_matrix=cov[z]), obs=x)
+
+
+def two_clusters(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(np.concatenate([rng.normal(-3, 1, (n // 2, 2)), rng.normal(3, 1, (n // 2, 2))]))
+
+
+def test_max_iter_warns_unless_tol_is_zero():
+    x = two_clusters()
+    init = dict(loc=np.array([[-1.0, 0.0], [1.0, 0.0]]))
+    with pytest.warns(ConvergenceWarning, match="max_iter"):
+        result = EM(full_mixture, max_iter=2, init_values=init, progress_bar=False).run(
+            jax.random.PRNGKey(0), x, K=2)
+    assert result.status == Status.MAX_ITER == "max_iter" and "raise max_iter" in result.message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        EM(full_mixture, max_iter=2, tol=0.0, init_values=init, progress_bar=False).run(
+            jax.random.PRNGKey(0), x, K=2)  # tol=0: exactly max_iter iterations, as asked
+
+
+def test_symmetric_start_is_a_saddle_not_converged():
+    """Every component declared at the same values: EM stays there and says so; a restart from
+    data anchors is chosen instead."""
+    x = two_clusters()
+    with pytest.warns(ConvergenceWarning, match="saddle"):
+        alone = EM(full_mixture, progress_bar=False).run(jax.random.PRNGKey(0), x, K=2)
+    assert alone.status == "saddle"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        result = EM(full_mixture, restarts=3, progress_bar=False).run(jax.random.PRNGKey(0), x, K=2)
+    assert result.restart_status[0] == "saddle"
+    assert result.status == "converged" and result.best_restart != 0
+    assert result.objective > alone.objective + 100
+
+
+def test_collapse_is_reported_and_never_preferred():
+    """A component started on one point with a tiny covariance shrinks onto it (ML: unbounded
+    likelihood). Reported as collapsed (or non-finite, depending on round-off), the site named;
+    restart selection takes a restart that ended well even though the collapsed one is higher."""
+    x = two_clusters()
+    init = dict(w=np.array([0.02, 0.49, 0.49]), loc=np.stack([np.asarray(x[0]), [-3.0, 0.0], [3.0, 0.0]]),
+                cov=np.stack([1e-4 * np.eye(2), np.eye(2), np.eye(2)]))
+    with pytest.warns(ConvergenceWarning):
+        alone = EM(full_mixture, max_iter=200, init_values=init, progress_bar=False).run(
+            jax.random.PRNGKey(0), x, K=3)
+    assert alone.status in ("collapsed", "nonfinite")
+    if alone.status == "collapsed":
+        assert "site 'cov'[0]" in alone.message
+    both = EM(full_mixture, restarts=4, max_iter=200, init_values=init,
+              progress_bar=False).run(jax.random.PRNGKey(0), x, K=3)
+    assert both.restart_status[0] in ("collapsed", "nonfinite")
+    assert both.best_restart != 0 and both.status == "converged"
