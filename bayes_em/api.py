@@ -99,8 +99,8 @@ _MESSAGES = {
 
 
 class ClosedFormWarning(UserWarning):
-    """A closed-form M-step lowered Q + log p(θ); the guard rejected it and the iteration took
-    the numeric M-step instead (the fit is sound; its closed-form plan is not)."""
+    """An iteration with closed-form M-steps lowered the objective; the guard rejected it and
+    redid it with the numeric M-step (the fit is sound; its closed-form plan is not)."""
 
 
 @dataclass(frozen=True)
@@ -287,7 +287,7 @@ def _collapsed(problem, restart_params, ratio=1e-4):
 
 
 def _redo_rejected(states, fallback, data):
-    """Restarts stopped by the guard (a closed-form M-step that lowered Q) go on from there:
+    """Restarts stopped by the guard (a closed-form iteration that lowered the objective) go on:
     that iteration numerically, then the compiled loop again."""
     status = np.asarray(jax.device_get(states.status))
     while (status == core.REJECTED).any():
@@ -602,9 +602,10 @@ class EM:
         n_fallbacks = np.asarray(states.n_fallbacks)
         if n_fallbacks.any():
             warnings.warn(
-                f"A closed-form M-step lowered Q + log p(θ) in {int(n_fallbacks.sum())} "
-                f"iteration(s) (restarts {np.flatnonzero(n_fallbacks).tolist()}); the guard "
-                "rejected it and used the numeric M-step there. Please report the model; "
+                f"An iteration with closed-form M-steps lowered the objective in "
+                f"{int(n_fallbacks.sum())} case(s) (restarts "
+                f"{np.flatnonzero(n_fallbacks).tolist()}); the guard rejected it and used the "
+                "numeric M-step there. Please report the model; "
                 "closed_form=False avoids the closed forms altogether.",
                 ClosedFormWarning, stacklevel=4)
         params_best = {k: v[best] for k, v in restart_params.items()}

@@ -39,6 +39,7 @@ from numpyro.handlers import substitute
 from bayes_em.compiled import jit
 from bayes_em.dependence import dependence
 from bayes_em.enumeration import is_plate_weight
+from bayes_em.gaussian import exact_distances
 from bayes_em.vectorized_scan import vectorize_scan
 
 __all__ = ["ClosedForm", "detect_closed_forms", "closed_form_update"]
@@ -421,27 +422,50 @@ def _site_stats(family, site, idx, n_rows, event_shape, weight):
     if family in ("poisson", "exponential"):
         return {"n": scatter(_weighted_sum(w, jnp.ones_like(x, dtype), arg_batch)),
                 "s": scatter(_weighted_sum(w, x.astype(dtype), arg_batch))}
+    # float32: distances to the current locations m formed entry by entry; float64: moments
+    # about the data mean c, corrected to m (cheaper; see gaussian.exact_distances)
+    exact = exact_distances(dtype)
     if family in ("normal_loc", "normal_scale"):
         joint = jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale))
         n = _weighted_sum(w, jnp.ones_like(x, dtype), joint)
-        if family == "normal_loc":  # the step from the current locations m: Σ w P (x − m)
+        if family == "normal_loc":  # the step from m: Σ w P (x − m)
             prec = 1.0 / jnp.square(base.scale)
-            return {"a": scatter(n * prec),
-                    "b": scatter(_weighted_sum(w, x - base.loc, joint) * prec)}
-        # squared distances to the current locations, formed directly (no cancellation)
-        ss = _weighted_sum(w, jnp.square(x - base.loc), joint)
+            step = (_weighted_sum(w, x - base.loc, joint) if exact
+                    else _weighted_sum(w, x, joint) - n * base.loc)
+            return {"a": scatter(n * prec), "b": scatter(step * prec)}
+        if exact:
+            ss = _weighted_sum(w, jnp.square(x - base.loc), joint)
+        else:
+            c = jnp.mean(x)
+            xc, mc = x - c, base.loc - c
+            s1 = _weighted_sum(w, xc, joint)
+            ss = jnp.maximum(_weighted_sum(w, jnp.square(xc), joint) - 2 * mc * s1
+                             + jnp.square(mc) * n, 0.0)
         return {"n": scatter(jnp.broadcast_to(n, joint)), "ss": scatter(ss)}
     # multivariate normal, at the joint (loc, covariance) batch shape
     D = jnp.shape(x)[-1]
     joint = jnp.broadcast_shapes(jnp.shape(base.loc)[:-1], jnp.shape(base.scale_tril)[:-2])
     n = _weighted_sum(w, jnp.ones(x.shape[:-1], dtype), joint)
     if family == "mvn_loc":
-        # μ_j = (Σ_e w_e P_e)⁻¹ Σ_e w_e P_e x_e: entries selecting one row may differ in covariance
+        # μ_j = m_j + (Σ_e w_e P_e)⁻¹ Σ_e w_e P_e (x_e − m_j): entries selecting one row may
+        # differ in covariance
         prec = jnp.broadcast_to(base.precision_matrix, joint + (D, D))
-        s1 = _weighted_sum(w, x - base.loc, joint, 1)  # about the current locations
+        step = (_weighted_sum(w, x - base.loc, joint, 1) if exact
+                else _weighted_sum(w, x, joint, 1) - n[..., None] * base.loc)
         return {"a": scatter(n[..., None, None] * prec, 2),
-                "b": scatter((prec @ s1[..., None])[..., 0], 1)}
-    ss = _weighted_outer(w, x - base.loc, joint)
+                "b": scatter((prec @ step[..., None])[..., 0], 1)}
+    if exact:
+        ss = _weighted_outer(w, x - base.loc, joint)
+    else:
+        c = jnp.mean(x.reshape(-1, D), axis=0)
+        xc = x - c
+        s1 = _weighted_sum(w, xc, joint, 1)
+        xx = (xc[..., :, None] * xc[..., None, :]).reshape(xc.shape[:-1] + (D * D,))
+        s2 = _weighted_sum(w, xx, joint, 1).reshape(joint + (D, D))
+        mc = jnp.broadcast_to(base.loc - c, joint + (D,))
+        outer = s1[..., :, None] * mc[..., None, :]
+        ss = (s2 - outer - jnp.swapaxes(outer, -1, -2)
+              + n[..., None, None] * mc[..., :, None] * mc[..., None, :])
     return {"ss": scatter(ss, 2), "n": scatter(jnp.broadcast_to(n, joint))}
 
 

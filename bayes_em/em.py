@@ -105,7 +105,6 @@ class EMState(NamedTuple):
     n_evals: Any = 0  # EM maps evaluated (M-steps); 3 per iteration under SQUAREM
     n_accepted: Any = 0  # SQUAREM extrapolations accepted
     param_history: Any = ()  # {site: (max_iter + 1, ...)} θ_t, if recorded
-    q: Any = 0.0  # Q(θ_t; θ_t) + log p(θ_t): the guard's reference for the next M-step
     n_fallbacks: Any = 0  # closed-form M-steps rejected by the guard (numeric instead)
 
 
@@ -156,29 +155,15 @@ def _log_prior(problem, arrays):
 
 def e_step(problem, params, data, semiring=None):
     """``(log Z, log p(θ), weights)`` at θ = ``params``; log Z = log p(X|θ) + log p(θ)."""
-    return guarded_e_step(problem, params, data, None, semiring)[:3]
+    semiring = semiring or ("max" if problem.hard else "sum")
+    arrays, metas = _factors(problem, params, data, vectorized=semiring == "sum")
+    log_z, weights = posterior_weights(arrays, metas, semiring, problem.parallel_time)
+    return log_z, _log_prior(problem, arrays), weights
 
 
 def _expected(weights, arrays):
     """Σ_f ⟨w_f, log f⟩ over the factors that carry weight."""
     return sum(jnp.sum(weights[k] * jnp.where(weights[k] > 0, arrays[k], 0.0)) for k in weights)
-
-
-def guarded_e_step(problem, params, data, prev_weights, semiring=None):
-    """The E-step at θ = ``params`` and the guard's two values of Q:
-    ``(log Z, log p(θ), weights, Q(θ; θ) + log p(θ), Q(θ; θ_prev) + log p(θ))``, the last from
-    the previous E-step's ``prev_weights`` (NaN without them)."""
-    semiring = semiring or ("max" if problem.hard else "sum")
-    arrays, metas = _factors(problem, params, data, vectorized=semiring == "sum")
-    log_z, weights = posterior_weights(arrays, metas, semiring, problem.parallel_time)
-    q_self = _expected(weights, arrays)
-    q_prev = jnp.full((), jnp.nan, q_self.dtype)
-    if prev_weights is not None:
-        # a factor that the new θ rules out (a component annihilated by a Dirichlet α < 1 MAP
-        # step, bayes_em.boundary) leaves Q rather than sending it to −∞
-        q_prev = _expected(prev_weights, {k: jnp.where(a == -jnp.inf, 0.0, a)
-                                          for k, a in arrays.items()})
-    return log_z, _log_prior(problem, arrays), weights, q_self, q_prev
 
 
 def q_function(problem, params, weights, data):
@@ -205,7 +190,7 @@ def pending(problem, params, data):
                     for k, v in params.items()}
     status = jnp.asarray(PENDING, jnp.int32)
     return EMState(params, objective, objective, weights, zero, status, zero, history, zero, zero,
-                   recorded, objective, zero)
+                   recorded, zero)
 
 
 def init(problem, params, data):
@@ -285,7 +270,6 @@ def step(problem, state, data):
         params, objective, log_prior, weights, accepted = lax.cond(
             first, first_e_step, lambda: squarem(problem, state, data)
         )
-        q = q_prev = state.q  # SQUAREM keeps its own monotonicity safeguard on the objective
         evals = 3
     else:
         # a select, not a lax.cond: XLA on CPU runs a conditional's branches out of line, which
@@ -293,16 +277,16 @@ def step(problem, state, data):
         # zero weights) is discarded
         stepped = m_step(problem, state.params, state.weights, data)
         params = jax.tree.map(lambda old, new: jnp.where(first, old, new), state.params, stepped)
-        objective, log_prior, weights, q, q_prev = guarded_e_step(
-            problem, params, data, state.weights)
+        objective, log_prior, weights = e_step(problem, params, data)
         accepted, evals = jnp.zeros((), bool), 1
     finite = jnp.isfinite(objective)
-    # the guard: an M-step never lowers Q(·; θ_t) + log p (closed forms and L-BFGS both
-    # maximise it); one that does is rejected: the state stays at θ_t with status "rejected",
-    # and ``fallback_step`` (compiled only when needed) does that iteration numerically
+    # the guard: an ECM iteration never lowers the objective (each closed form and L-BFGS
+    # raise Q + log p, and the E-step closes the gap); an iteration with closed forms that does
+    # is rejected: the state stays at θ_t with status "rejected", and ``fallback_step``
+    # (compiled only when needed) redoes it with the numeric M-step
     rejected = jnp.zeros((), bool)
     if problem.closed and not problem.accelerate:
-        rejected = ~first & finite & ~(q_prev >= state.q - _roundoff(state.q))
+        rejected = ~first & finite & (objective - state.objective < -_roundoff(state.objective))
     change = objective - state.objective
     decreased = ~first & finite & (change < -_roundoff(state.objective))
     tol = problem.tol
@@ -332,7 +316,6 @@ def step(problem, state, data):
         state.n_evals + evals,
         state.n_accepted + accepted.astype(jnp.int32),
         {k: h.at[n_iter].set(params[k]) for k, h in state.param_history.items()},
-        q,
         state.n_fallbacks + rejected.astype(jnp.int32),
     )
     # A non-finite objective keeps the last finite parameters: no fit returns NaN; a rejected
