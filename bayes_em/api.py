@@ -239,11 +239,16 @@ def _confirm_saddle(problem, hvp, restart_params, r, data):
     """A restart that converged with two latent values indistinguishable is a saddle if the
     objective curves upwards somewhere (a positive Hessian eigenvalue); otherwise it is a
     degenerate maximum (the data support fewer distinct values) and stays converged."""
-    params = {k: v[r] for k, v in restart_params.items()}
-    n = sum(int(np.size(v)) for v in jax.tree.leaves(
-        jax.eval_shape(lambda: core.unconstrain(problem, params))))
+    params = {k: jnp.asarray(v[r]) for k, v in restart_params.items()}
     with _ENGINE_LOCK:
-        saddle, (low, high) = is_saddle(lambda v: hvp(params, data, jnp.asarray(v)), n)
+        n = sum(int(np.size(v)) for v in jax.tree.leaves(core.unconstrain(problem, params)))
+        try:
+            saddle, (low, high) = is_saddle(lambda v: hvp(params, data, jnp.asarray(v)), n)
+        except (FloatingPointError, np.linalg.LinAlgError):
+            saddle = None
+    if saddle is None:  # the curvature is not finite there (a probability at exactly 0 or 1)
+        return Status.SADDLE, (f"{Status.SADDLE.message} (the curvature could not be evaluated "
+                               "there to tell a saddle from a degenerate maximum)")
     if saddle:
         return Status.SADDLE, (f"{Status.SADDLE.message} (the objective's curvature has a "
                                f"positive eigenvalue {high:.3g})")
@@ -254,8 +259,9 @@ def _confirm_saddle(problem, hvp, restart_params, r, data):
 
 def _collapsed(problem, restart_params, ratio=1e-4):
     """Per restart, a description of the first maximum-likelihood scale or covariance that
-    shrank towards 0 ("" if none): a covariance whose smallest eigenvalue is below ``ratio``²
-    of its largest, or a closed-form Normal scale below ``ratio`` of the site's largest."""
+    shrank towards 0 ("" if none): a covariance eigenvalue below ``ratio``² of the site's largest
+    (a flat component, or one shrinking onto a point), or a closed-form Normal scale below
+    ``ratio`` of the site's largest."""
     scales = {c.param for c in problem.closed if c.family == "normal_scale"}
     out = [""] * len(next(iter(restart_params.values()))) if restart_params else []
     for p in problem.sites.params:
@@ -270,7 +276,9 @@ def _collapsed(problem, restart_params, ratio=1e-4):
             if name in ("_PositiveDefinite", "_LowerCholesky") and v.ndim >= 2:
                 cov = v if name == "_PositiveDefinite" else v @ np.swapaxes(v, -1, -2)
                 eig = np.linalg.eigvalsh(cov.reshape((-1,) + cov.shape[-2:]))
-                bad = eig[:, 0] <= ratio**2 * np.maximum(eig[:, -1], np.finfo(float).tiny)
+                # within a component (a flat ellipsoid) or against the site's largest spread
+                # (a component shrinking in every direction onto a point)
+                bad = eig[:, 0] <= ratio**2 * max(eig[:, -1].max(), np.finfo(float).tiny)
                 if bad.any():
                     k = int(np.flatnonzero(bad)[0])
                     idx = np.unravel_index(k, cov.shape[:-2]) if cov.ndim > 2 else ()

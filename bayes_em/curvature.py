@@ -23,6 +23,8 @@ def extreme_eigenvalues(hvp, n, steps=40, seed=0):
     basis, alphas, betas = [q], [], []
     for _ in range(min(steps, n)):
         w = np.asarray(hvp(basis[-1]), dtype=float)
+        if not np.all(np.isfinite(w)):
+            raise FloatingPointError("the Hessian-vector product is not finite")
         alpha = float(w @ basis[-1])
         alphas.append(alpha)
         for b in basis:  # full reorthogonalisation

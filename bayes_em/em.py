@@ -417,6 +417,10 @@ def latent_posterior(problem, params, data):
     latent), whose weight is exactly that marginal.
     """
     arrays, metas = _factors(problem, params, data, vectorized=True)
+    # impossible configurations (log f = −∞, a zero transition) as a finite log-density whose
+    # exp is exactly 0: the marginals are the same, and their gradients free of ∞ · 0 = NaN
+    arrays = {k: jnp.where(a == -jnp.inf, 4 * jnp.log(jnp.finfo(a.dtype).tiny), a)
+              if jnp.issubdtype(a.dtype, jnp.floating) else a for k, a in arrays.items()}
     probes = _time_probes(arrays, metas, set(problem.sites.latents))
     probe_arrays = {"@probe:" + m.name: a for m, a in probes.values()}
     probe_metas = tuple(m._replace(name="@probe:" + m.name) for m, _ in probes.values())

@@ -639,10 +639,12 @@ def chain_marginals(weights, metas, name, plate_order):
         if prev in by_name:
             meta = by_name[prev]._replace(name=prev)
             parts.append(site_marginal(weights[prev], meta, plate_order)[None])
+    if name not in by_name:  # a chain of one step: its first step only
+        return jnp.concatenate(parts, axis=0)
     own = site_marginal(weights[name], by_name[name], plate_order)
     if not parts:
         return own
-    if not any(n.startswith("_time") for _, n in by_name[name].dim_to_name):
+    if own.ndim < parts[0].ndim:  # one step after the first: no time dim
         own = own[None]
     return jnp.concatenate(parts + [own], axis=0)
 
