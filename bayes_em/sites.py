@@ -127,7 +127,7 @@ def _traced_values(model, data, rebuild, key, init_values, rng_key, fixed):
             # NumPyro would check distribution arguments built from constants eagerly, one small
             # XLA compilation per check (0.6 s for a mixture's covariances); the values that
             # matter are checked below inside this compiled trace, the rest by the initial density
-            recorder = box["recorder"] = SiteRecorder()
+            recorder = box["recorder"] = SiteRecorder(fixed=fixed)
             with validation_enabled(False), recorder:
                 tr = trace(seed(substitute(model, substitute_fn=_placeholder), key_model)).get_trace(
                     *args, **kwargs

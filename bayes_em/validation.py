@@ -14,10 +14,17 @@ import numbers
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 from numpyro.primitives import Messenger
 
 __all__ = ["ModelError", "SiteRecorder", "traced_model_error", "check_options", "check_arguments",
            "check_observed_shape"]
+
+
+def _base_fn(fn):
+    while isinstance(fn, (dist.MaskedDistribution, dist.ExpandedDistribution, dist.Independent)):
+        fn = fn.base_dist
+    return fn
 
 
 class ModelError(ValueError):
@@ -28,13 +35,25 @@ class SiteRecorder(Messenger):
     """Remembers the site being traced (for error messages) and refuses duplicate site names
     (NumPyro only asserts it)."""
 
-    def __init__(self, fn=None):
+    def __init__(self, fn=None, fixed=()):
         super().__init__(fn)
         self.last = None
         self.seen = set()
+        self.fixed = set(fixed)
 
     def process_message(self, msg):
+        # entered outermost, this handler sees each site last: a value already set on a
+        # parameter or latent came from a handler inside the model (handlers.substitute)
         name = msg.get("name")
+        substituted = msg["type"] == "param" or (
+            msg["type"] == "sample" and not msg.get("is_observed")
+            and not isinstance(_base_fn(msg.get("fn")), dist.ImproperUniform))
+        if (substituted and msg.get("value") is not None and name not in self.fixed
+                and not msg.get("_control_flow_done")):  # a scan replays its body's values
+            raise ModelError(
+                f"Site '{name}' is given a value inside the model (numpyro.handlers.substitute): "
+                f"EM would fit it all the same and ignore that value. Hold it with "
+                f"EM(model, fixed={{'{name}': value}}) instead.")
         if msg["type"] in ("sample", "param", "deterministic") and name is not None:
             if name in self.seen and msg["type"] != "param":
                 raise ModelError(f"Two sites of the model are named '{name}': every sample, "

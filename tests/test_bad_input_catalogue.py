@@ -158,6 +158,20 @@ def unused_param(x):
     free_plate_mixture(x)
 
 
+def substituted(x):
+    from numpyro import handlers
+
+    with handlers.substitute(data={"loc": jnp.array([-2.0, 2.0])}):
+        free_plate_mixture(x)
+
+
+def substituted_latent(x):
+    from numpyro import handlers
+
+    with handlers.substitute(data={"z": jnp.zeros(x.shape[0], int)}):
+        free_plate_mixture(x)
+
+
 def run(model, *args, **options):
     options = {"progress_bar": False, "max_iter": 3, **options}
     return EM(model, **options).run(KEY, *args)
@@ -220,6 +234,9 @@ CASES = [
     ("python-if-on-latent", lambda: run(python_if, X), ModelError, "Python.*jnp.where"),
     ("int-of-latent", lambda: run(python_int, np.array(0.5)), ModelError, "int()"),
     ("numpy-on-latent", lambda: run(numpy_on_latent, X), ModelError, "NumPy"),
+    ("substitute-on-fitted-site", lambda: run(substituted, X), ModelError,
+     r"'loc'.*fixed="),
+    ("substitute-on-latent", lambda: run(substituted_latent, X), ModelError, r"'z'.*substitute"),
     ("duplicate-site-names", lambda: run(duplicate_names, X), ModelError, "'x'"),
     ("no-parameter", lambda: run(no_param, X), ModelError, "no parameter"),
     ("continuous-child-of-latent", lambda: run(latent_parent_of_map, X), ModelError, "'m'"),
