@@ -171,9 +171,6 @@ def dependence(fn, groups: dict, *args, **kwargs):
         lambda g: fn(g, *args, **kwargs), return_shape=True
     )({k: groups[k] for k in names})
     leaves = jax.tree_util.tree_flatten_with_path({k: groups[k] for k in names})[0]
-    ins = []
-    for path, leaf in leaves:
-        bit = 1 << names.index(path[0].key)
-        ins.extend([Dependence(bit, bit)] * 1)
-    outs = _propagate(closed, ins)
+    bits = [1 << names.index(path[0].key) for path, _ in leaves]
+    outs = _propagate(closed, [Dependence(b, b) for b in bits])
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)

@@ -161,15 +161,11 @@ def e_step(problem, params, data, semiring=None):
     return log_z, _log_prior(problem, arrays), weights
 
 
-def _expected(weights, arrays):
-    """Σ_f ⟨w_f, log f⟩ over the factors that carry weight."""
-    return sum(jnp.sum(weights[k] * jnp.where(weights[k] > 0, arrays[k], 0.0)) for k in weights)
-
-
 def q_function(problem, params, weights, data):
     """Q(θ; θ_t) + log p(θ) = Σ_f ⟨w_f, log f(θ)⟩ (weights held fixed)."""
     arrays, _ = _factors(problem, params, data, vectorized=True)
-    return _expected(jax.lax.stop_gradient(weights), arrays)
+    weights = jax.lax.stop_gradient(weights)
+    return sum(jnp.sum(weights[k] * jnp.where(weights[k] > 0, arrays[k], 0.0)) for k in weights)
 
 
 def _roundoff(x):
@@ -198,19 +194,6 @@ def init(problem, params, data):
     return step(problem, pending(problem, params, data), data)
 
 
-def _numeric_m_step(problem, params, weights, data, names):
-    """L-BFGS on Q + log p over the sites ``names`` in unconstrained space, the rest fixed."""
-    numeric = {p.name: params[p.name] for p in problem.sites.params if p.name in names}
-    if not numeric:
-        return params
-    sub, _ = maximize(
-        lambda v: q_function(problem, {**params, **constrain(problem, v)}, weights, data),
-        unconstrain(problem, numeric),
-        problem.solver,
-    )
-    return {**params, **constrain(problem, sub)}
-
-
 def m_step(problem, params, weights, data):
     """θ_{t+1}: closed-form updates for the planned parameters (in order, each conditional on
     the ones before), then L-BFGS on Q + log p over the rest in unconstrained space, with the
@@ -219,8 +202,15 @@ def m_step(problem, params, weights, data):
     if closed:
         args, kwargs = problem.rebuild(data)
         params = closed_form_update(problem, problem.closed, params, weights, args, kwargs)
-    names = {p.name for p in problem.sites.params} - closed
-    return _numeric_m_step(problem, params, weights, data, names)
+    numeric = {p.name: params[p.name] for p in problem.sites.params if p.name not in closed}
+    if numeric:
+        sub, _ = maximize(
+            lambda v: q_function(problem, {**params, **constrain(problem, v)}, weights, data),
+            unconstrain(problem, numeric),
+            problem.solver,
+        )
+        params = {**params, **constrain(problem, sub)}
+    return params
 
 
 def em_map(problem, params, weights, data):

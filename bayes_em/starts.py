@@ -58,7 +58,7 @@ def kmeans_plus_plus(x, k, rng_key):
     return x[idx]
 
 
-def _features(meta, children, values, row_names):
+def _features(children, values, row_names):
     """(R, F) features of the rows of ``row_names`` from the observed children's values, and the
     rows' sizes; None if a child does not carry every row dim."""
     blocks, sizes = [], None
@@ -100,7 +100,7 @@ def _evidence(meta, metas, values, rng_key, dtype):
                       if n in meta.plates or n.startswith("_time"))
     if not children or not row_names:
         return None
-    found = _features(meta, children, values, row_names)
+    found = _features(children, values, row_names)
     if found is None:
         return None
     x, sizes = found
