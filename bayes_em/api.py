@@ -17,6 +17,7 @@ from numpyro import handlers
 
 from bayes_em import em as core
 from bayes_em.compiled import jit
+from bayes_em.conjugate import _FAMILIES
 from bayes_em.missing import check_missing, marginalize_missing
 from bayes_em.mstep import LBFGS
 from bayes_em.sites import ModelSites, discover_sites, split_data
@@ -88,7 +89,10 @@ _MESSAGES = {
     Status.NONFINITE: "the objective became non-finite; the parameters are the last finite ones. "
                       "Usually a component collapsed onto a point (a scale reached 0) or the data "
                       "got zero probability: add a prior on the scales / probabilities",
-    Status.DECREASED: "the objective fell by more than round-off (strict=True)",
+    Status.DECREASED: "the next iteration would have lowered the objective by more than "
+                      "round-off, so the fit stopped at the last point of ascent (the parameters "
+                      "returned). The E-step's numerics are at their limit there: fit in float64, "
+                      "rescale the data, or put priors on scales that approach 0",
     Status.SADDLE: "two values of a latent have indistinguishable posteriors (e.g. two identical "
                    "mixture components): a symmetric saddle EM cannot leave. Use restarts "
                    "(random starts are anchored on data rows) or start the components apart",
@@ -255,6 +259,41 @@ def _confirm_saddle(problem, hvp, restart_params, r, data):
     return Status.CONVERGED, (f"{Status.CONVERGED.message}, at a symmetric point: two values of "
                               "a latent are indistinguishable, and no direction of the objective "
                               "curves upwards (a degenerate maximum, not a saddle)")
+
+
+def _no_finite_mode(problem, functions, states, r, data):
+    """For a restart that ended non-finite: the first closed-form parameter whose update from
+    the last finite state has no finite value on a row with data, or makes the objective
+    non-finite ("" if none). Under maximum likelihood that is a zero scatter: every point
+    weighted to the row is one point (or, for a covariance, lies on a lower-dimensional set),
+    and the likelihood is unbounded."""
+    if not problem.closed:
+        return ""
+    params = jax.tree.map(lambda x: jnp.asarray(x[r]), states.params)
+    weights = jax.tree.map(lambda x: jnp.asarray(x[r]), states.weights)
+    with _ENGINE_LOCK:
+        new = jax.device_get(functions["closed"](params, weights, data))
+        for plan in problem.closed:  # in update order, each conditional on the ones before
+            v = np.asarray(new[plan.param])
+            params = {**params, plan.param: jnp.asarray(v)}
+            event = _FAMILIES[plan.family][2]
+            rows = v.reshape(v.shape[: v.ndim - event] + (-1,))
+            bad = ~np.isfinite(rows).all(axis=-1)
+            where = ""
+            if bad.any():
+                idx = [int(i) for i in np.unravel_index(int(np.flatnonzero(bad)[0]), bad.shape)]
+                where = f"{idx}" if bad.ndim else ""
+            elif np.isfinite(float(functions["e_step"](params, data)[0])):
+                continue
+            elif rows.ndim > 1 and plan.family in ("normal_scale", "mvn_cov", "mvn_tril"):
+                # finite but degenerate: name the row with the smallest spread
+                spread = (np.abs(v) if event == 0 else np.linalg.eigvalsh(v)[..., 0]
+                          if plan.family == "mvn_cov" else
+                          np.abs(np.diagonal(v, axis1=-2, axis2=-1)).min(-1))
+                where = f"{[int(i) for i in np.unravel_index(int(np.argmin(spread)), spread.shape)]}"
+            return (f"site '{plan.param}'{where}: its {plan.family} update has no finite "
+                    "maximum (all the weight on one point: a zero scatter)")
+    return ""
 
 
 def _collapsed(problem, restart_params, ratio=1e-4):
@@ -505,6 +544,9 @@ class EM:
                     # compiled only if the guard rejects a closed-form M-step
                     fallback=jit(lambda state, data: core.run(
                         problem, core.fallback_step(problem, state, data), data)),
+                    # compiled only where a restart ended non-finite: which closed form failed
+                    closed=jit(lambda params, weights, data: core.closed_form_step(
+                        problem, params, weights, data)),
                 ),
             )
         return self._compiled[cache_key]
@@ -585,13 +627,20 @@ class EM:
         for r in np.flatnonzero(np.asarray(status, dtype=str) == "saddle"):
             status[r], messages[r] = _confirm_saddle(problem, functions["hvp"], restart_params, r,
                                                      data)
+        for r in np.flatnonzero(np.asarray(status, dtype=str) == "nonfinite"):
+            found = _no_finite_mode(problem, functions, states, r, data)
+            if found:
+                status[r] = Status.COLLAPSED
+                messages[r] = f"{found}: {Status.COLLAPSED.message}"
         for r, found in enumerate(_collapsed(problem, restart_params)):
-            if found and status[r] in (Status.CONVERGED, Status.MAX_ITER):
+            if found and status[r] in (Status.CONVERGED, Status.MAX_ITER, Status.DECREASED):
                 status[r] = Status.COLLAPSED
                 messages[r] = f"{found}: {Status.COLLAPSED.message}"
         status = tuple(status)
-        # the best objective among restarts that ended well, else among the finite ones
-        good = finite & np.isin(np.asarray(status, dtype=str), ["converged", "max_iter"])
+        # the best objective among restarts that ended at a regular point (converged, still
+        # ascending, or stopped at the limit of the numerics), else among the finite ones
+        good = finite & np.isin(np.asarray(status, dtype=str),
+                                ["converged", "max_iter", "decreased"])
         pool = good if good.any() else finite
         best = int(np.argmax(np.where(pool, objective, -np.inf)))
         if status[best] != Status.CONVERGED and not (status[best] == Status.MAX_ITER
@@ -601,18 +650,21 @@ class EM:
         n_decreases = np.asarray(states.n_decreases)
         if n_decreases.any():
             msg = (
-                f"The objective decreased by more than round-off in {int(n_decreases.sum())} "
-                f"iteration(s) (restarts {np.flatnonzero(n_decreases).tolist()})."
+                f"An iteration lowered the objective by more than round-off in restarts "
+                f"{np.flatnonzero(n_decreases).tolist()}; they stopped at their last point of "
+                "ascent (status 'decreased')."
             )
             if self.strict:
                 raise RuntimeError(msg)
             warnings.warn(msg, AscentWarning, stacklevel=4)
         n_fallbacks = np.asarray(states.n_fallbacks)
-        if n_fallbacks.any():
+        # a collapse makes the E-step's numerics fail near it: not the closed forms' fault
+        suspect = n_fallbacks * (np.asarray(status, dtype=str) != "collapsed")
+        if suspect.any():
             warnings.warn(
                 f"An iteration with closed-form M-steps lowered the objective in "
-                f"{int(n_fallbacks.sum())} case(s) (restarts "
-                f"{np.flatnonzero(n_fallbacks).tolist()}); the guard rejected it and used the "
+                f"{int(suspect.sum())} case(s) (restarts "
+                f"{np.flatnonzero(suspect).tolist()}); the guard rejected it and used the "
                 "numeric M-step there. Please report the model; "
                 "closed_form=False avoids the closed forms altogether.",
                 ClosedFormWarning, stacklevel=4)

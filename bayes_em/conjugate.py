@@ -37,6 +37,7 @@ from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import substitute
 
 from bayes_em.compiled import jit
+from bayes_em.constraints import clip_eigenvalues, floor_of, positive_definite_floor
 from bayes_em.dependence import dependence
 from bayes_em.enumeration import is_plate_weight
 from bayes_em.gaussian import exact_distances
@@ -52,6 +53,7 @@ class ClosedForm(NamedTuple):
     sites: tuple  # the sites whose argument selects the parameter (a scan has two: first step, rest)
     family: str  # key of _FAMILIES
     prior: str | None  # prior family of a MAP site, None for ML
+    floor: float = 0.0  # a scale (σ ≥ c) or covariance (eigenvalues ≥ c) floor of the constraint
 
 
 # family -> (base distribution types, argument attribute, event ndim of the argument, constraint)
@@ -172,6 +174,14 @@ _ALLOWED = {"mvn_cov": ("covariance_matrix", "scale_tril")}
 _CONSTRAINTS = {"mvn_loc": (constraints.real, constraints.real_vector)}
 
 
+def _constraint_fits(family, constraint, allowed):
+    """The parameter's constraint is the family's own, or (scale, covariance) a static floor."""
+    if str(_base_constraint(constraint)) in map(str, allowed):
+        return True
+    return family in ("normal_scale", "mvn_cov") and floor_of(constraint) is not None and (
+        (family == "mvn_cov") == isinstance(_base_constraint(constraint), positive_definite_floor))
+
+
 def _site_candidates(p, value, site_name, base, used, args_now, args_at, params, coded_args, deps):
     """Families under which ``site_name``'s argument is a pure selection of parameter ``p``,
     the reason for each family refused (for ``mstep_paths(explain=True)``), and whether the
@@ -179,7 +189,7 @@ def _site_candidates(p, value, site_name, base, used, args_now, args_at, params,
     candidates, reasons = [], []
     for family, (types, attr, event_ndim, constraint) in _FAMILIES.items():
         allowed = _CONSTRAINTS.get(family, (constraint,))
-        if not isinstance(base, types) or str(_base_constraint(p.constraint)) not in map(str, allowed):
+        if not isinstance(base, types) or not _constraint_fits(family, p.constraint, allowed):
             continue
         if not used <= set(_ALLOWED.get(family, (attr,))) or attr not in used:
             reasons.append(f"{family}: '{p.name}' enters {sorted(used)} of site '{site_name}', "
@@ -335,7 +345,8 @@ def detect_closed_forms(problem, params, args, kwargs):
                                         f"{', '.join(t.__name__ for t in _PRIORS[family]) or 'none'})"))
                 continue
             prior = type(prior_fn).__name__
-        plans.append(ClosedForm(p.name, tuple(selecting), family, prior))
+        floor = floor_of(p.constraint) if family in ("normal_scale", "mvn_cov") else None
+        plans.append(ClosedForm(p.name, tuple(selecting), family, prior, floor or 0.0))
     return tuple(sorted(plans, key=lambda c: _ORDER.index(c.family))), tuple(refused)
 
 
@@ -567,11 +578,18 @@ def closed_form_update(problem, plans, params, weights, args, kwargs):
             )
 
         new = _mode(plan.family, stats, prior_fn, hyper, value).astype(jnp.result_type(value))
+        if plan.floor > 0:  # the constrained maximiser: Q is unimodal in σ, and in Σ's spectrum
+            new = (jnp.maximum(new, plan.floor) if plan.family == "normal_scale"
+                   else clip_eigenvalues(new, plan.floor))
         # per row: a row no entry selects with positive weight has no statistics (0/0 under
-        # ML) and keeps its value; under MAP the prior alone gives its mode. A row never
-        # vetoes the others.
+        # ML) and keeps its value; under MAP the prior alone gives its mode. A row with
+        # statistics but no finite maximum (ML: all its weight on one point, a zero scatter)
+        # stays non-finite: the objective does too, and the restart stops there ("nonfinite",
+        # diagnosed as a collapse by the API) instead of silently keeping its old value.
         old = jnp.reshape(value, new.shape)
-        ok = jnp.all(jnp.isfinite(new.reshape(n_rows, -1)), axis=1)
+        empty = jnp.all(jnp.stack([jnp.all(v.reshape(n_rows, -1) == 0, axis=1)
+                                   for v in stats.values()]), axis=0)
+        ok = jnp.all(jnp.isfinite(new.reshape(n_rows, -1)), axis=1) | ~empty
         new = jnp.where(ok.reshape((n_rows,) + (1,) * (new.ndim - 1)), new, old)
         params[plan.param] = new.reshape(jnp.shape(value))
     return params

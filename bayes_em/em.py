@@ -100,7 +100,7 @@ class EMState(NamedTuple):
     weights: dict  # E-step weights at θ_t
     n_iter: Any  # M-steps done
     status: Any  # one of STATUS
-    n_decreases: Any  # iterations whose objective fell by more than round-off
+    n_decreases: Any  # 1 if the restart stopped at an iteration that lowered the objective
     history: Any  # (max_iter + 1, 2): objective and log prior after each iteration
     n_evals: Any = 0  # EM maps evaluated (M-steps); 3 per iteration under SQUAREM
     n_accepted: Any = 0  # SQUAREM extrapolations accepted
@@ -213,6 +213,12 @@ def m_step(problem, params, weights, data):
     return params
 
 
+def closed_form_step(problem, params, weights, data):
+    """The closed-form updates alone (the first part of ``m_step``), for diagnosis."""
+    args, kwargs = problem.rebuild(data)
+    return closed_form_update(problem, problem.closed, params, weights, args, kwargs)
+
+
 def em_map(problem, params, weights, data):
     """The EM map θ ↦ F(θ) with the E-step at F(θ): ``(θ, objective, log_prior, weights)``."""
     params = m_step(problem, params, weights, data)
@@ -278,22 +284,27 @@ def step(problem, state, data):
     if problem.closed and not problem.accelerate:
         rejected = ~first & finite & (objective - state.objective < -_roundoff(state.objective))
     change = objective - state.objective
-    decreased = ~first & finite & (change < -_roundoff(state.objective))
+    # an iteration that lowers the objective beyond round-off (the numeric M-step included: the
+    # E-step's own round-off at these parameters) is not taken: the restart stops at θ_t, the
+    # last point of ascent, with status "decreased"
+    decreased = ~first & finite & ~rejected & (change < -_roundoff(state.objective))
     tol = problem.tol
     if tol > 0:
         tol = max(tol, 4 * float(jnp.finfo(jnp.result_type(objective)).eps))
         converged = ~first & (jnp.abs(change) <= tol * jnp.abs(state.objective))
     else:
         converged = jnp.zeros((), bool)
-    n_iter = state.n_iter + jnp.where(first | rejected, 0, 1).astype(jnp.int32)
+    # an iteration counts (and enters the history) only if taken: finite, not rejected by the
+    # guard, not lowering the objective
+    taken = finite & ~rejected & ~decreased
+    n_iter = state.n_iter + jnp.where(~first & taken, 1, 0).astype(jnp.int32)
     evals = jnp.where(first, 0, evals).astype(jnp.int32)
     status = jnp.select(
-        [rejected, ~finite, decreased & problem.strict, converged,
+        [rejected, ~finite, decreased, converged,
          ~first & (n_iter >= problem.max_iter)],
         [REJECTED, NONFINITE, DECREASED, CONVERGED, MAX_ITER],
         RUNNING,
     ).astype(jnp.int32)
-    decreased = decreased & ~rejected
     new = EMState(
         params,
         objective,
@@ -309,11 +320,11 @@ def step(problem, state, data):
         state.n_fallbacks + rejected.astype(jnp.int32),
     )
     # A non-finite objective keeps the last finite parameters: no fit returns NaN; a rejected
-    # M-step keeps θ_t and its E-step.
-    keep = jax.tree.map(lambda old, nw: jnp.where(finite & ~rejected, nw, old), state, new)
-    history = jnp.where(rejected, state.history, new.history)
+    # or decreasing iteration keeps θ_t and its E-step.
+    keep = jax.tree.map(lambda old, nw: jnp.where(taken, nw, old), state, new)
+    history = jnp.where(taken, new.history, state.history)
     return keep._replace(status=status, n_iter=n_iter, history=history, n_evals=new.n_evals,
-                         n_fallbacks=new.n_fallbacks)
+                         n_fallbacks=new.n_fallbacks, n_decreases=new.n_decreases)
 
 
 def fallback_step(problem, state, data):

@@ -35,11 +35,12 @@ from numpyro.distributions.util import is_identically_one
 from funsor.ops import UNITS
 from funsor.sum_product import _partition
 
-from bayes_em import boundary, gaussian
+from bayes_em import boundary, gaussian, log_einsum
 from bayes_em.vectorized_scan import TIME_NAME, vectorize_scan
 from numpyro.handlers import substitute
 
 funsor.set_backend("jax")
+log_einsum.install()
 
 __all__ = [
     "FactorMeta",

@@ -22,12 +22,16 @@ the family has one (check ``result.mstep_paths``).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
+
+from bayes_em.constraints import positive_definite_floor
 
 __all__ = [
     "gmm",
@@ -92,7 +96,7 @@ def gmm_prior(x, K, covariance="full", **overrides):
     return hyper
 
 
-def gmm(x, K, covariance="full", prior=None):
+def gmm(x, K, covariance="full", prior=None, variance_floor=None):
     """Gaussian mixture: z_n ~ Categorical(weights), x_n | z_n ~ Normal(loc[z_n], Σ[z_n]).
 
     ``covariance``: ``"full"`` (``cov``, K×D×D), ``"diag"`` (``scale``, K×D standard deviations),
@@ -101,8 +105,14 @@ def gmm(x, K, covariance="full", prior=None):
     on the weights and covariances (MAP; they keep a component from collapsing onto one point),
     and a dict overrides some of them (``prior=dict(alpha=1.0)``). The means ``loc`` (K×D) are
     always maximum likelihood (the flat limit of a normal-inverse-Wishart prior). Every site takes
-    a closed-form M-step except the InverseWishart-MAP covariance of ``"full"`` / ``"tied"``, which
-    the engine maximises numerically (its mode, (Ψ + S_k) / (ν + D + 1 + N_k), is not yet built in).
+    a closed-form M-step, the InverseWishart-MAP covariance included (its mode,
+    (Ψ + S_k) / (ν + D + 1 + N_k)).
+
+    ``variance_floor=c`` (maximum likelihood only) bounds the likelihood instead: every
+    covariance eigenvalue (``"full"`` / ``"tied"``) or variance (``"diag"`` / ``"spherical"``)
+    stays at least ``c``, and the M-step is the exact constrained maximiser (eigenvalues of the
+    weighted scatter clipped at ``c``; scikit-learn's ``reg_covar`` adds ``c`` instead, which
+    maximises nothing). A component on a single point then keeps variance ``c``.
 
     ``x`` has shape (N, D); for 1-D data pass ``x[:, None]``.
     """
@@ -114,16 +124,25 @@ def gmm(x, K, covariance="full", prior=None):
     N, D = x.shape
     hyper = None
     if prior is not None and prior is not False:
+        if variance_floor is not None:
+            raise ValueError("gmm: variance_floor applies to maximum likelihood (prior=None); the "
+                             "prior already keeps the covariances away from 0.")
         hyper = gmm_prior(x, K, covariance, **({} if prior is True else dict(prior)))
+    floor = None
+    if variance_floor is not None:
+        floor = float(variance_floor)
+        if not floor > 0:
+            raise ValueError(f"gmm: variance_floor must be a positive number, got {variance_floor!r}.")
     w = _weights(K, hyper, x.dtype)
     loc = numpyro.param("loc", _spread(x, K))
     var = jnp.var(x, axis=0)
     if covariance in ("full", "tied"):
         shape = (K, D, D) if covariance == "full" else (D, D)
         if hyper is None:
-            cov = numpyro.param(
-                "cov", jnp.broadcast_to(jnp.diag(var), shape), constraint=constraints.positive_definite
-            )
+            constraint = (constraints.positive_definite if floor is None
+                          else positive_definite_floor(floor))
+            start = jnp.diag(var if floor is None else jnp.maximum(var, 2 * floor))
+            cov = numpyro.param("cov", jnp.broadcast_to(start, shape), constraint=constraint)
         else:
             prior_cov = dist.InverseWishart(hyper["df"], scale_matrix=hyper["psi"])
             if covariance == "full":
@@ -135,7 +154,11 @@ def gmm(x, K, covariance="full", prior=None):
         shape = (K, D) if covariance == "diag" else (K,)
         init = jnp.broadcast_to(jnp.sqrt(var) if covariance == "diag" else jnp.sqrt(jnp.mean(var)), shape)
         if hyper is None:
-            scale = numpyro.param("scale", init, constraint=constraints.positive)
+            if floor is None:
+                scale = numpyro.param("scale", init, constraint=constraints.positive)
+            else:
+                scale = numpyro.param("scale", jnp.maximum(init, jnp.sqrt(2 * floor)),
+                                      constraint=constraints.greater_than_eq(math.sqrt(floor)))
         else:
             # plates rather than .to_event(): the closed-form MAP update needs the prior's own
             # support (positive) on the site

@@ -155,3 +155,47 @@ def test_most_probable_with_large_negative_log_factors():
     estep = EM(model, progress_bar=False).e_step({}, x, -1e30)
     np.testing.assert_array_equal(estep.most_probable["z"], [0, 1, 0, 1])
     np.testing.assert_array_equal(np.argmax(estep.posterior["z"], -1), [0, 1, 0, 1])
+
+
+def hmm_with_zeros(ys):
+    init = numpyro.param("init", jnp.ones(4) / 4, constraint=constraints.simplex)
+    trans = numpyro.param("trans", jnp.ones((4, 4)) / 4, constraint=constraints.simplex)
+    emit = numpyro.param("emit", jnp.ones((4, 2)) / 2, constraint=constraints.simplex)
+
+    def step(z_prev, y):
+        z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
+        numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
+        return z, None
+
+    z0 = numpyro.sample("z0", dist.Categorical(init))
+    numpyro.contrib.control_flow.scan(step, z0, ys)
+
+
+def brute_force_hmm(ys, p):
+    """log Z and the marginals of z0 and z_1..z_T by summing over all K^(T+1) paths."""
+    K, T = len(p["init"]), len(ys)
+    with np.errstate(divide="ignore"):
+        li, lt, le = np.log(p["init"]), np.log(p["trans"]), np.log(p["emit"])
+    paths = np.array(list(itertools.product(range(K), repeat=T + 1)))
+    lp = li[paths[:, 0]] + sum(lt[paths[:, t], paths[:, t + 1]] + le[paths[:, t + 1], ys[t]]
+                               for t in range(T))
+    log_z = logsumexp(lp)
+    w = np.exp(lp - log_z)
+    marg = np.stack([np.bincount(paths[:, t], weights=w, minlength=K) for t in range(T + 1)])
+    return log_z, marg[0], marg[1:]
+
+
+@pytest.mark.parametrize("ys", [[0, 1, 1, 1, 1, 1], [1, 0], [0]])
+def test_chain_with_unreachable_states_matches_brute_force(ys):
+    """Zero transitions and an initial probability 0 make states unreachable: the marginals are
+    exact zeros there, never NaN (log's derivative at an underflowed 0 once poisoned them all)."""
+    jax.config.update("jax_enable_x64", True)
+    params = dict(init=np.array([0.0, 3e-14, 1.0, 0.0]),
+                  trans=np.array([[0, 0, 0, 1], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1.0]]),
+                  emit=np.array([[1, 0], [1 / 6, 5 / 6], [1, 0], [0, 1.0]]))
+    ys = np.asarray(ys)
+    estep = EM(hmm_with_zeros, progress_bar=False).e_step(params, jnp.asarray(ys))
+    log_z, m0, m = brute_force_hmm(ys, params)
+    np.testing.assert_allclose(estep.log_likelihood, log_z, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(estep.posterior["z0"], m0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(estep.posterior["z"]).reshape(m.shape), m, atol=1e-12)

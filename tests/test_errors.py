@@ -168,4 +168,5 @@ def test_collapsing_ml_mixture_returns_finite_parameters():
     for v in result.params.values():
         assert np.all(np.isfinite(np.asarray(v)))
     assert np.isfinite(result.objective)
-    assert result.status in ("converged", "nonfinite", "max_iter")
+    # the component on the point 10.0 gets zero scatter: no finite ML scale, reported
+    assert result.status == "collapsed" and "site 'scale'[1]" in result.message

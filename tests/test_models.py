@@ -163,7 +163,7 @@ def test_gmm_default_prior_keeps_a_component_off_a_single_point():
         jax.random.PRNGKey(0), jnp.asarray(x), K=3, covariance="spherical", prior=True)
     # collapsed: the scale shrinks towards 0, or reaches it (log-density +inf: the fit stops
     # "nonfinite" and keeps its last finite parameters), depending on round-off
-    assert ml.status == "nonfinite" or ml.params["scale"].min() < 1e-6
+    assert ml.status in ("collapsed", "nonfinite") or ml.params["scale"].min() < 1e-6
     assert ok.params["scale"].min() > 0.1
 
 

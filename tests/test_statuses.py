@@ -75,3 +75,30 @@ def test_collapse_is_reported_and_never_preferred():
               progress_bar=False).run(jax.random.PRNGKey(0), x, K=3)
     assert both.restart_status[0] in ("collapsed", "nonfinite")
     assert both.best_restart != 0 and both.status == "converged"
+
+
+def test_an_iteration_that_lowers_the_objective_is_not_taken():
+    """The rule behind status "decreased": a step whose objective falls below the previous one by
+    more than round-off keeps θ_t, its objective and history, and stops the restart. Checked on
+    the functional core (numeric M-step) with a state whose recorded objective is 1e3 nats above
+    its true value."""
+    from bayes_em import em as core
+
+    jax.config.update("jax_enable_x64", True)
+    x = two_clusters()
+    em = EM(full_mixture, init_values=dict(loc=np.array([[-3.0, 0.0], [3.0, 0.0]])),
+            closed_form=False, progress_bar=False)
+    problem, _, params0, data = em._prepare(jax.random.PRNGKey(0), em.init_values, (x,), {"K": 2})
+    state = core.init(problem, params0, data)
+    state = core.step(problem, state, data)  # one regular iteration
+    assert int(state.status) == core.RUNNING and int(state.n_iter) == 1
+    inflated = state._replace(objective=state.objective + 1e3)
+    after = core.step(problem, inflated, data)
+    assert core.STATUS[int(after.status)] == "decreased"
+    assert int(after.n_iter) == 1 and int(after.n_decreases) == 1
+    np.testing.assert_array_equal(np.asarray(after.history), np.asarray(inflated.history))
+    for k in params0:
+        np.testing.assert_array_equal(np.asarray(after.params[k]), np.asarray(state.params[k]))
+    # the same step without the inflation is taken
+    taken = core.step(problem, state, data)
+    assert int(taken.n_iter) == 2 and int(taken.n_decreases) == 0
