@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from dataclasses import dataclass, field
 from enum import StrEnum
-import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from numpyro import handlers
 
 from bayes_em import em as core
+from bayes_em import fit as fitting
 from bayes_em.compiled import jit
 from bayes_em.conjugate import _FAMILIES
+from bayes_em.curvature import is_saddle
 from bayes_em.missing import check_missing, marginalize_missing
 from bayes_em.mstep import LBFGS
 from bayes_em.sites import ModelSites, discover_sites, split_data
-from bayes_em.curvature import is_saddle
 from bayes_em.starts import INITS
 from bayes_em.validation import check_arguments, check_options
 
@@ -177,7 +177,8 @@ class EMResult:
         problem = self.problem
         closed = {c.param: c for c in (problem.closed if problem else ())}
         paths = {
-            name: f"closed-form {closed[name].family}" + (f" ({closed[name].prior} MAP)" if closed[name].prior else "")
+            name: f"closed-form {closed[name].family}"
+            + (f" ({closed[name].prior} MAP)" if closed[name].prior else "")
             if name in closed else "numeric"
             for name in self.sites.param_names
         }
@@ -290,7 +291,8 @@ def _no_finite_mode(problem, functions, states, r, data):
                 spread = (np.abs(v) if event == 0 else np.linalg.eigvalsh(v)[..., 0]
                           if plan.family == "mvn_cov" else
                           np.abs(np.diagonal(v, axis1=-2, axis2=-1)).min(-1))
-                where = f"{[int(i) for i in np.unravel_index(int(np.argmin(spread)), spread.shape)]}"
+                k = np.unravel_index(int(np.argmin(spread)), spread.shape)
+                where = f"{[int(i) for i in k]}"
             return (f"site '{plan.param}'{where}: its {plan.family} update has no finite "
                     "maximum (all the weight on one point: a zero scatter)")
     return ""
@@ -461,6 +463,12 @@ class EM:
         self.accelerate = bool(accelerate)
         self.record_params = bool(record_params)
         self.parallel_time = bool(parallel_time)
+        self.options = fitting.Options(
+            restarts=self.restarts, init=init, max_iter=self.max_iter, tol=self.tol,
+            hard=self.hard, strict=self.strict, mstep=mstep, closed_form=self.closed_form,
+            accelerate=self.accelerate, record_params=self.record_params,
+            parallel_time=self.parallel_time, restart_noise=self.restart_noise,
+            memory_limit=memory_limit)
         self._compiled = {}
         self._bar = {}  # {"bar": the running fit's tqdm bar}, shown by a host callback
 
@@ -468,66 +476,15 @@ class EM:
     def _functions(self, sites, rebuild, key, data):
         cache_key = (key, _sites_key(sites))
         if cache_key not in self._compiled:
-            problem = core.make_problem(
-                self.model, sites, rebuild, self.max_iter, self.tol, self.hard, self.strict, self.mstep
-            )
-            problem = problem._replace(accelerate=self.accelerate, record_params=self.record_params,
-                                       parallel_time=self.parallel_time)
-            if self.closed_form:
-                from bayes_em.conjugate import detect_closed_forms
-
-                args, kwargs = rebuild(data)
-                init = {p.name: p.init for p in sites.params}
-                closed, refused = detect_closed_forms(problem, init, args, kwargs)
-                problem = problem._replace(closed=closed, refused=refused)
-            noise, restarts, max_iter, init = (self.restart_noise, self.restarts, self.max_iter,
-                                               self.init)
-
-            def draw(params0, data, k):
-                if callable(init):
-                    drawn = init(k, params0)
-                    unknown = sorted(set(drawn) - set(params0))
-                    if unknown:
-                        raise ValueError(f"init returned values for {unknown}, which are not "
-                                         f"fitted sites ({sorted(params0)}).")
-                    return {**params0, **{n: jnp.broadcast_to(
-                        jnp.asarray(v, jnp.result_type(params0[n])), jnp.shape(params0[n]))
-                        for n, v in drawn.items()}}
-                return core.random_start(problem, params0, data, k, noise, init)
-
-            bar, progress = self._bar, self.progress_bar
-
-            def start(params0, data, rng_key):  # pending states: their first E-step is the loop's
-                if restarts == 1:  # the declared start only
-                    return jax.tree.map(lambda x: x[None], core.pending(problem, params0, data))
-                keys = jax.random.split(jax.random.fold_in(rng_key, 1), restarts)
-
-                def one(i_key):
-                    i, k = i_key
-                    params = lax.cond(
-                        i == 0,
-                        lambda: params0,
-                        lambda: draw(params0, data, k),
-                    )
-                    return core.pending(problem, params, data)
-
-                return lax.map(one, (jnp.arange(keys.shape[0]), keys))
+            problem = fitting.problem_for(self.model, sites, rebuild, data, self.options)
+            bar, max_iter = self._bar, self.max_iter
 
             def show(restart, n_iter, objective):  # host side: move the current run's bar
                 if bar.get("bar") is not None:
                     bar["bar"].update(max(int(restart) * max_iter + int(n_iter) - bar["bar"].n, 0))
                     bar["bar"].set_postfix(objective=f"{float(objective):.6g}")
 
-            def fit(params0, data, rng_key):  # start and run: one compiled program
-                def one(i_state):
-                    i, state = i_state
-                    report = None
-                    if progress:  # about every 1% of max_iter, and when the restart stops
-                        report = lambda s: jax.debug.callback(show, i, s.n_iter, s.objective)  # noqa: E731
-                    return core.run(problem, state, data, report=report, every=max(1, max_iter // 100))
-
-                states = start(params0, data, rng_key)
-                return lax.map(one, (jnp.arange(restarts), states))
+            fit = fitting.program(problem, self.options, show if self.progress_bar else None)
 
             def latents(params, data):
                 return (core.latent_posterior(problem, params, data),

@@ -11,7 +11,7 @@ import numpy as np
 from bayes_em import em as core
 from bayes_em.sites import ModelError
 
-__all__ = ["enumeration_bytes", "check_enumeration", "check_initial_density"]
+__all__ = ["check_enumeration", "check_initial_density"]
 
 # log-factors, their weights, the Q evaluation and the contraction's intermediates
 _COPIES = 4
@@ -35,19 +35,10 @@ def _abstract_factors(problem, params, data):
                 f"Too many enumerated latent sites outside plates ({len(problem.sites.latents)}: "
                 f"{list(problem.sites.latents)}): each needs its own tensor dimension. Put "
                 "independent latents in a numpyro.plate, or chain them with "
-                "numpyro.contrib.control_flow.scan / markov."
+                "NumPyro's scan / markov (numpyro.contrib.control_flow)."
             ) from err
         raise
     return shapes, box["metas"]
-
-
-def enumeration_bytes(problem, params, data):
-    """Estimated bytes of the enumerated tensors, and each site's share."""
-    shapes, _ = _abstract_factors(problem, params, data)
-    per_site = {
-        k: _COPIES * math.prod(s.shape) * jnp.dtype(s.dtype).itemsize for k, s in shapes.items()
-    }
-    return sum(per_site.values()), per_site
 
 
 def check_enumeration(problem, params, data, memory_limit):
@@ -75,7 +66,8 @@ def check_enumeration(problem, params, data, memory_limit):
             f"'{n}' {per_site[n] / 2**20:.0f} MiB over dims {_dims(metas, n)}" for n in worst
         )
         raise MemoryError(
-            f"Enumerating the latents needs about {total / 2**30:.2f} GiB, over the memory_limit of "
+            f"Enumerating the latents needs about {total / 2**30:.2f} GiB, over the "
+            "memory_limit of "
             f"{memory_limit / 2**30:.2f} GiB. Largest sites: {detail}. Reduce the number of "
             "latents a site depends on, or raise EM(memory_limit=...)."
         )

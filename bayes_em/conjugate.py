@@ -4,7 +4,8 @@ A parameter θ qualifies when its only use in the model is one distribution argu
 observed or latent site, and that argument is a *selection* of θ (``loc[z]``, ``trans[z_prev]``,
 ``probs``, broadcasts): every entry of the argument is one entry (or one row / matrix) of θ. Then
 
-    Q(θ) = Σ_e w_e log p(x_e | θ[idx_e])  ⇒  θ_j = argmax Σ_{e: idx_e = j} w_e log p(x_e | θ_j) + log p(θ_j)
+    Q(θ) = Σ_e w_e log p(x_e | θ[idx_e])
+      ⇒  θ_j = argmax Σ_{e: idx_e = j} w_e log p(x_e | θ_j) + log p(θ_j)
 
 is the weighted ML / conjugate-MAP update of the family, from sufficient statistics reduced over
 the broadcast dims and scattered onto θ along the index map ``idx``. The index map is found by
@@ -30,12 +31,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
-from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
-from numpyro.contrib.funsor.infer_util import plate_to_enum_plate
 from numpyro.distributions import constraints
-from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import substitute
 
+from bayes_em._numpyro import (
+    covariance_was_given,
+    mask_of,
+    packed_trace,
+    plate_to_enum_plate,
+    validation_enabled,
+)
 from bayes_em.compiled import jit
 from bayes_em.constraints import clip_eigenvalues, floor_of, positive_definite_floor
 from bayes_em.dependence import dependence
@@ -50,7 +55,7 @@ class ClosedForm(NamedTuple):
     """Plan for one parameter's closed-form update (static)."""
 
     param: str
-    sites: tuple  # the sites whose argument selects the parameter (a scan has two: first step, rest)
+    sites: tuple  # the sites whose argument selects the parameter (a scan: first step, rest)
     family: str  # key of _FAMILIES
     prior: str | None  # prior family of a MAP site, None for ML
     floor: float = 0.0  # a scale (σ ≥ c) or covariance (eigenvalues ≥ c) floor of the constraint
@@ -99,8 +104,8 @@ def _unwrap(fn):
     masks, reinterpreted = [], 0
     while True:
         if isinstance(fn, dist.MaskedDistribution):
-            if fn._mask is not True and fn._mask is not None:
-                masks.append((jnp.asarray(fn._mask), reinterpreted))
+            if mask_of(fn) is not True and mask_of(fn) is not None:
+                masks.append((jnp.asarray(mask_of(fn)), reinterpreted))
             fn = fn.base_dist
         elif isinstance(fn, dist.Independent):
             reinterpreted += fn.reinterpreted_batch_ndims
@@ -117,7 +122,8 @@ def _unwrap(fn):
 
 
 def _base_constraint(c):
-    """The constraint of one entry: ``independent(positive, 1)`` (a ``.to_event`` prior) → positive."""
+    """The constraint of one entry: ``independent(positive, 1)`` (a ``.to_event`` prior) →
+    positive."""
     while isinstance(c, constraints.independent):
         c = c.base_constraint
     return c
@@ -125,7 +131,7 @@ def _base_constraint(c):
 
 def _arg(fn, family):
     name = _FAMILIES[family][1]
-    if name == "covariance_matrix" and "covariance_matrix" not in fn.__dict__:
+    if name == "covariance_matrix" and not covariance_was_given(fn):
         return None
     return getattr(fn, name)
 
@@ -340,9 +346,9 @@ def detect_closed_forms(problem, params, args, kwargs):
         if p.kind == "map":
             prior_fn = bases[p.name]
             if not isinstance(prior_fn, _PRIORS[family]):
+                conjugate = ", ".join(t.__name__ for t in _PRIORS[family]) or "none"
                 refused.append((p.name, f"its prior {type(prior_fn).__name__} is not conjugate "
-                                        f"to {family} (closed form: "
-                                        f"{', '.join(t.__name__ for t in _PRIORS[family]) or 'none'})"))
+                                        f"to {family} (closed form: {conjugate})"))
                 continue
             prior = type(prior_fn).__name__
         floor = floor_of(p.constraint) if family in ("normal_scale", "mvn_cov") else None
@@ -426,7 +432,8 @@ def _site_stats(family, site, idx, n_rows, event_shape, weight):
         t = jax.nn.one_hot(x, V, dtype=dtype) if family == "categorical" else x.astype(dtype)
         return {"counts": scatter(_weighted_sum(w, t, arg_batch, 1), 1)}
     if family in ("bernoulli", "binomial"):
-        total = jnp.ones((), dtype) if family == "bernoulli" else jnp.asarray(base.total_count, dtype)
+        total = (jnp.ones((), dtype) if family == "bernoulli"
+                 else jnp.asarray(base.total_count, dtype))
         trials = jnp.broadcast_to(total, jnp.broadcast_shapes(jnp.shape(total), jnp.shape(x)))
         return {"c1": scatter(_weighted_sum(w, x.astype(dtype), arg_batch)),
                 "n": scatter(_weighted_sum(w, trials, arg_batch))}
@@ -527,7 +534,8 @@ def _mode(family, st, prior_fn, hyper, value):
         n, ss = st["n"], st["ss"]
         if prior_fn is None:
             return jnp.sqrt(ss / n)
-        a, b = hyper("concentration"), hyper("rate")  # mode of n(−log σ) − ss/2σ² − (a+1)log σ − b/σ
+        # the mode of n(−log σ) − ss/2σ² − (a+1)log σ − b/σ
+        a, b = hyper("concentration"), hyper("rate")
         cc = a + 1.0 + n
         return (b + jnp.sqrt(b * b + 4.0 * cc * ss)) / (2.0 * cc)
     if family == "mvn_loc":  # a row with no weight has a = 0: NaN, so it keeps its value

@@ -60,7 +60,8 @@ def _arith(*deps):
 
 
 def _index(data, index):
-    """Moving ``data`` at positions computed from ``index``: a group the index reads is arithmetic."""
+    """Moving ``data`` at positions computed from ``index``: a group the index reads is
+    arithmetic."""
     d = _join(*data)
     idx = _arith(*index)
     return Dependence(d.depends | idx.depends, d.selects & ~idx.depends)

@@ -160,7 +160,10 @@ def objective_function(result):
     """``(f, v̂)``: f(v) = log p(X|θ(v)) + log p(θ(v)) on the flat unconstrained vector v (jitted,
     latents summed out) and v̂, the best restart's optimum; e.g. for finite-difference checks."""
     fns = _functions(result)
-    return (lambda v: float(fns.objective(jnp.asarray(v), result.data))), np.asarray(_flat_u(result))
+    def objective(v):
+        return float(fns.objective(jnp.asarray(v), result.data))
+
+    return objective, np.asarray(_flat_u(result))
 
 
 def observed_information(result, restart=None) -> np.ndarray:
@@ -245,11 +248,13 @@ def format_summary(table, prob=0.9) -> str:
         est = np.asarray(cols["estimate"])
         for idx in np.ndindex(est.shape):
             label = name + (f"[{','.join(map(str, idx))}]" if idx else "")
-            values = [float(np.asarray(cols[c])[idx]) for c in ("estimate", "std_err", "lower", "upper")]
+            values = [float(np.asarray(cols[c])[idx])
+                      for c in ("estimate", "std_err", "lower", "upper")]
             rows.append((label, values))
     width = max([len(label) for label, _ in rows] + [8])
     lines = [f"{'':>{width}} {'estimate':>10} {'std.err':>10} {lo:>10} {hi:>10}"]
-    lines += [f"{label:>{width}} " + " ".join(f"{v:10.4f}" for v in values) for label, values in rows]
+    lines += [f"{label:>{width}} " + " ".join(f"{v:10.4f}" for v in values)
+              for label, values in rows]
     return "\n".join(lines)
 
 
@@ -334,10 +339,12 @@ def lower_bound_trace(result, n_iter=None) -> dict:
 
     Returns ``log_likelihood`` ℓ(θ_t) and ``log_prior`` log p(θ_t) for t = 0..n, and for
     t = 0..n−1 ``bound`` L(q_t, θ_{t+1}) and ``gap`` (the KL term, ≥ 0); n defaults to restart
-    0's iterations; ``params`` holds θ_t (constrained, leading axis t). EM guarantees bound_t + log p(θ_{t+1}) ≥ ℓ(θ_t) + log p(θ_t). Soft EM only."""
+    0's iterations; ``params`` holds θ_t (constrained, leading axis t). EM guarantees
+    bound_t + log p(θ_{t+1}) ≥ ℓ(θ_t) + log p(θ_t). Soft EM only."""
     problem = result.problem
     if problem.hard:
-        raise ValueError("The lower-bound decomposition holds for soft EM; this fit used hard=True.")
+        raise ValueError("The lower-bound decomposition holds for soft EM; this fit used "
+                         "hard=True.")
     n = int(result.restart_n_iter[0]) if n_iter is None else int(n_iter)
     if n < 1:
         raise ValueError(f"n_iter must be >= 1, got {n}.")
@@ -372,9 +379,9 @@ def lower_bound_trace(result, n_iter=None) -> dict:
 
 # -- ArviZ ---------------------------------------------------------------------------------------
 def _observed_values(result):
-    from numpyro.contrib.funsor import plate_to_enum_plate
-    from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
     from numpyro.handlers import substitute
+
+    from bayes_em._numpyro import packed_trace, plate_to_enum_plate
 
     args, kwargs = result.problem.rebuild(result.data)
     model = substitute(result.problem.enum_model, data=result.params)
@@ -388,7 +395,8 @@ def _chosen_restarts(result, restarts):
         return None
     if isinstance(restarts, str):
         if restarts != "all":
-            raise ValueError(f"restarts must be None, 'all' or a list of indices, got {restarts!r}.")
+            raise ValueError(f"restarts must be None, 'all' or a list of indices, got "
+                             f"{restarts!r}.")
         return list(range(result.n_restarts))
     return [_restart(result, r) for r in restarts]
 
@@ -428,7 +436,8 @@ def to_inference_data(result, num_samples=1000, num_chains=4, restarts=None, rng
 
     def by_site(unravel, X):
         tree = jax.vmap(unravel)(X)
-        return {k: np.asarray(v).reshape((n_chain, num_samples) + v.shape[1:]) for k, v in tree.items()}
+        return {k: np.asarray(v).reshape((n_chain, num_samples) + v.shape[1:])
+                for k, v in tree.items()}
 
     obs_names = result.sites.observed
     ll_name = obs_names[0] if len(obs_names) == 1 else "log_likelihood"
@@ -442,7 +451,8 @@ def to_inference_data(result, num_samples=1000, num_chains=4, restarts=None, rng
     attrs = _attrs(result, chain_restart)
     idata = az.from_dict(
         posterior=by_site(fns.unravel_constrained, jax.lax.map(fns.constrained, flat)),
-        log_likelihood={ll_name: np.asarray(fns.pointwise(flat, result.data)).reshape(n_chain, num_samples, -1)},
+        log_likelihood={ll_name: np.asarray(fns.pointwise(flat, result.data)).reshape(
+            n_chain, num_samples, -1)},
         observed_data=observed,
         coords={"chain": chain_coord},
         dims=dims,
@@ -461,7 +471,8 @@ def to_inference_data(result, num_samples=1000, num_chains=4, restarts=None, rng
             ),
             "log_prior": xr.Dataset(
                 {"log_prior": (("chain", "draw"),
-                               np.asarray(fns.log_prior(flat, result.data)).reshape(n_chain, num_samples))},
+                               np.asarray(fns.log_prior(flat, result.data)).reshape(
+                                   n_chain, num_samples))},
                 coords={"chain": chain_coord, "draw": np.arange(num_samples)},
             ),
             "em_trace": _trace_dataset(result),

@@ -32,8 +32,8 @@ from bayes_em.enumeration import (
     time_sizes,
 )
 from bayes_em.mstep import LBFGS, maximize
-from bayes_em.starts import start_weights
 from bayes_em.sites import ModelSites
+from bayes_em.starts import start_weights
 
 __all__ = [
     "RUNNING",
@@ -243,7 +243,8 @@ def squarem(problem, state, data):
     rr, vv = sq(r), sq(v)
     alpha = jnp.where(vv > 0, -jnp.sqrt(rr / jnp.where(vv > 0, vv, 1.0)), -1.0)
     alpha = jnp.minimum(alpha, -1.0)
-    ext = constrain(problem, jax.tree.map(lambda a, b, c: a - 2 * alpha * b + alpha**2 * c, u0, r, v))
+    ext = constrain(problem, jax.tree.map(lambda a, b, c: a - 2 * alpha * b + alpha**2 * c,
+                                          u0, r, v))
     _, _, w_ext = e_step(problem, ext, data)
     three = em_map(problem, ext, w_ext, data)
     ok = jnp.isfinite(three[1]) & (three[1] >= two[1]) & jnp.all(
@@ -334,16 +335,14 @@ def fallback_step(problem, state, data):
     return step(numeric, state._replace(status=jnp.asarray(RUNNING, jnp.int32)), data)
 
 
-def run(problem, state, data, stop_at=None, report=None, every=1):
-    """Iterate ``step`` until the state stops running (or ``n_iter`` reaches ``stop_at``); a
-    pending state always gets its first E-step.
+def run(problem, state, data, report=None, every=1):
+    """Iterate ``step`` until the state stops running (``max_iter`` included); a pending state
+    always gets its first E-step.
 
     ``report(state)``, if given, is traced into the loop and runs every ``every`` iterations and
     when the state stops: the hook for host callbacks (``jax.debug.callback``) such as a
     progress bar, so that a fit with a bar is still one compiled loop.
     """
-    stop_at = problem.max_iter if stop_at is None else stop_at
-
     def body(s):
         s = step(problem, s, data)
         if report is not None:
@@ -352,7 +351,7 @@ def run(problem, state, data, stop_at=None, report=None, every=1):
         return s
 
     final = lax.while_loop(
-        lambda s: (s.status == PENDING) | ((s.status == RUNNING) & (s.n_iter < stop_at)),
+        lambda s: (s.status == PENDING) | ((s.status == RUNNING) & (s.n_iter < problem.max_iter)),
         body,
         state,
     )

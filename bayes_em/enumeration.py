@@ -23,24 +23,26 @@ import funsor
 import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
-from numpyro.contrib.funsor import enum, config_enumerate
-from numpyro.contrib.funsor.enum_messenger import trace as packed_trace
-from numpyro.contrib.funsor.infer_util import (
-    _get_shift,
-    compute_markov_factors,
-    plate_to_enum_plate,
-)
-from numpyro.distributions.distribution import validation_enabled
 from numpyro.distributions.util import is_identically_one
-from funsor.ops import UNITS
-from funsor.sum_product import _partition
-
-from bayes_em import boundary, gaussian, log_einsum
-from bayes_em.vectorized_scan import TIME_NAME, vectorize_scan
 from numpyro.handlers import substitute
 
+from bayes_em import _numpyro as npi
+from bayes_em import boundary, gaussian
+from bayes_em._numpyro import (
+    UNITS,
+    compute_markov_factors,
+    config_enumerate,
+    enum,
+    get_shift,
+    packed_trace,
+    partition,
+    plate_to_enum_plate,
+    validation_enabled,
+)
+from bayes_em.vectorized_scan import TIME_NAME, vectorize_scan
+
 funsor.set_backend("jax")
-log_einsum.install()
+npi.install_log_einsum()
 
 __all__ = [
     "FactorMeta",
@@ -79,13 +81,14 @@ def _absent_where_masked(fn, value, log_prob):
     NumPyro gives a masked site log-density 0 for every value, so summing out a masked latent
     multiplies Z by its number of values (log K per masked entry, e.g. per padded time step of a
     sequence). Here a masked latent is pinned to its first value instead (log 1 there, a huge
-    negative number elsewhere): its factor then sums and maximises to 1, so log Z and the max-product (hard EM,
-    most probable path) are both those of the model without the masked entries.
+    negative number elsewhere): its factor then sums and maximises to 1, so log Z and the
+    max-product (hard EM, most probable path) are both those of the model without the masked
+    entries.
     """
     masks, base = [], fn
     while isinstance(base, (dist.MaskedDistribution, dist.ExpandedDistribution)):
-        if isinstance(base, dist.MaskedDistribution) and base._mask is not True:
-            masks.append(base._mask)
+        if isinstance(base, dist.MaskedDistribution) and npi.mask_of(base) is not True:
+            masks.append(npi.mask_of(base))
         base = base.base_dist
     if not masks:
         return log_prob
@@ -223,7 +226,7 @@ def log_factors(enum_model, params, args, kwargs, vectorized=False, observed_val
 
 
 def _weighted_sum_product(sum_op, prod_op, factors, eliminate, plates, plate_weights):
-    """``funsor.sum_product.sum_product`` with per-element plate weights: a factor is multiplied
+    """funsor's ``sum_product`` with per-element plate weights: a factor is multiplied
     by ``w_p`` (in log space: raised to the power w_p) just before plate ``p`` is reduced, i.e.
     after the latents local to ``p`` are summed out; element n then counts w_n times."""
     plates = plates & eliminate
@@ -246,7 +249,7 @@ def _weighted_sum_product(sum_op, prod_op, factors, eliminate, plates, plate_wei
     results = []
     while ordinal_to_factors:
         leaf = max(ordinal_to_factors, key=len)
-        for group, group_vars in _partition(ordinal_to_factors.pop(leaf), ordinal_to_vars[leaf]):
+        for group, group_vars in partition(ordinal_to_factors.pop(leaf), ordinal_to_vars[leaf]):
             f = reduce(prod_op, group).reduce(sum_op, group_vars & eliminate)
             remaining = sum_vars.intersection(f.inputs)
             if not remaining:
@@ -343,7 +346,7 @@ def _forward_chain(time, factors, init_vars, markov_dims, others, sum_vars, prod
         if not fs:
             return None
         with funsor.interpretations.lazy:
-            lazy = funsor.sum_product.sum_product(sum_op, prod_op, fs, eliminate=eliminate,
+            lazy = npi.sum_product(sum_op, prod_op, fs, eliminate=eliminate,
                                                   plates=prod_vars)
         return funsor.optimizer.apply_optimizer(lazy)
 
@@ -376,7 +379,7 @@ def _forward_chain(time, factors, init_vars, markov_dims, others, sum_vars, prod
         return None
     chain_inputs = frozenset().union(*(f.inputs for f in chain))
     with funsor.interpretations.lazy:
-        lazy = funsor.sum_product.sum_product(
+        lazy = npi.sum_product(
             sum_op, prod_op, chain,
             eliminate=((chain_inputs & sum_vars) - {prev}) | ((chain_inputs & prod_vars) - batch),
             plates=prod_vars)
@@ -401,11 +404,11 @@ def _forward_chain(time, factors, init_vars, markov_dims, others, sum_vars, prod
             const = aligned(p, names)
     a0 = jnp.broadcast_to(aligned(init, names[:-1]), tuple(size[n] for n in names[:-1]))
     a0 = a0.astype(dtype)
-    if sum_op is funsor.ops.logaddexp and jnp.ndim(const) >= 2 and (m is None or m.shape[-2] == 1):
+    if sum_op is npi.logaddexp and jnp.ndim(const) >= 2 and (m is None or m.shape[-2] == 1):
         forward = _matvec_step(const, dtype)
         m = None if m is None else m[..., 0, :]
     else:
-        reduce_ = jax.nn.logsumexp if sum_op is funsor.ops.logaddexp else jnp.max
+        reduce_ = jax.nn.logsumexp if sum_op is npi.logaddexp else jnp.max
 
         def forward(a, m_t):
             m_t = const if m_t is None else const + m_t
@@ -452,7 +455,7 @@ def _lazy_contraction(arrays, metas, sum_op, prod_op, parallel_time=False):
         for dim, name in dim_to_name.items():
             if name.startswith("_time"):
                 time_dim = funsor.Variable(name, funsor.Bint[sizes[name]])
-                history = max(history, max(_get_shift(s) for s in dim_to_name.values()))
+                history = max(history, max(get_shift(s) for s in dim_to_name.values()))
                 if history == 0:
                     log_factors_.append(factor)
                     prod_vars |= frozenset({name})
@@ -469,7 +472,7 @@ def _lazy_contraction(arrays, metas, sum_op, prod_op, parallel_time=False):
         prod_vars |= meta.plates
     for time_dim, init_vars in time_to_init_vars.items():
         for var in init_vars:
-            curr = var[len("_PREV_") * _get_shift(var):]
+            curr = var[len("_PREV_") * get_shift(var):]
             names = dim_to_name_of[curr].values()
             if var in names:
                 time_to_markov_dims[time_dim] |= frozenset(names)
@@ -519,7 +522,7 @@ def _lazy_contraction(arrays, metas, sum_op, prod_op, parallel_time=False):
         if plate_weights:
             return _weighted_sum_product(sum_op, prod_op, log_factors_, sum_vars | prod_vars,
                                          prod_vars, plate_weights)
-        return funsor.sum_product.sum_product(
+        return npi.sum_product(
             sum_op, prod_op, log_factors_, eliminate=sum_vars | prod_vars, plates=prod_vars
         )
 
@@ -530,8 +533,8 @@ def log_partition(arrays, metas, semiring="sum", parallel_time=False):
     Markov chains are summed out by a forward recursion (O(T·K²) work, T sequential steps) where
     their structure allows, or with ``parallel_time`` by funsor's parallel-in-time contraction
     (pairs of steps multiplied in log₂ T rounds: O(T·K³) work, log depth; for accelerators)."""
-    sum_op = funsor.ops.logaddexp if semiring == "sum" else funsor.ops.max
-    lazy = _lazy_contraction(arrays, metas, sum_op, funsor.ops.add, parallel_time)
+    sum_op = npi.logaddexp if semiring == "sum" else npi.max_op
+    lazy = _lazy_contraction(arrays, metas, sum_op, npi.add, parallel_time)
     result = funsor.optimizer.apply_optimizer(lazy)
     if result.inputs:
         raise ValueError(
@@ -624,7 +627,7 @@ def site_marginal(weight, meta, plate_order):
     own = times + [n for n in plate_order if n in w.inputs] + [meta.name]
     others = frozenset(w.inputs) - frozenset(own)
     if others:
-        w = w.reduce(funsor.ops.add, others)
+        w = w.reduce(npi.add, others)
     w = w.align(tuple(n for n in own if n in w.inputs)).data
     total = jnp.sum(w, axis=-1, keepdims=True)
     return jnp.where(total > 0, w / jnp.where(total > 0, total, 1), w)
@@ -667,8 +670,8 @@ def pointwise_log_likelihood(arrays, metas, plate=None, drop=()):
                 "log-likelihood does not split into one term per point."
             )
         kept = tuple(m._replace(plates=m.plates - {plate}) for m in kept)
-    lazy = _lazy_contraction({m.name: arrays[m.name] for m in kept}, kept, funsor.ops.logaddexp,
-                             funsor.ops.add)
+    lazy = _lazy_contraction({m.name: arrays[m.name] for m in kept}, kept, npi.logaddexp,
+                             npi.add)
     result = funsor.optimizer.apply_optimizer(lazy)
     expected = frozenset() if plate is None else frozenset({plate})
     if frozenset(result.inputs) != expected:

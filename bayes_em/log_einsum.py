@@ -7,18 +7,13 @@ and the NaN spreads to every weight of the contraction (every posterior marginal
 first step went NaN this way). Here the derivative of ``log`` at 0 is taken as 0: the forward
 value is unchanged and exact; a zero-probability configuration gets posterior weight 0.
 
-:func:`install` makes funsor use this module for ``(logaddexp, add)`` contractions of JAX
-arrays (``funsor.cnf.BACKEND_TO_LOGSUMEXP_BACKEND``): a table entry, set once at import.
+:func:`bayes_em._numpyro.install_log_einsum` makes funsor use this module for
+``(logaddexp, add)`` contractions of JAX arrays.
 """
 
-import funsor
-import funsor.cnf
-import funsor.einsum
 import jax
 import jax.numpy as jnp
 from funsor.einsum.util import Tensordot
-
-NAME = __name__
 
 
 @jax.custom_jvp
@@ -61,16 +56,3 @@ tensordot = Tensordot(einsum)
 
 def transpose(x, axes):
     return jnp.transpose(x, axes)
-
-
-def install():
-    """Route funsor's JAX log-space contractions through :func:`einsum` (checked: funsor must
-    still name its log-sum-exp einsum backend in the table this replaces)."""
-    table = getattr(funsor.cnf, "BACKEND_TO_LOGSUMEXP_BACKEND", None)
-    if not isinstance(table, dict) or "jax" not in table:
-        raise ImportError(
-            "bayes_em needs funsor.cnf.BACKEND_TO_LOGSUMEXP_BACKEND (funsor 0.4); this funsor "
-            "version does not have it"
-        )
-    table["jax"] = NAME
-    funsor.einsum.BACKEND_OPS[NAME] = (funsor.ops.logaddexp, funsor.ops.add)

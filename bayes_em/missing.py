@@ -39,6 +39,7 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.handlers import seed, substitute, trace
 from numpyro.primitives import Messenger
 
+from bayes_em._numpyro import mask_of
 from bayes_em.sites import ModelError, _placeholder
 
 __all__ = ["MissingMultivariateNormal", "marginalize_missing", "check_missing"]
@@ -108,7 +109,7 @@ def _peel(fn):
     masks, expanded = [], False
     while isinstance(fn, (dist.MaskedDistribution, dist.ExpandedDistribution)):
         if isinstance(fn, dist.MaskedDistribution):
-            masks.append(fn._mask)
+            masks.append(mask_of(fn))
         else:
             expanded = True
         fn = fn.base_dist
@@ -249,7 +250,8 @@ def check_missing(model, sites, args, kwargs):
         site = tr0.get(name)
         if site is None or site["type"] != "sample" or not site["is_observed"]:
             what = "no site" if site is None else (
-                "a latent or parameter site" if site["type"] == "sample" else f"a {site['type']} site")
+                "a latent or parameter site" if site["type"] == "sample"
+                else f"a {site['type']} site")
             raise ModelError(
                 f"missing= names '{name}', which is {what} of the model; list observed sample "
                 "sites (numpyro.sample with obs=) whose NaN entries are to be marginalised."

@@ -7,7 +7,8 @@ discrete latents are enumerated exactly. The default initial values are determin
 the data (override them with ``EM(..., init_values=...)``, or use ``restarts=``).
 
 ==========================  ===================================================================
-``gmm``                     Gaussian mixture: full / diagonal / spherical / tied covariance, ML or MAP
+``gmm``                     Gaussian mixture: full / diagonal / spherical / tied covariance, ML
+                            (with or without a variance floor) or MAP
 ``kmeans``                  K-means: equal weights, one fixed spherical variance; use ``hard=True``
 ``bernoulli_mixture``       latent class analysis on binary items
 ``categorical_mixture``     latent class analysis on categorical items
@@ -91,7 +92,8 @@ def gmm_prior(x, K, covariance="full", **overrides):
         raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}.")
     unknown = set(overrides) - set(hyper)
     if unknown:
-        raise ValueError(f"Unknown prior hyperparameters for covariance={covariance!r}: {sorted(unknown)}.")
+        raise ValueError(f"Unknown prior hyperparameters for covariance={covariance!r}: "
+                         f"{sorted(unknown)}.")
     hyper.update(overrides)
     return hyper
 
@@ -118,7 +120,8 @@ def gmm(x, K, covariance="full", prior=None, variance_floor=None):
     """
     x = jnp.asarray(x)
     if x.ndim != 2:
-        raise ValueError(f"gmm expects data of shape (N, D), got {x.shape}; use x[:, None] for 1-D data.")
+        raise ValueError(f"gmm expects data of shape (N, D), got {x.shape}; use x[:, None] for "
+                         "1-D data.")
     if covariance not in COVARIANCES:
         raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}.")
     N, D = x.shape
@@ -132,7 +135,8 @@ def gmm(x, K, covariance="full", prior=None, variance_floor=None):
     if variance_floor is not None:
         floor = float(variance_floor)
         if not floor > 0:
-            raise ValueError(f"gmm: variance_floor must be a positive number, got {variance_floor!r}.")
+            raise ValueError(f"gmm: variance_floor must be a positive number, got "
+                             f"{variance_floor!r}.")
     w = _weights(K, hyper, x.dtype)
     loc = numpyro.param("loc", _spread(x, K))
     var = jnp.var(x, axis=0)
@@ -152,7 +156,8 @@ def gmm(x, K, covariance="full", prior=None, variance_floor=None):
                 cov = numpyro.sample("cov", prior_cov)
     else:
         shape = (K, D) if covariance == "diag" else (K,)
-        init = jnp.broadcast_to(jnp.sqrt(var) if covariance == "diag" else jnp.sqrt(jnp.mean(var)), shape)
+        init = jnp.broadcast_to(
+            jnp.sqrt(var) if covariance == "diag" else jnp.sqrt(jnp.mean(var)), shape)
         if hyper is None:
             if floor is None:
                 scale = numpyro.param("scale", init, constraint=constraints.positive)
@@ -245,7 +250,7 @@ def ibm1_corpus(pairs):
     tgt_vocab = sorted({w for _, t in pairs for w in t})
     s_id = {w: i for i, w in enumerate(src_vocab)}
     t_id = {w: i for i, w in enumerate(tgt_vocab)}
-    I = 1 + max(len(s) for s, _ in pairs)
+    I = 1 + max(len(s) for s, _ in pairs)  # noqa: E741 (the I of IBM Model 1)
     J = max(len(t) for _, t in pairs)
     src = np.zeros((len(pairs), I), np.int32)
     tgt = np.zeros((len(pairs), J), np.int32)
@@ -268,7 +273,7 @@ def ibm1(src, tgt, src_mask, tgt_mask, n_src_words, n_tgt_words):
     t(f | e), started uniform. Arrays as built by :func:`ibm1_corpus`. The E-step gives the
     alignment posteriors p(a_sj = i | e_s, f_s), the M-step normalised expected counts.
     """
-    S, I = src.shape
+    S, I = src.shape  # noqa: E741 (the I of IBM Model 1)
     J = tgt.shape[1]
     dtype = jnp.result_type(float)
     t = numpyro.param("t", jnp.full((n_src_words, n_tgt_words), 1.0 / n_tgt_words, dtype),

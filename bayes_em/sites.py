@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
-from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import seed, substitute, trace
 
+from bayes_em._numpyro import control_flow_done, mask_of, validation_enabled
 from bayes_em.compiled import jit
 from bayes_em.validation import ModelError, SiteRecorder, check_observed_shape, traced_model_error
 
@@ -129,9 +129,8 @@ def _traced_values(model, data, rebuild, key, init_values, rng_key, fixed):
             # matter are checked below inside this compiled trace, the rest by the initial density
             recorder = box["recorder"] = SiteRecorder(fixed=fixed)
             with validation_enabled(False), recorder:
-                tr = trace(seed(substitute(model, substitute_fn=_placeholder), key_model)).get_trace(
-                    *args, **kwargs
-                )
+                traced = trace(seed(substitute(model, substitute_fn=_placeholder), key_model))
+                tr = traced.get_trace(*args, **kwargs)
             box["trace"] = tr
             out = {}
             for name, site in tr.items():
@@ -140,12 +139,13 @@ def _traced_values(model, data, rebuild, key, init_values, rng_key, fixed):
                     value = jnp.asarray(init_values.get(name, site["value"]))
                     _check_shape("init_values", name, value, jnp.shape(site["value"]))
                     out[name] = (value, constraint(value))
+                    out.update(_concrete_support(name, constraint))
                 elif site["type"] == "param":  # held fixed: its value must be in the support
                     constraint = site["kwargs"].get("constraint", constraints.real)
                     out[name] = (site["value"], constraint(site["value"]))
                 elif site["type"] == "sample" and site["is_observed"]:
                     value = site["value"]
-                    if not site.get("_control_flow_done"):
+                    if not control_flow_done(site):
                         check_observed_shape(name, value, site["fn"],
                                              site.get("cond_indep_stack", ()))
                     nonfinite = jnp.zeros((), jnp.int32)
@@ -161,6 +161,7 @@ def _traced_values(model, data, rebuild, key, init_values, rng_key, fixed):
                         _check_shape("init_values", name, value, site["fn"].shape())
                     value = _map_init(site["fn"], sub) if value is None else jnp.asarray(value)
                     out[name] = (value, site["fn"].support(value))
+                    out.update(_concrete_support(name, site["fn"].support))
             return out
 
         try:
@@ -171,6 +172,16 @@ def _traced_values(model, data, rebuild, key, init_values, rng_key, fixed):
     fn, box = cache[cache_key]
     numbers = _run_traced(fn, box, data, init_values, rng_key)
     return box["trace"], numbers
+
+
+SUPPORT = "@support:"
+
+
+def _concrete_support(name, constraint):
+    """A constraint with array arguments (``Uniform(low, high)``'s interval) is traced inside the
+    compiled trace: returned as an output of it, so the site records concrete values (a tracer
+    must never reach a public result). Parameter-free constraints stay the singletons they are."""
+    return {SUPPORT + name: constraint} if jax.tree.leaves(constraint) else {}
 
 
 def _traced_values_uncached(traced, box, data, init_values, rng_key):
@@ -204,7 +215,7 @@ def _outside_support(fn, value):
     extra = jnp.ndim(ok) - len(fn.batch_shape)
     if extra > 0:  # an event the constraint checks entrywise
         ok = jnp.all(ok, axis=tuple(range(-extra, 0)))
-    mask = getattr(fn, "_mask", None)
+    mask = mask_of(fn)
     if isinstance(fn, dist.MaskedDistribution) and mask is not None and mask is not True:
         ok = ok | ~jnp.broadcast_to(jnp.asarray(mask, bool), jnp.shape(ok))
     return jnp.sum(~ok)
@@ -246,13 +257,14 @@ def discover_sites(model, args, kwargs, init_values=None, rng_key=None, fixed=()
                                      f"'{name}': {value}.")
             continue
         if site["type"] == "param":
-            if site.get("_control_flow_done"):
+            if control_flow_done(site):
                 raise ModelError(
                     f"Parameter site '{name}' is declared inside the body of a "
-                    "numpyro.contrib.control_flow scan; declare numpyro.param sites outside the "
+                    "NumPyro scan; declare numpyro.param sites outside the "
                     "scanned function (the body can use them by closure)."
                 )
-            constraint = site["kwargs"].get("constraint", constraints.real)
+            constraint = numbers.get(SUPPORT + name,
+                                     site["kwargs"].get("constraint", constraints.real))
             value, ok = numbers[name]
             _check_value(name, constraint, value, ok)
             params.append(ParamSite(name, "param", constraint, value))
@@ -286,8 +298,9 @@ def discover_sites(model, args, kwargs, init_values=None, rng_key=None, fixed=()
                         "with numpyro.param for maximum likelihood, or give it a proper prior."
                     )
                 value, ok = numbers[name]
-                _check_value(name, site["fn"].support, value, ok)
-                params.append(ParamSite(name, "map", site["fn"].support, value))
+                support = numbers.get(SUPPORT + name, site["fn"].support)
+                _check_value(name, support, value, ok)
+                params.append(ParamSite(name, "map", support, value))
 
     unknown_fixed = set(fixed) - set(tr)
     if unknown_fixed:

@@ -17,6 +17,8 @@ import numpy as np
 import numpyro.distributions as dist
 from numpyro.primitives import Messenger
 
+from bayes_em._numpyro import control_flow_done
+
 __all__ = ["ModelError", "SiteRecorder", "traced_model_error", "check_options", "check_arguments",
            "check_observed_shape"]
 
@@ -49,7 +51,7 @@ class SiteRecorder(Messenger):
             msg["type"] == "sample" and not msg.get("is_observed")
             and not isinstance(_base_fn(msg.get("fn")), dist.ImproperUniform))
         if (substituted and msg.get("value") is not None and name not in self.fixed
-                and not msg.get("_control_flow_done")):  # a scan replays its body's values
+                and not control_flow_done(msg)):  # a scan replays its body's values
             raise ModelError(
                 f"Site '{name}' is given a value inside the model (numpyro.handlers.substitute): "
                 f"EM would fit it all the same and ignore that value. Hold it with "

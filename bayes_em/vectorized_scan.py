@@ -15,21 +15,19 @@ is threaded through the scan, NumPyro's ``lax.scan`` runs as usual.
 
 from __future__ import annotations
 
-import importlib
 from contextlib import contextmanager
 
 import jax
 import jax.numpy as jnp
 from numpyro.primitives import Messenger
 
+from bayes_em._numpyro import NUMPYRO_VERSION
+from bayes_em._numpyro import scan_module as _numpyro_scan
+
 __all__ = ["TIME_NAME", "vectorize_scan"]
 
 # infer key of a site evaluated by the vectorised scan: the name of its time dim
 TIME_NAME = "_bayes_em_time"
-
-# the module (the package exports a function of the same name)
-_numpyro_scan = importlib.import_module("numpyro.contrib.control_flow.scan")
-
 
 def _depends(jaxpr, seeds):
     """For every output of ``jaxpr``: does it depend on one of the input variables ``seeds``?
@@ -132,10 +130,42 @@ def _scan_by(scan):
         _numpyro_scan.lax = saved
 
 
+class PatchNotInEffect(RuntimeError):
+    """NumPyro's enumerated scan ran without calling the ``lax.scan`` bayes_em put in place."""
+
+
+def _checked(wrapped, scan, args, kwargs):
+    """Run NumPyro's ``scan_wrapper`` with ``scan`` as its ``lax.scan``, and check that it was
+    used: NumPyro unrolls the first 2·history − 1 steps and calls ``lax.scan`` for the rest. If a
+    NumPyro version calls ``jax.lax.scan`` directly, the patch would do nothing, silently, and
+    both the speed-up and the ``reverse=True`` fix would vanish: raise instead."""
+    calls = []
+
+    def recorded(*a, **k):
+        calls.append(True)
+        return scan(*a, **k)
+
+    with _scan_by(recorded):
+        out = wrapped(*args, **kwargs)
+    _f, _init, xs, length, *_ = args + (None,) * 5
+    if length is None:
+        leaves = jax.tree.leaves(xs)
+        length = jnp.shape(leaves[0])[0] if leaves else 0
+    history = kwargs.get("history", 1)
+    if not calls and int(length) > min(2 * history - 1, int(length)):
+        raise PatchNotInEffect(
+            f"NumPyro {NUMPYRO_VERSION}'s enumerated scan did not call lax.scan through "
+            "numpyro.contrib.control_flow.scan.lax, which bayes_em replaces to evaluate the steps "
+            "of a chain at once and to order a reverse=True scan's steps. Without it HMM fits "
+            "would be slow and reverse scans wrong: use numpyro==0.22.0, or report this."
+        )
+    return out
+
+
 class vectorize_scan(Messenger):
     """Evaluate the enumerated ``scan`` bodies of a model all steps at once (module doc); with
     ``vectorized=False`` step by step. Either way a ``reverse=True`` scan's trace is put in step
-    order (see :func:`_sequential`)."""
+    order (see :func:`_sequential`); NumPyro's use of the patch is checked at every scan."""
 
     def __init__(self, fn=None, vectorized=True):
         self.vectorized = vectorized
@@ -149,7 +179,6 @@ class vectorize_scan(Messenger):
             def fn(*args, **kwargs):
                 if not kwargs.get("enum", False):
                     return wrapped(*args, **kwargs)
-                with _scan_by(scan):
-                    return wrapped(*args, **kwargs)
+                return _checked(wrapped, scan, args, kwargs)
 
             msg["fn"] = fn

@@ -32,7 +32,8 @@ def parse():
     ap.add_argument("--cov", default="full,diag")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-sklearn", action="store_true", help="skip scikit-learn (its columns: nan)")
+    ap.add_argument("--no-sklearn", action="store_true",
+                    help="skip scikit-learn (its columns: nan)")
     return ap.parse_args()
 
 
@@ -157,7 +158,8 @@ def sklearn_fit(row, x, K, cov_type, n_iter, w0, m0, c0):
     N, D = x.shape
     gm = GaussianMixture(K, covariance_type=cov_type, reg_covar=0.0, tol=0.0, max_iter=n_iter,
                          weights_init=w0, means_init=m0,
-                         precisions_init=np.linalg.inv(c0) if cov_type == "full" else 0.5 * np.ones((K, D)))
+                         precisions_init=(np.linalg.inv(c0) if cov_type == "full"
+                                          else 0.5 * np.ones((K, D))))
     xs = np.asarray(x, np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -175,7 +177,8 @@ def bench_jax(row, x, K, cov_type, n_iter, repeats, w0, m0, c0):
         args = (xj, jnp.asarray(w0, DTYPE), jnp.asarray(m0, DTYPE), jnp.asarray(c0, DTYPE), n_iter)
     else:
         ref = jax.jit(ss_em_diag, static_argnums=4)
-        args = (xj, jnp.asarray(w0, DTYPE), jnp.asarray(m0, DTYPE), jnp.asarray(2.0 * np.ones((K, D)), DTYPE), n_iter)
+        args = (xj, jnp.asarray(w0, DTYPE), jnp.asarray(m0, DTYPE),
+                jnp.asarray(2.0 * np.ones((K, D)), DTYPE), n_iter)
     t0 = time.perf_counter()
     jax.block_until_ready(ref(*args))
     row["compile_ref"] = time.perf_counter() - t0
@@ -224,8 +227,10 @@ def main():
                     r = bench(N, D, K, cov, ARGS.iters, ARGS.repeats)
                     print(f"| {N:.0e} | {D} | {K} | {cov} | {r['sklearn']:.1f} | {r['ref']:.1f} | "
                           f"{r['bayes_em']:.1f} | {r['bayes_em'] / r['sklearn']:.2f} | "
-                          f"{r['bayes_em'] / r['ref']:.2f} | {r['compile']:.1f} / {r['compile_ref']:.1f} | {r['xla']:.1f} | "
-                          f"{r['overhead']:.2f} | {r['ll_bayes_em'] - r['ll_sklearn']:.2e} |", flush=True)
+                          f"{r['bayes_em'] / r['ref']:.2f} | "
+                          f"{r['compile']:.1f} / {r['compile_ref']:.1f} | {r['xla']:.1f} | "
+                          f"{r['overhead']:.2f} | {r['ll_bayes_em'] - r['ll_sklearn']:.2e} |",
+                          flush=True)
 
 
 if __name__ == "__main__":

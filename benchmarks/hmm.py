@@ -21,7 +21,7 @@ How each number is taken (wall clock, the best of ``--repeats`` runs):
   (N - 1) on compiled objects, so that the fixed cost of a run (site discovery, checks, the
   final posterior and Viterbi pass) is left out and reported on its own; compile = first run -
   later run.
-"""
+"""  # noqa: E501
 
 import os
 
@@ -38,7 +38,8 @@ import warnings
 def parse():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="T=1e3 and 1e4, K=4, few iterations")
-    ap.add_argument("--f32", action="store_true", help="float32 for the JAX libraries (default float64)")
+    ap.add_argument("--f32", action="store_true",
+                    help="float32 for the JAX libraries (default float64)")
     ap.add_argument("--sizes", default=None, help="comma-separated T values")
     ap.add_argument("--ks", default=None, help="comma-separated numbers of states")
     ap.add_argument("--emissions", default="categorical,gaussian")
@@ -213,7 +214,8 @@ def run_dynamax(ys, start, emissions, n_iter, repeats):
     t, p = best_of(lambda: fit(params, X), repeats)
     # its fitted parameters scored by hmmlearn (dynamax's own marginal_log_prob gives NaN once
     # an emission probability has reached exactly 0)
-    fitted = dict(init=np.asarray(p.initial.probs), trans=np.asarray(p.transitions.transition_matrix))
+    fitted = dict(init=np.asarray(p.initial.probs),
+                  trans=np.asarray(p.transitions.transition_matrix))
     if emissions == "categorical":
         fitted["emit"] = np.asarray(p.emissions.probs)[:, 0, :]
     else:
@@ -248,10 +250,12 @@ def main():
     ks = [int(k) for k in ARGS.ks.split(",")] if ARGS.ks else ([4] if quick else [4, 16])
     n_iter = ARGS.iters or (5 if quick else 20)
     print(f"# HMM Baum-Welch, {'float32' if ARGS.f32 else 'float64'} (hmmlearn: float64), "
-          f"{n_iter} iterations, {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+          f"{n_iter} iterations, {os.cpu_count()} CPU cores "
+          f"({platform.processor() or platform.machine()}), "
           f"jax {jax.__version__} on {jax.devices()[0].platform}\n")
     print("| emissions | T | K | iterations | hmmlearn ms/it | hmmlearn (log) ms/it | dynamax ms/it"
-          " | bayes_em ms/it | bayes_em / hmmlearn | bayes_em / hmmlearn (log) | bayes_em / dynamax | compile s (bayes_em / dynamax) | bayes_em fixed cost per run s"
+          " | bayes_em ms/it | bayes_em / hmmlearn | bayes_em / hmmlearn (log) | bayes_em / dynamax"
+          " | compile s (bayes_em / dynamax) | bayes_em fixed cost per run s"
           " | M-step | Δ loglik vs hmmlearn (bayes_em / dynamax) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for emissions in ARGS.emissions.split(","):
@@ -269,10 +273,13 @@ def main():
                 dx_ratio = f"{ours['ms'] / max(dx['ms'], 1e-3):.2f}" if dx else "–"
                 dx_compile = f"{dx['compile']:.1f}" if dx else "–"
                 dx_dll = f"{dx['ll'] - ref['ll']:.1e}" if dx else "–"
-                print(f"| {emissions} | {T:.0e} | {K} | {n} | {ref['ms']:.1f} | {log_ref['ms']:.1f} | {dx_ms} | "
+                print(f"| {emissions} | {T:.0e} | {K} | {n} | {ref['ms']:.1f} | "
+                      f"{log_ref['ms']:.1f} | {dx_ms} | "
                       f"{ours['ms']:.2f} | {ours['ms'] / max(ref['ms'], 1e-3):.2f} | "
-                      f"{ours['ms'] / max(log_ref['ms'], 1e-3):.3f} | {dx_ratio} | {ours['compile']:.1f} / {dx_compile} | "
-                      f"{ours['fixed']:.2f} | {ours['paths']} | {ours['ll'] - ref['ll']:.1e} / {dx_dll} |",
+                      f"{ours['ms'] / max(log_ref['ms'], 1e-3):.3f} | {dx_ratio} | "
+                      f"{ours['compile']:.1f} / {dx_compile} | "
+                      f"{ours['fixed']:.2f} | {ours['paths']} | "
+                      f"{ours['ll'] - ref['ll']:.1e} / {dx_dll} |",
                       flush=True)
 
 

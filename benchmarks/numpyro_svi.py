@@ -104,7 +104,8 @@ def main():
             print(f"| SVI Adam lr={lr} | not reached in {n_steps} steps | – | {-losses[-1]:.4f} |")
             continue
         svi = fresh("svi", lr, int(hit[0]) + 1)
-        print(f"| SVI Adam lr={lr} | {svi['steps']} | {svi['seconds']:.2f} | {svi['objective']:.4f} |",
+        print(f"| SVI Adam lr={lr} | {svi['steps']} | {svi['seconds']:.2f} | "
+              f"{svi['objective']:.4f} |",
               flush=True)
 
 

@@ -67,10 +67,12 @@ def main():
         warnings.simplefilter("ignore")
         t_sk, _ = clock(lambda: gm.fit(x[:, None]))
     print(f"# Whole fits, compile included (jax {jax.__version__}, {os.cpu_count()} cores)\n")
-    print("| fit | bayes_em first run s | bayes_em second run s | scikit-learn s | iterations (ours / sklearn) |")
+    print("| fit | bayes_em first run s | bayes_em second run s | scikit-learn s | "
+          "iterations (ours / sklearn) |")
     print("|---|---|---|---|---|")
     print(f"| three coins | {t_first:.2f} | {t_again:.3f} | – | {r.n_iter} / – |")
-    print(f"| 1-D mixture, 300 points | {t_mix:.2f} | {t_mix2:.3f} | {t_sk:.4f} | {r2.n_iter} / {gm.n_iter_} |")
+    print(f"| 1-D mixture, 300 points | {t_mix:.2f} | {t_mix2:.3f} | {t_sk:.4f} | "
+          f"{r2.n_iter} / {gm.n_iter_} |")
 
 
 if __name__ == "__main__":

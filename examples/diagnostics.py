@@ -60,7 +60,8 @@ def main(out_dir):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ArviZ's FutureWarnings and Pareto-k notes
-        idatas = {f"K={K}": f.to_inference_data(num_samples=250, num_chains=2) for K, f in fits.items()}
+        idatas = {f"K={K}": f.to_inference_data(num_samples=250, num_chains=2)
+                  for K, f in fits.items()}
         print("\nArviZ compare (PSIS-LOO):")
         print(az.compare(idatas)[["rank", "elpd_loo", "p_loo", "elpd_diff", "weight"]].round(2))
 

@@ -39,7 +39,8 @@ def main():
     print(f"log p(x | θ) = {result.log_likelihood:.3f}   log p(θ) = {result.log_prior:.3f}")
     print("component   weight    loc     scale")
     for k in order:
-        print(f"{int(k):9d}   {float(result.params['w'][k]):.3f}  {float(result.params['loc'][k]):7.3f}"
+        print(f"{int(k):9d}   {float(result.params['w'][k]):.3f}  "
+              f"{float(result.params['loc'][k]):7.3f}"
               f"  {float(result.params['scale'][k]):.3f}")
     print("final objective of every restart:",
           " ".join(f"{float(o):.2f}" for o in result.restart_objective))

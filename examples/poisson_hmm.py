@@ -69,7 +69,8 @@ def main():
     for row in trans:
         print("   " + "  ".join(f"{p:6.3f}" for p in row))
 
-    path = np.concatenate([[int(result.most_probable["z0"])], np.asarray(result.most_probable["z"])])
+    path = np.concatenate([[int(result.most_probable["z0"])],
+                           np.asarray(result.most_probable["z"])])
     rank = np.argsort(order)[path]  # decoded state of each year, 0 = calmest
     print("most probable states (Viterbi), one digit per year, 0 = calmest:")
     for start in range(0, len(YEARS), 20):

@@ -34,7 +34,7 @@ def main():
         print(f"  -> {fitted}   log p(y) = {result.log_likelihood:.6f}   "
               f"({result.n_iter} iterations, {result.status})")
         print(f"  pi*p + (1-pi)*q = "
-              f"{float(result.params['pi'] * result.params['p'] + (1 - result.params['pi']) * result.params['q']):.4f}")
+              f"{float(result.params['pi'] * result.params['p'] + (1 - result.params['pi']) * result.params['q']):.4f}")  # noqa: E501
 
 
 if __name__ == "__main__":

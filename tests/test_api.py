@@ -23,13 +23,16 @@ def mixture(x, K):
 def data(seed=0, n=300):
     rng = np.random.default_rng(seed)
     z = rng.choice(3, size=n, p=[0.5, 0.3, 0.2])
-    return jnp.asarray(np.array([-3.0, 2.0, 6.0])[z] + np.array([1.0, 0.5, 0.3])[z] * rng.standard_normal(n))
+    return jnp.asarray(np.array([-3.0, 2.0, 6.0])[z]
+                       + np.array([1.0, 0.5, 0.3])[z] * rng.standard_normal(n))
 
 
 def test_first_restart_is_the_declared_start():
     x = data()
-    one = EM(mixture, restarts=1, max_iter=40, progress_bar=False).run(jax.random.PRNGKey(0), x, K=3)
-    many = EM(mixture, restarts=4, max_iter=40, progress_bar=False).run(jax.random.PRNGKey(0), x, K=3)
+    one = EM(mixture, restarts=1, max_iter=40, progress_bar=False).run(
+        jax.random.PRNGKey(0), x, K=3)
+    many = EM(mixture, restarts=4, max_iter=40, progress_bar=False).run(
+        jax.random.PRNGKey(0), x, K=3)
     np.testing.assert_allclose(many.history["objective"][0], one.history["objective"][0])
     for k in one.params:
         np.testing.assert_allclose(many.restart_params[k][0], one.params[k])

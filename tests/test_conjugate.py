@@ -52,7 +52,8 @@ def latent_class(x):
 
 def test_bernoulli_beta():
     rng = np.random.default_rng(0)
-    x = (rng.uniform(size=(80, 4)) < np.where(rng.uniform(size=(80, 1)) < 0.5, 0.8, 0.2)).astype(float)
+    x = (rng.uniform(size=(80, 4))
+         < np.where(rng.uniform(size=(80, 1)) < 0.5, 0.8, 0.2)).astype(float)
     t0 = rng.uniform(0.2, 0.8, size=(2, 4))
     ll = (x[:, None, :] * np.log(t0) + (1 - x[:, None, :]) * np.log(1 - t0)).sum(-1)
     r = resp(ll)
@@ -183,7 +184,8 @@ def tied_gmm(x, K):
 def gmm_data():
     rng = np.random.default_rng(6)
     z = rng.integers(3, size=120)
-    return np.array([[0.0, 0.0], [3.0, 1.0], [0.0, 4.0]])[z] + rng.normal(size=(120, 2)) * [1.0, 0.6]
+    return (np.array([[0.0, 0.0], [3.0, 1.0], [0.0, 4.0]])[z]
+            + rng.normal(size=(120, 2)) * [1.0, 0.6])
 
 
 M0 = np.array([[-0.5, 0.5], [2.0, 0.0], [0.5, 3.0]])
@@ -267,7 +269,8 @@ def test_full_covariance_inverse_wishart():
     r = resp(ll, np.ones(3) / 3)
     n = r.sum(0)
     m = r.T @ x / n[:, None]
-    cov = np.stack([(0.5 * np.eye(2) + (r[:, k, None] * (x - m[k])).T @ (x - m[k])) / (4.0 + n[k] + 3)
+    cov = np.stack([(0.5 * np.eye(2) + (r[:, k, None] * (x - m[k])).T @ (x - m[k]))
+                    / (4.0 + n[k] + 3)
                     for k in range(3)])  # (Ψ + S_k) / (ν + n_k + D + 1)
     check(iw_gmm, dict(loc=M0, cov=c0), dict(loc=m, cov=cov), jnp.asarray(x), K=3,
           families=dict(loc="mvn_loc", cov="mvn_cov"))

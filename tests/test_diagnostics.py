@@ -16,9 +16,8 @@ from numpyro.distributions.transforms import biject_to
 from scipy.stats import binom
 from sklearn.mixture import GaussianMixture
 
-from bayes_em import EM, LBFGS
+from bayes_em import EM, LBFGS, plots
 from bayes_em import diagnostics as D
-from bayes_em import plots
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::UserWarning", "ignore::FutureWarning", "ignore:The inplace keyword"
@@ -157,7 +156,8 @@ def test_summary_table(map_fits, capsys):
     table = D.summary(result, prob=0.9)
     assert list(table) == ["w", "loc", "scale"]
     for cols in table.values():
-        assert np.all(cols["lower"] <= cols["estimate"]) and np.all(cols["estimate"] <= cols["upper"])
+        assert (np.all(cols["lower"] <= cols["estimate"])
+                and np.all(cols["estimate"] <= cols["upper"]))
         assert np.all(cols["std_err"] > 0)
     assert np.all((table["w"]["lower"] > 0) & (table["w"]["upper"] < 1))  # inside the support
     result.summary()
@@ -261,7 +261,8 @@ def test_restarts_are_separate_chains(map_fits):
     for r in range(2):  # each chain sits around its own restart's optimum
         lap = D.laplace(result, r)
         mean = np.asarray(idata.unconstrained_posterior["loc"].sel(chain=r).mean("draw"))
-        assert np.all(np.abs(mean - lap.mean[:3]) < 5 * np.sqrt(np.diag(lap.cov)[:3]) / np.sqrt(50) + 1e-9)
+        assert np.all(np.abs(mean - lap.mean[:3])
+                      < 5 * np.sqrt(np.diag(lap.cov)[:3]) / np.sqrt(50) + 1e-9)
 
 
 def test_right_number_of_components_wins_compare(map_fits):
@@ -284,12 +285,14 @@ def test_lower_bound_decomposition_by_hand(map_fits, x1d):
     x = np.asarray(x1d)[:, None]
     for t in range(n):
         th, nxt = ({k: v[s] for k, v in tr["params"].items()} for s in (t, t + 1))
-        log_joint = lambda p: np.log(p["w"]) + dist.Normal(p["loc"], p["scale"]).log_prob(x)
+        def log_joint(p):
+            return np.log(p["w"]) + dist.Normal(p["loc"], p["scale"]).log_prob(x)
         q = np.asarray(jax.nn.softmax(log_joint(th), axis=-1))
         bound = np.sum(q * (log_joint(nxt) - np.log(q)))  # E_q log p(x, z | θ_{t+1}) + H[q]
         np.testing.assert_allclose(tr["bound"][t], bound, rtol=1e-10)
         # MAP-EM raises the bound plus the log prior; the KL gap is never negative
-        assert tr["bound"][t] + tr["log_prior"][t + 1] >= tr["log_likelihood"][t] + tr["log_prior"][t] - 1e-9
+        assert (tr["bound"][t] + tr["log_prior"][t + 1]
+                >= tr["log_likelihood"][t] + tr["log_prior"][t] - 1e-9)
         assert tr["gap"][t] >= -1e-9
     np.testing.assert_allclose(tr["log_likelihood"][1:], tr["bound"] + tr["gap"], rtol=1e-12)
 

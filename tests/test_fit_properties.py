@@ -382,7 +382,8 @@ def check_fit(result, posterior, caught, dtype, tol, collapse_rule):
         for r in range(result.n_restarts):
             h = np.asarray(result.history["objective"][r, : int(result.restart_n_iter[r]) + 1])
             finite = np.isfinite(h)
-            if not finite[:-1].all() or (not finite[-1] and result.restart_status[r] != "nonfinite"):
+            if (not finite[:-1].all()
+                    or (not finite[-1] and result.restart_status[r] != "nonfinite")):
                 problems.append(f"restart {r} ({result.restart_status[r]}): non-finite objective "
                                 f"in its history {h.tolist()}")
             f = h[finite]

@@ -88,7 +88,8 @@ def gaussian_hmm(ys, K, covariance_type, var_prior=None):
         if var_prior is None:
             covars = numpyro.param("covars", jnp.ones((K, D)), constraint=constraints.positive)
         else:
-            covars = numpyro.sample("covars", dist.InverseGamma(*var_prior).expand([K, D]).to_event(2))
+            covars = numpyro.sample("covars",
+                                    dist.InverseGamma(*var_prior).expand([K, D]).to_event(2))
 
         def emission(z):
             return dist.Normal(means[z], jnp.sqrt(covars[z])).to_event(1)
@@ -184,7 +185,8 @@ def test_categorical_hmm_matches_hmmlearn():
     K, V, T, n_iter = 3, 4, 150, 8
     ys, start = categorical_data(0, T, K, V)
     ref = categorical_hmmlearn(start, n_iter).fit(ys[:, None])
-    result = em(categorical_hmm, n_iter, start).run(jax.random.PRNGKey(0), jnp.asarray(ys), K=K, V=V)
+    result = em(categorical_hmm, n_iter, start).run(jax.random.PRNGKey(0), jnp.asarray(ys),
+                                                    K=K, V=V)
     # hmmlearn's monitor records log p(X | θ_t) before each of its updates t = 0 .. n_iter - 1
     np.testing.assert_allclose(result.trace()["log_likelihood"][:-1], ref.monitor_.history,
                                rtol=1e-8)

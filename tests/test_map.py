@@ -119,7 +119,8 @@ def test_normal_inverse_wishart_map_matches_fraley_raftery():
         W = (r[:, k, None] * d).T @ d
         e = (xbar[k] - mu_p)[:, None]
         cov.append((lam + kappa * n[k] / (n[k] + kappa) * e @ e.T + W) / (nu + n[k] + D + 2))
-    np.testing.assert_allclose(result.params["w"], (n + alpha - 1) / (len(x) + K * alpha - K), atol=1e-8)
+    np.testing.assert_allclose(result.params["w"], (n + alpha - 1) / (len(x) + K * alpha - K),
+                               atol=1e-8)
     np.testing.assert_allclose(result.params["loc"], mu, atol=1e-6)
     np.testing.assert_allclose(result.params["cov"], np.stack(cov), atol=1e-6)
 

@@ -82,7 +82,8 @@ def test_diagonal_gmm_with_missing_coordinates_matches_numpy_em():
     x = two_clusters(rng, 70, 3)
     seen = ~np.isnan(x)
     xz = np.where(seen, x, 0.0)
-    w, loc, scale = np.array([0.4, 0.6]), np.array([[-1.0, 0.0, -0.5], [1.0, 0.5, 1.0]]), np.ones((2, 3))
+    w, loc, scale = (np.array([0.4, 0.6]), np.array([[-1.0, 0.0, -0.5], [1.0, 0.5, 1.0]]),
+                     np.ones((2, 3)))
     init = dict(w=w, loc=loc, scale=scale)
     n_iter = 6
 
@@ -187,9 +188,11 @@ def test_full_covariance_gmm_with_missing_coordinates():
     # ... which no perturbation of the means improves
     for d in np.eye(4).reshape(4, 2, 2) * 1e-3:
         for sign in (1, -1):
-            assert logsumexp(observed_log_joint(x, p["w"], p["loc"] + sign * d, p["cov"]), 1).sum() < ll
+            assert logsumexp(observed_log_joint(x, p["w"], p["loc"] + sign * d, p["cov"]),
+                             1).sum() < ll
     post = result.posterior["z"]
-    np.testing.assert_allclose(post, posterior(observed_log_joint(x, p["w"], p["loc"], p["cov"]))[0],
+    np.testing.assert_allclose(post,
+                               posterior(observed_log_joint(x, p["w"], p["loc"], p["cov"]))[0],
                                atol=1e-8)
 
 
@@ -217,7 +220,8 @@ def test_latent_class_with_missing_answers_matches_numpy_em():
     n_iter = 8
     _, result = fit(latent_class, dict(w=w, probs=probs), jnp.asarray(x), n_iter=n_iter, K=K, C=C)
     # an event_dim-0 site is masked where missing: the closed forms still apply
-    assert result.mstep_paths == {"w": "closed-form categorical", "probs": "closed-form categorical"}
+    assert result.mstep_paths == {"w": "closed-form categorical",
+                                  "probs": "closed-form categorical"}
     lls = []
     for it in range(n_iter + 1):
         r, ll = posterior(np.log(w) + np.einsum("njc,kjc->nk", onehot, np.log(probs)))
@@ -254,12 +258,14 @@ def test_poisson_mixture_with_missing_counts_matches_numpy_em():
     _, result = fit(poisson_mixture, dict(w=w, rate=rate), jnp.asarray(x), n_iter=n_iter, K=2)
     assert result.mstep_paths == {"w": "closed-form categorical", "rate": "closed-form poisson"}
     for _ in range(n_iter):
-        r, _ = posterior(np.log(w) + (poisson.logpmf(xz[:, None, :], rate[:, None]) * seen[:, None]).sum(-1))
+        r, _ = posterior(np.log(w)
+                         + (poisson.logpmf(xz[:, None, :], rate[:, None]) * seen[:, None]).sum(-1))
         w = r.mean(0)
         rate = (r * xz.sum(1, keepdims=True)).sum(0) / (r * seen.sum(1, keepdims=True)).sum(0)
     np.testing.assert_allclose(result.params["w"], w, atol=1e-8)
     np.testing.assert_allclose(result.params["rate"], rate, atol=1e-8)
-    _, ll = posterior(np.log(w) + (poisson.logpmf(xz[:, None, :], rate[:, None]) * seen[:, None]).sum(-1))
+    _, ll = posterior(np.log(w)
+                      + (poisson.logpmf(xz[:, None, :], rate[:, None]) * seen[:, None]).sum(-1))
     np.testing.assert_allclose(result.log_likelihood, ll, rtol=1e-10)
 
 

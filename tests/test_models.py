@@ -68,7 +68,8 @@ def test_gmm_ml_matches_sklearn(covariance):
     assert result.mstep_paths == {
         "weights": "closed-form categorical",
         "loc": "closed-form " + ("mvn_loc" if covariance in ("full", "tied") else "normal_loc"),
-        cov_name(covariance): "closed-form " + ("mvn_cov" if covariance in ("full", "tied") else "normal_scale"),
+        cov_name(covariance): "closed-form " + ("mvn_cov" if covariance in ("full", "tied")
+                                                else "normal_scale"),
     }
     precisions = np.linalg.inv(c0) if covariance in ("full", "tied") else 1.0 / c0**2
     gm = GaussianMixture(3, covariance_type=covariance, reg_covar=0.0, tol=0.0, max_iter=n_iter,
@@ -185,13 +186,16 @@ def test_kmeans_hard_em_is_lloyd():
 # --- Latent class analysis -----------------------------------------------------------------------
 def test_bernoulli_mixture_matches_numpy_em():
     rng = np.random.default_rng(3)
-    truth = np.array([[0.9, 0.8, 0.2, 0.1, 0.7], [0.2, 0.3, 0.8, 0.9, 0.4], [0.5, 0.9, 0.9, 0.1, 0.1]])
+    truth = np.array([[0.9, 0.8, 0.2, 0.1, 0.7], [0.2, 0.3, 0.8, 0.9, 0.4],
+                      [0.5, 0.9, 0.9, 0.1, 0.1]])
     z = rng.choice(3, size=200, p=[0.5, 0.3, 0.2])
     x = (rng.uniform(size=(200, 5)) < truth[z]).astype(float)
     w, p = np.array([0.4, 0.3, 0.3]), rng.uniform(0.3, 0.7, size=(3, 5))
     n_iter = 15
-    result = fit(models.bernoulli_mixture, dict(weights=w, probs=p), jnp.asarray(x), n_iter=n_iter, K=3)
-    assert result.mstep_paths == {"weights": "closed-form categorical", "probs": "closed-form bernoulli"}
+    result = fit(models.bernoulli_mixture, dict(weights=w, probs=p), jnp.asarray(x), n_iter=n_iter,
+                 K=3)
+    assert result.mstep_paths == {"weights": "closed-form categorical",
+                                  "probs": "closed-form bernoulli"}
     for _ in range(n_iter):
         r = posterior(np.log(w) + x @ np.log(p).T + (1 - x) @ np.log(1 - p).T)
         w, p = r.mean(0), (r.T @ x) / r.sum(0)[:, None]
@@ -209,7 +213,8 @@ def test_categorical_mixture_matches_numpy_em():
     n_iter = 15
     result = fit(models.categorical_mixture, dict(weights=w, probs=p), jnp.asarray(x),
                  n_iter=n_iter, K=K, V=V)
-    assert result.mstep_paths == {"weights": "closed-form categorical", "probs": "closed-form categorical"}
+    assert result.mstep_paths == {"weights": "closed-form categorical",
+                                  "probs": "closed-form categorical"}
     onehot = np.eye(V)[x]  # (N, D, V)
     for _ in range(n_iter):
         r = posterior(np.log(w) + np.einsum("ndv,kdv->nk", onehot, np.log(p)))
@@ -228,7 +233,8 @@ def bn_sample(rng, cpts, n):
     for i in range(n):
         state = {}
         for j, (name, card, parents) in enumerate(NODES):
-            state[name] = rows[i, j] = rng.choice(card, p=cpts[name][tuple(state[p] for p in parents)])
+            state[name] = rows[i, j] = rng.choice(
+                card, p=cpts[name][tuple(state[p] for p in parents)])
     return rows
 
 
@@ -251,7 +257,8 @@ def bn_brute_force_em(values, observed, cpts, n_iter):
                 full = row.copy()
                 full[missing] = comp
                 fulls.append(full)
-                probs.append(np.prod([cpts[name][tuple(full[idx[p]] for p in parents) + (full[idx[name]],)]
+                probs.append(np.prod([cpts[name][tuple(full[idx[p]] for p in parents)
+                                                 + (full[idx[name]],)]
                                       for name, _, parents in NODES]))
             probs = np.array(probs) / np.sum(probs)
             for full, q in zip(fulls, probs):
@@ -278,7 +285,8 @@ def test_bayesian_network_with_missing_values_matches_brute_force():
     assert set(result.mstep_paths.values()) == {"closed-form categorical"}
     expected = bn_brute_force_em(values, observed, init, n_iter)
     for name in expected:
-        np.testing.assert_allclose(result.params[f"cpt_{name}"], expected[name], atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(result.params[f"cpt_{name}"], expected[name], atol=1e-6,
+                                   err_msg=name)
     # the posterior of a missing entry is p(x_nv | observed part of row n): brute force again
     n = int(np.flatnonzero(~observed[:, 1])[0])
     fitted = {name: np.asarray(result.params[f"cpt_{name}"]) for name, _, _ in NODES}
@@ -288,7 +296,8 @@ def test_bayesian_network_with_missing_values_matches_brute_force():
     for comp in itertools.product(*[range(NODES[j][1]) for j in missing]):
         full = values[n].copy()
         full[missing] = comp
-        joint[full[1]] += np.prod([fitted[name][tuple(full[idx[p]] for p in parents) + (full[idx[name]],)]
+        joint[full[1]] += np.prod([fitted[name][tuple(full[idx[p]] for p in parents)
+                                                + (full[idx[name]],)]
                                    for name, _, parents in NODES])
     np.testing.assert_allclose(result.posterior["B"][n], joint / joint.sum(), atol=1e-8)
     seen = observed[:, 1]
@@ -304,7 +313,8 @@ def bayesian_network_obs_mask(values, observed, nodes):
     observed = jnp.asarray(observed, bool)
     values = jnp.where(observed, jnp.asarray(values), 0)
     card = {name: k for name, k, _ in nodes}
-    cpts = {name: numpyro.param(f"cpt_{name}", jnp.full(tuple(card[p] for p in parents) + (k,), 1.0 / k),
+    cpts = {name: numpyro.param(f"cpt_{name}",
+                                jnp.full(tuple(card[p] for p in parents) + (k,), 1.0 / k),
                                 constraint=constraints.simplex) for name, k, parents in nodes}
     state = {}
     with numpyro.plate("rows", values.shape[0]):
@@ -327,7 +337,8 @@ def test_bayesian_network_written_with_obs_mask_matches_brute_force():
     assert set(result.mstep_paths.values()) == {"closed-form categorical"}
     expected = bn_brute_force_em(values, observed, init, n_iter)
     for name in expected:
-        np.testing.assert_allclose(result.params[f"cpt_{name}"], expected[name], atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(result.params[f"cpt_{name}"], expected[name], atol=1e-6,
+                                   err_msg=name)
 
 
 # --- Mixture of linear regressions ---------------------------------------------------------------
@@ -336,16 +347,19 @@ def test_mixture_of_regressions_matches_weighted_least_squares_em():
     N = 160
     X = np.c_[np.ones(N), rng.uniform(-2, 2, size=N)]
     z = rng.choice(2, size=N, p=[0.6, 0.4])
-    y = np.sum(X * np.array([[1.0, 2.0], [-1.0, -1.5]])[z], 1) + rng.normal(size=N) * np.array([0.5, 0.8])[z]
+    y = (np.sum(X * np.array([[1.0, 2.0], [-1.0, -1.5]])[z], 1)
+         + rng.normal(size=N) * np.array([0.5, 0.8])[z])
     w, coef, var = np.array([0.5, 0.5]), np.array([[0.5, 1.0], [0.0, -1.0]]), np.array([1.0, 2.0])
     n_iter = 5
     result = fit(models.mixture_of_regressions, dict(weights=w, coef=coef, var=var),
                  jnp.asarray(X), jnp.asarray(y), n_iter=n_iter, K=2)
-    assert result.mstep_paths == {"weights": "closed-form categorical", "coef": "numeric", "var": "numeric"}
+    assert result.mstep_paths == {"weights": "closed-form categorical", "coef": "numeric",
+                                  "var": "numeric"}
     for _ in range(n_iter):
         r = posterior(np.log(w) + norm.logpdf(y[:, None], X @ coef.T, np.sqrt(var)))
         w = r.mean(0)
-        coef = np.stack([np.linalg.solve(X.T @ (r[:, k, None] * X), X.T @ (r[:, k] * y)) for k in range(2)])
+        coef = np.stack([np.linalg.solve(X.T @ (r[:, k, None] * X), X.T @ (r[:, k] * y))
+                         for k in range(2)])
         var = (r * (y[:, None] - X @ coef.T) ** 2).sum(0) / r.sum(0)
     np.testing.assert_allclose(result.params["weights"], w, atol=1e-6)
     np.testing.assert_allclose(result.params["coef"], coef, atol=1e-6)

@@ -64,11 +64,12 @@ def ibm2(src, src_len, tgt, tgt_len, n_src_words, n_tgt_words, l_max, m_max):
     ``src`` (S, l_max + 1): source word ids, position 0 the NULL word (id 0); ``tgt`` (S, m_max)
     target word ids; ``src_len`` / ``tgt_len`` the lengths l_s, m_s. ``a_table[j - 1, l - 1, m - 1]``
     is the row a(. | j, l, m).
-    """
+    """  # noqa: E501
     S = src.shape[0]
     t = numpyro.param("t", jnp.full((n_src_words, n_tgt_words), 1.0 / n_tgt_words),
                       constraint=constraints.simplex)
-    a_table = numpyro.param("a_table", jnp.full((m_max, l_max, m_max, l_max + 1), 1.0 / (l_max + 1)),
+    a_table = numpyro.param("a_table",
+                            jnp.full((m_max, l_max, m_max, l_max + 1), 1.0 / (l_max + 1)),
                             constraint=constraints.simplex)
     j = jnp.arange(m_max)
     rows = a_table[j, (src_len - 1)[:, None], (tgt_len - 1)[:, None]]  # (S, m_max, l_max + 1)
@@ -125,7 +126,7 @@ def test_ibm2_matches_nltk_and_keeps_unused_alignment_cells():
             translation[f_word][e_word] = t0[e, f]
     alignment = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(
         lambda: min_prob))))
-    for l in range(1, L_MAX + 1):
+    for l in range(1, L_MAX + 1):  # noqa: E741
         for m in range(1, M_MAX + 1):
             for j in range(1, m + 1):
                 row = a0[j - 1, l - 1, m - 1, : l + 1]
@@ -139,16 +140,17 @@ def test_ibm2_matches_nltk_and_keeps_unused_alignment_cells():
     # alignment probabilities of the used cells (j, l, m), positions i = 0..l
     a = np.asarray(result.params["a_table"])
     used = sorted({(j, len(e), len(f)) for e, f in pairs for j in range(1, len(f) + 1)})
-    ours = np.concatenate([a[j - 1, l - 1, m - 1, : l + 1] for j, l, m in used])
-    theirs = np.array([ibm.alignment_table[i][j][l][m] for j, l, m in used for i in range(l + 1)])
+    ours = np.concatenate([a[j - 1, l - 1, m - 1, : l + 1] for j, l, m in used])  # noqa: E741
+    theirs = np.array([ibm.alignment_table[i][j][l][m]
+                       for j, l, m in used for i in range(l + 1)])  # noqa: E741
     assert theirs.min() > 1e-9
     np.testing.assert_allclose(ours, theirs, atol=1e-6, rtol=0)
-    for j, l, m in used:  # no mass on the positions past the sentence
+    for j, l, m in used:  # no mass on the positions past the sentence  # noqa: E741
         assert np.all(a[j - 1, l - 1, m - 1, l + 1:] < 1e-12), (j, l, m)
 
     # the cells no sentence pair uses keep their initial rows
     unused = np.ones(a.shape[:3], bool)
-    for j, l, m in used:
+    for j, l, m in used:  # noqa: E741
         unused[j - 1, l - 1, m - 1] = False
     assert unused.sum() == M_MAX * L_MAX * M_MAX - len(used)
     np.testing.assert_allclose(a[unused], a0[unused], rtol=1e-10, atol=0)
@@ -169,7 +171,7 @@ def test_ibm2_matches_nltk_and_keeps_unused_alignment_cells():
     # the final log-likelihood, evaluated on nltk's final tables
     ll = 0.0
     for e_words, f_words in pairs:
-        l, m = len(e_words), len(f_words)
+        l, m = len(e_words), len(f_words)  # noqa: E741
         for j, f in enumerate(f_words, 1):
             ll += np.log(sum(ibm.translation_table[f][e] * ibm.alignment_table[i][j][l][m]
                              for i, e in enumerate([None, *e_words])))
@@ -244,7 +246,8 @@ def test_dawid_skene_with_an_idle_annotator_matches_numpy_em():
 # x_n | g_n, z_n in a K = 2 mixture whose tables are indexed by the observed group g_n of row n; the
 # group level EMPTY = 1 of G = 3 has no rows. Nothing in the likelihood depends on its entries, so
 # the fit equals that of the same model declared with G = 2 (level 1 removed, the rows of level 2
-# relabelled 1), from the same start for the other levels, and the empty entries stay at their start.
+# relabelled 1), from the same start for the other levels, and the empty entries stay at their
+# start.
 EMPTY = 1
 
 
@@ -261,7 +264,8 @@ def grouped_mixture(x, g, G, family):
         loc = numpyro.param("loc", jnp.zeros((G, K)))
         scale = numpyro.param("scale", jnp.ones((G, K)), constraint=constraints.positive)
     if family == "bernoulli":
-        p = numpyro.param("p", jnp.full((G, K, x.shape[-1]), 0.5), constraint=constraints.unit_interval)
+        p = numpyro.param("p", jnp.full((G, K, x.shape[-1]), 0.5),
+                          constraint=constraints.unit_interval)
     with numpyro.plate("rows", x.shape[0]):
         z = numpyro.sample("z", dist.Categorical(w))
         if family == "categorical":
@@ -316,8 +320,8 @@ def test_empty_group_level_changes_nothing(family):
     n_iter = 5
     full = fit(grouped_mixture, init, jnp.asarray(x), jnp.asarray(g), n_iter=n_iter, G=3,
                family=family)
-    reduced = fit(grouped_mixture, reduced_init, jnp.asarray(x), jnp.asarray(np.where(g == 2, 1, g)),
-                  n_iter=n_iter, G=2, family=family)
+    reduced = fit(grouped_mixture, reduced_init, jnp.asarray(x),
+                  jnp.asarray(np.where(g == 2, 1, g)), n_iter=n_iter, G=2, family=family)
     for fit_ in (full, reduced):
         assert fit_.mstep_paths == {k: f"closed-form {v}" for k, v in PATHS[family].items()}
 

@@ -37,7 +37,8 @@ def full_mixture(x, K):
 def three_clusters(n, seed=0):
     rng = np.random.default_rng(seed)
     z = rng.choice(3, n, p=[0.5, 0.3, 0.2])
-    return jnp.asarray(np.array([-3.0, 2.0, 6.0])[z] + np.array([0.6, 0.3, 0.3])[z] * rng.normal(size=n))
+    return jnp.asarray(np.array([-3.0, 2.0, 6.0])[z]
+                       + np.array([0.6, 0.3, 0.3])[z] * rng.normal(size=n))
 
 
 def reached(result, rtol=1e-6):

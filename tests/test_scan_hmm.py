@@ -75,7 +75,8 @@ def test_scan_hmm_most_probable_path_with_ties():
              emit=np.array([[0.24, 0.76], [0.64, 0.36]]))
     paths = list(itertools.product(range(K), repeat=T + 1))
     logps = np.array([
-        np.log(p["init"][z[0]]) + sum(np.log(p["trans"][z[t - 1], z[t]]) + np.log(p["emit"][z[t], ys[t - 1]])
+        np.log(p["init"][z[0]]) + sum(np.log(p["trans"][z[t - 1], z[t]])
+                                      + np.log(p["emit"][z[t], ys[t - 1]])
                                       for t in range(1, T + 1))
         for z in paths
     ])

@@ -90,7 +90,8 @@ def test_slope_started_at_zero_matches_other_starts():
 # --- Markov-switching AR(1): coefficient started at 0 -------------------------------------------
 def switching_ar(y):
     init = numpyro.param("init", jnp.ones(2) / 2, constraint=constraints.simplex)
-    trans = numpyro.param("trans", jnp.array([[0.9, 0.1], [0.1, 0.9]]), constraint=constraints.simplex)
+    trans = numpyro.param("trans", jnp.array([[0.9, 0.1], [0.1, 0.9]]),
+                          constraint=constraints.simplex)
     mu = numpyro.param("mu", jnp.array([-0.5, 0.5]))
     phi = numpyro.param("phi", 0.0)
     sd = numpyro.param("sd", 1.0, constraint=constraints.positive)

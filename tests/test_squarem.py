@@ -21,7 +21,8 @@ def overlapping(x):
 def test_squarem_saves_iterations_and_reaches_the_optimum():
     rng = np.random.default_rng(0)
     x = jnp.asarray(np.concatenate([rng.normal(-0.6, 1, 600), rng.normal(0.6, 1, 400)]))
-    plain = EM(overlapping, max_iter=5000, tol=1e-8, progress_bar=False).run(jax.random.PRNGKey(0), x)
+    plain = EM(overlapping, max_iter=5000, tol=1e-8, progress_bar=False).run(
+        jax.random.PRNGKey(0), x)
     fast = EM(overlapping, max_iter=5000, tol=1e-8, accelerate=True, progress_bar=False).run(
         jax.random.PRNGKey(0), x)
     assert plain.converged and fast.converged

@@ -27,7 +27,8 @@ def full_mixture(x, K):
 
 def two_clusters(n=300, seed=0):
     rng = np.random.default_rng(seed)
-    return jnp.asarray(np.concatenate([rng.normal(-3, 1, (n // 2, 2)), rng.normal(3, 1, (n // 2, 2))]))
+    return jnp.asarray(np.concatenate([rng.normal(-3, 1, (n // 2, 2)),
+                                       rng.normal(3, 1, (n // 2, 2))]))
 
 
 def test_max_iter_warns_unless_tol_is_zero():
@@ -63,7 +64,8 @@ def test_collapse_is_reported_and_never_preferred():
     likelihood). Reported as collapsed (or non-finite, depending on round-off), the site named;
     restart selection takes a restart that ended well even though the collapsed one is higher."""
     x = two_clusters()
-    init = dict(w=np.array([0.02, 0.49, 0.49]), loc=np.stack([np.asarray(x[0]), [-3.0, 0.0], [3.0, 0.0]]),
+    init = dict(w=np.array([0.02, 0.49, 0.49]),
+                loc=np.stack([np.asarray(x[0]), [-3.0, 0.0], [3.0, 0.0]]),
                 cov=np.stack([1e-4 * np.eye(2), np.eye(2), np.eye(2)]))
     with pytest.warns(ConvergenceWarning):
         alone = EM(full_mixture, max_iter=200, init_values=init, progress_bar=False).run(

@@ -24,7 +24,8 @@ def mixture(x):
 
 
 def hmm(y):
-    trans = numpyro.param("trans", jnp.array([[0.8, 0.2], [0.3, 0.7]]), constraint=constraints.simplex)
+    trans = numpyro.param("trans", jnp.array([[0.8, 0.2], [0.3, 0.7]]),
+                          constraint=constraints.simplex)
     loc = numpyro.param("loc", jnp.array([-0.5, 0.5]))
 
     def step(z_prev, y_t):

@@ -137,7 +137,8 @@ def test_time_varying_transitions_match_brute_force(parallel_time):
     np.testing.assert_array_equal(estep.most_probable["z"], best[1:])
     # one EM iteration: the transition rows are the normalised expected counts
     fit = EM(covariate_hmm, init_values=p, max_iter=1, tol=0.0, progress_bar=False,
-             parallel_time=parallel_time).run(jax.random.PRNGKey(0), jnp.asarray(xs), jnp.asarray(ys))
+             parallel_time=parallel_time).run(jax.random.PRNGKey(0), jnp.asarray(xs),
+                                              jnp.asarray(ys))
     used = counts.sum(-1) > 0
     expected = counts / np.where(used, counts.sum(-1), 1)[..., None]
     np.testing.assert_allclose(np.asarray(fit.params["trans"])[used], expected[used], atol=1e-10)
@@ -197,7 +198,8 @@ def test_left_to_right_chain_with_zero_transitions():
     fit = EM(model, init_values=p, max_iter=5, tol=0.0, progress_bar=False).run(
         jax.random.PRNGKey(0), jnp.asarray(ys))
     assert all(np.all(np.isfinite(np.asarray(v))) for v in fit.params.values())
-    assert np.asarray(fit.params["trans"])[1, 0] < 1e-12 and np.asarray(fit.params["trans"])[2, 1] < 1e-12
+    assert (np.asarray(fit.params["trans"])[1, 0] < 1e-12
+            and np.asarray(fit.params["trans"])[2, 1] < 1e-12)
 
 
 def test_second_order_chain_matches_brute_force():
@@ -248,8 +250,10 @@ def test_two_slice_marginals_match_brute_force():
     """The posterior weights of the transition factors are the two-slice marginals
     p(z_{t-1}, z_t | y): per step from the sequential trace, summed over the steps (the
     sufficient statistic of the transition matrix) from the vectorised one."""
-    import funsor
     from collections import OrderedDict
+
+    import funsor
+
     from bayes_em.enumeration import posterior_weights
 
     rng = np.random.default_rng(7)
@@ -364,3 +368,37 @@ def test_observed_information_through_the_forward_recursion():
         infos.append(diagnostics.observed_information(fit))
     np.testing.assert_allclose(infos[0], infos[1], rtol=1e-8, atol=1e-8)
     assert np.linalg.eigvalsh(infos[0]).min() > -1e-8  # a maximum (init on the boundary: ~0)
+
+
+def test_scan_patch_not_in_effect_fails_loudly(monkeypatch):
+    """If NumPyro stopped calling lax.scan through its scan module, the vectorised scan (and
+    the reverse=True fix) would silently do nothing: simulated by a patch that patches nothing."""
+    import contextlib
+
+    from bayes_em import vectorized_scan
+
+    monkeypatch.setattr(vectorized_scan, "_scan_by", lambda scan: contextlib.nullcontext())
+    ys = jnp.asarray(np.random.default_rng(0).integers(0, V, 20))
+    with pytest.raises(vectorized_scan.PatchNotInEffect, match="did not call lax.scan"):
+        EM(hmm, max_iter=2, progress_bar=False).run(jax.random.PRNGKey(0), ys)
+
+
+def test_numpyro_internals_stay_in_the_shim():
+    """Private NumPyro / funsor names are imported in bayes_em/_numpyro.py only."""
+    import pathlib
+    import re
+
+    import bayes_em
+
+    internal = re.compile(r"infer_util|funsor\.sum_product|funsor\.ops|enum_messenger|"
+                          r"contrib\.control_flow|distribution import validation_enabled|"
+                          r"importlib|"
+                          r"funsor\.cnf")
+    touched = re.compile(r"_control_flow_done|\._mask\b|__dict__|funsor\.(ops|sum_product)\.")
+    root = pathlib.Path(bayes_em.__file__).parent
+    offenders = [f"{p.name}:{i + 1}: {line.strip()}"
+                 for p in sorted(root.glob("*.py")) if p.name != "_numpyro.py"
+                 for i, line in enumerate(p.read_text().splitlines())
+                 if (re.match(r"\s*(from|import) ", line) and internal.search(line))
+                 or touched.search(line)]
+    assert not offenders, "\n".join(offenders)

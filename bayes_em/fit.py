@@ -1,0 +1,128 @@
+"""The fit as pure functions: the problem from a model and its data, the restarts' starts, and
+the one compiled program that runs them all (``EM`` is a thin object over these).
+
+    problem, params0, data = build(model, x, options=Options(max_iter=200))
+    states = jax.jit(program(problem, options))(params0, data, jax.random.PRNGKey(0))
+
+``states`` is an :class:`bayes_em.em.EMState` with a leading restart axis; ``em.run`` on one
+state is the EM loop alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bayes_em import em as core
+from bayes_em.mstep import LBFGS
+from bayes_em.sites import discover_sites, split_data
+from bayes_em.validation import check_arguments
+
+__all__ = ["Options", "build", "problem_for", "program"]
+
+
+class Options(NamedTuple):
+    """Settings of a fit (the static part of :class:`bayes_em.EM`'s arguments)."""
+
+    restarts: int = 1
+    init: Any = "anchors"  # "anchors", "noise", or init(rng_key, params) -> dict
+    max_iter: int = 500
+    tol: float = 1e-8
+    hard: bool = False
+    strict: bool = False
+    mstep: LBFGS = LBFGS()
+    closed_form: bool = True
+    accelerate: bool = False
+    record_params: bool = False
+    parallel_time: bool = False
+    restart_noise: float = 1.0
+    memory_limit: float = 2 * 2**30
+
+
+def problem_for(model, sites, rebuild, data, options: Options) -> core.EMProblem:
+    """The static problem of ``model`` (sites already discovered), with its closed-form plans
+    (decided at the sites' initial values)."""
+    problem = core.make_problem(model, sites, rebuild, options.max_iter, options.tol,
+                                options.hard, options.strict, options.mstep)
+    problem = problem._replace(accelerate=options.accelerate,
+                               record_params=options.record_params,
+                               parallel_time=options.parallel_time)
+    if options.closed_form:
+        from bayes_em.conjugate import detect_closed_forms
+
+        args, kwargs = rebuild(data)
+        init = {p.name: p.init for p in sites.params}
+        closed, refused = detect_closed_forms(problem, init, args, kwargs)
+        problem = problem._replace(closed=closed, refused=refused)
+    return problem
+
+
+def build(model, *args, options: Options = Options(), init_values=None, rng_key=None, **kwargs):
+    """``(problem, params0, data)`` for ``model(*args, **kwargs)``: the data checked and split
+    into array leaves, the sites discovered (``init_values`` override their starts), the
+    enumeration's size checked against ``options.memory_limit``."""
+    from bayes_em.checks import check_enumeration
+
+    check_arguments(args, kwargs)
+    data, rebuild, _ = split_data(args, kwargs)
+    rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+    sites = discover_sites(model, args, kwargs, dict(init_values or {}), rng_key, {})
+    params0 = {p.name: p.init for p in sites.params}
+    check_enumeration(core.make_problem(model, sites, rebuild, options.max_iter, options.tol),
+                      params0, data, options.memory_limit)
+    return problem_for(model, sites, rebuild, data, options), params0, data
+
+
+def _draw(problem, options, params0, data, key):
+    """A random start (restarts after the first): ``options.init`` applied to ``params0``."""
+    init = options.init
+    if callable(init):
+        drawn = init(key, params0)
+        unknown = sorted(set(drawn) - set(params0))
+        if unknown:
+            raise ValueError(f"init returned values for {unknown}, which are not fitted sites "
+                             f"({sorted(params0)}).")
+        return {**params0, **{n: jnp.broadcast_to(jnp.asarray(v, jnp.result_type(params0[n])),
+                                                  jnp.shape(params0[n]))
+                              for n, v in drawn.items()}}
+    return core.random_start(problem, params0, data, key, options.restart_noise, init)
+
+
+def starts(problem, options, params0, data, rng_key):
+    """Pending states of every restart (leading axis): restart 0 at ``params0``, the others
+    drawn by ``options.init``; their first E-step is the loop's."""
+    if options.restarts == 1:
+        return jax.tree.map(lambda x: x[None], core.pending(problem, params0, data))
+    keys = jax.random.split(jax.random.fold_in(rng_key, 1), options.restarts)
+
+    def one(i_key):
+        i, k = i_key
+        params = lax.cond(i == 0, lambda: params0,
+                          lambda: _draw(problem, options, params0, data, k))
+        return core.pending(problem, params, data)
+
+    return lax.map(one, (jnp.arange(options.restarts), keys))
+
+
+def program(problem, options: Options, show: Callable | None = None):
+    """``fit(params0, data, rng_key) -> states``: the starts and every restart's EM loop, one
+    program to ``jax.jit``. ``show(restart, n_iter, objective)``, if given, is called on the host
+    about every 1% of ``max_iter`` and when a restart stops (a progress bar)."""
+    every = max(1, options.max_iter // 100)
+
+    def fit(params0, data, rng_key):
+        def one(i_state):
+            i, state = i_state
+            report = None
+            if show is not None:
+                def report(s):
+                    jax.debug.callback(show, i, s.n_iter, s.objective)
+            return core.run(problem, state, data, report=report, every=every)
+
+        states = starts(problem, options, params0, data, rng_key)
+        return lax.map(one, (jnp.arange(options.restarts), states))
+
+    return fit
