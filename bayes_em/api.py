@@ -16,6 +16,7 @@ from numpyro import handlers
 
 from bayes_em import em as core
 from bayes_em import fit as fitting
+from bayes_em import predict as predict_mod
 from bayes_em.compiled import jit
 from bayes_em.conjugate import _FAMILIES
 from bayes_em.curvature import is_saddle
@@ -111,7 +112,8 @@ class ClosedFormWarning(UserWarning):
 class EMResult:
     """The outcome of :meth:`EM.run`: the best restart, and every restart's trajectory.
 
-    ``params`` are constrained values keyed by site name. ``history`` holds, per restart and
+    ``params`` are constrained values keyed by site name (JAX arrays, ready for NumPyro's
+    ``Predictive(model, params=result.params)``). ``history`` holds, per restart and
     iteration (iteration 0 is the start), the objective log p(X|θ) + log p(θ), the log prior and
     the log-likelihood; entries after a restart stopped are NaN. ``posterior`` gives each latent
     site's posterior marginal at the best parameters (plates first, then the site's values) and
@@ -139,8 +141,33 @@ class EMResult:
     sites: ModelSites = field(repr=False)
     problem: core.EMProblem = field(repr=False, compare=False, default=None)  # for diagnostics
     data: tuple = field(repr=False, compare=False, default=())  # array leaves of the model args
+    model: Any = field(repr=False, compare=False, default=None)  # the model fitted (for sample)
 
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # -- the fitted model on new data (bayes_em.predict) -----------------------------------------
+    def predict_proba(self, *args, **kwargs) -> dict:
+        """Posterior marginals p(z | x_new, θ̂) of every latent for new data (the model's
+        arguments): plates first (time first in a scan), then the site's values."""
+        return _locked(predict_mod.predict_proba, self, *args, **kwargs)
+
+    def predict(self, *args, **kwargs) -> dict:
+        """The most probable latents for new data (max-product; Viterbi for a chain)."""
+        return _locked(predict_mod.predict, self, *args, **kwargs)
+
+    def score_samples(self, *args, **kwargs) -> np.ndarray:
+        """log p(x_n | θ̂) per element of the data plate of new data, latents summed out."""
+        return _locked(predict_mod.score_samples, self, *args, **kwargs)
+
+    def score(self, *args, **kwargs) -> float:
+        """Total log-likelihood log p(X_new | θ̂) (scikit-learn's ``score`` is the mean)."""
+        return _locked(predict_mod.score, self, *args, **kwargs)
+
+    def sample(self, rng_key, *args, num_samples=1, **kwargs) -> dict:
+        """Draws of every sample site at θ̂ (``numpyro.infer.Predictive``; pass ``None`` for an
+        observation to draw it)."""
+        return _locked(predict_mod.sample, self, rng_key, *args, num_samples=num_samples,
+                       **kwargs)
 
     @property
     def posterior(self) -> dict:
@@ -517,7 +544,7 @@ class EM:
             check_missing(self._unmarginalized, self.missing, args, kwargs)
         sites = discover_sites(self.model, args, kwargs, init_values, rng_key, self.fixed)
         init_params = {p.name: p.init for p in sites.params}  # host arrays: no transfer
-        bare = core.make_problem(self.model, sites, rebuild, self.max_iter, self.tol)
+        bare = core.make_problem(self.model, sites, rebuild, self.max_iter, self.tol, self.hard)
         check_enumeration(bare, init_params, data, self.memory_limit)
         problem, functions = self._functions(sites, rebuild, key, data)
         return problem, functions, init_params, data
@@ -625,7 +652,9 @@ class EM:
                 "numeric M-step there. Please report the model; "
                 "closed_form=False avoids the closed forms altogether.",
                 ClosedFormWarning, stacklevel=4)
-        params_best = {k: v[best] for k, v in restart_params.items()}
+        # JAX arrays: NumPyro's Predictive(model, params=result.params) indexes them with traced
+        # latents (loc[z]), which a NumPy array refuses
+        params_best = {k: jnp.asarray(v[best]) for k, v in restart_params.items()}
         history = np.asarray(states.history)
         return EMResult(
             params=params_best,
@@ -654,4 +683,5 @@ class EM:
             sites=problem.sites,
             problem=problem,
             data=tuple(data),
+            model=self.model,
         )

@@ -18,12 +18,14 @@ _COPIES = 4
 
 
 def _abstract_factors(problem, params, data):
-    """Shapes of the enumerated log-factors, found without allocating them."""
+    """Shapes of the enumerated log-factors the fit builds (a soft fit evaluates a homogeneous
+    chain's transition once, not at every step), found without allocating them."""
     box = {}
 
     def factors(params, data):
         args, kwargs = problem.rebuild(data)
-        arrays, metas = core.log_factors(problem.enum_model, params, args, kwargs)
+        arrays, metas = core.log_factors(problem.enum_model, params, args, kwargs,
+                                         vectorized=not problem.hard)
         box["metas"] = metas
         return arrays
 

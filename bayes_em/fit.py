@@ -71,8 +71,8 @@ def build(model, *args, options: Options = Options(), init_values=None, rng_key=
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     sites = discover_sites(model, args, kwargs, dict(init_values or {}), rng_key, {})
     params0 = {p.name: p.init for p in sites.params}
-    check_enumeration(core.make_problem(model, sites, rebuild, options.max_iter, options.tol),
-                      params0, data, options.memory_limit)
+    check_enumeration(core.make_problem(model, sites, rebuild, options.max_iter, options.tol,
+                                        options.hard), params0, data, options.memory_limit)
     return problem_for(model, sites, rebuild, data, options), params0, data
 
 
