@@ -22,6 +22,7 @@ from bayes_em.conjugate import _FAMILIES
 from bayes_em.curvature import is_saddle
 from bayes_em.missing import check_missing, marginalize_missing
 from bayes_em.mstep import LBFGS
+from bayes_em.progress import Progress
 from bayes_em.sites import ModelSites, discover_sites, split_data
 from bayes_em.starts import INITS
 from bayes_em.validation import check_arguments, check_options
@@ -197,6 +198,31 @@ class EMResult:
     def n_restarts(self) -> int:
         return len(self.restart_objective)
 
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {tuple(np.shape(v))}" for k, v in self.params.items())
+        return (f"EMResult(status={str(self.status)!r}, objective={self.objective:.6g}, "
+                f"log_likelihood={self.log_likelihood:.6g}, n_iter={self.n_iter}, "
+                f"best_restart={self.best_restart} of {self.n_restarts}, params={{{shapes}}})")
+
+    # pickling keeps the numbers (params, histories, statuses, sites, the posterior if it was
+    # computed); the compiled functions, the model and the data stay behind
+    _TRANSIENT = ("latents", "problem", "data", "model")
+
+    def __getstate__(self):
+        state = {k: v for k, v in vars(self).items() if k not in self._TRANSIENT}
+        state["_cache"] = {k: v for k, v in self._cache.items() if k == "latents"}
+        state["params"] = {k: np.asarray(v) for k, v in self.params.items()}
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        state["params"] = {k: jnp.asarray(v) for k, v in state["params"].items()}
+        for k in self._TRANSIENT:
+            state.setdefault(k, None if k != "data" else ())
+        if state["latents"] is None:
+            state["latents"] = _unpickled_latents
+        object.__setattr__(self, "__dict__", state)
+
     @property
     def mstep_paths(self) -> "MStepPaths":
         """How each parameter site was updated: ``"closed-form <family>"`` or ``"numeric"``;
@@ -260,6 +286,12 @@ class EMResult:
 
 # one fit at a time in a process: NumPyro's handler stack is a module global (see EM.run)
 _ENGINE_LOCK = threading.RLock()
+
+
+def _unpickled_latents():
+    raise ValueError("This result was unpickled without its posterior (it had not been computed "
+                     "before pickling) or the model and data it needs: read result.posterior "
+                     "before pickling, or use result.predict_proba(data) on a refitted result.")
 
 
 def _locked(fn, *args, **kwargs):
@@ -504,12 +536,11 @@ class EM:
         cache_key = (key, _sites_key(sites))
         if cache_key not in self._compiled:
             problem = fitting.problem_for(self.model, sites, rebuild, data, self.options)
-            bar, max_iter = self._bar, self.max_iter
+            bar = self._bar
 
-            def show(restart, n_iter, objective):  # host side: move the current run's bar
+            def show(*report):  # host side: move the current run's bar
                 if bar.get("bar") is not None:
-                    bar["bar"].update(max(int(restart) * max_iter + int(n_iter) - bar["bar"].n, 0))
-                    bar["bar"].set_postfix(objective=f"{float(objective):.6g}")
+                    bar["bar"].show(*report)
 
             fit = fitting.program(problem, self.options, show if self.progress_bar else None)
 
@@ -580,21 +611,24 @@ class EM:
         from bayes_em.checks import check_initial_density
 
         problem, functions, params0, data = self._prepare(rng_key, self.init_values, args, kwargs)
-        if self.progress_bar:
-            from tqdm.auto import tqdm
-
-            with tqdm(total=self.max_iter * self.restarts, desc="EM", unit="it") as bar:
-                self._bar["bar"] = bar  # read by the compiled fit's host callback
-                try:
-                    states = jax.block_until_ready(functions["fit"](params0, data, rng_key))
-                finally:
-                    self._bar["bar"] = None
-        else:
+        if not self.progress_bar:
             states = functions["fit"](params0, data, rng_key)
-        states = _redo_rejected(states, functions["fallback"], data)
-        # a non-finite start stops its restart at once; then this names the sites responsible
-        check_initial_density(problem, _first_objective(states), params0, data)
-        return self._result(problem, states, data, functions)
+            states = _redo_rejected(states, functions["fallback"], data)
+            check_initial_density(problem, _first_objective(states), params0, data)
+            return self._result(problem, states, data, functions)
+        progress, result = Progress(self.restarts, self.max_iter), None
+        self._bar["bar"] = progress  # read by the compiled fit's host callback
+        try:
+            states = jax.block_until_ready(functions["fit"](params0, data, rng_key))
+            self._bar["bar"] = None
+            states = _redo_rejected(states, functions["fallback"], data)
+            # a non-finite start stops its restart at once; then this names the sites
+            check_initial_density(problem, _first_objective(states), params0, data)
+            result = self._result(problem, states, data, functions)
+        finally:
+            self._bar["bar"] = None
+            progress.close(result)
+        return result
 
     def _result(self, problem, states, data, functions):
         states = jax.device_get(states)

@@ -109,8 +109,8 @@ def starts(problem, options, params0, data, rng_key):
 
 def program(problem, options: Options, show: Callable | None = None):
     """``fit(params0, data, rng_key) -> states``: the starts and every restart's EM loop, one
-    program to ``jax.jit``. ``show(restart, n_iter, objective)``, if given, is called on the host
-    about every 1% of ``max_iter`` and when a restart stops (a progress bar)."""
+    program to ``jax.jit``. ``show(restart, n_iter, objective, stopped)``, if given, is called on
+    the host about every 1% of ``max_iter`` and when a restart stops (a progress bar)."""
     every = max(1, options.max_iter // 100)
 
     def fit(params0, data, rng_key):
@@ -119,7 +119,8 @@ def program(problem, options: Options, show: Callable | None = None):
             report = None
             if show is not None:
                 def report(s):
-                    jax.debug.callback(show, i, s.n_iter, s.objective)
+                    jax.debug.callback(show, i, s.n_iter, s.objective,
+                                       (s.status != core.RUNNING) & (s.status != core.PENDING))
             return core.run(problem, state, data, report=report, every=every)
 
         states = starts(problem, options, params0, data, rng_key)

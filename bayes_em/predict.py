@@ -82,6 +82,10 @@ def _plate_size(metas, plate):
 
 def _prepared(result, args, kwargs):
     """``(functions, data, n_rows, layout)`` for new data: compiled once per (structure, bucket)."""
+    if result.problem is None:
+        raise ValueError("This result was unpickled: it keeps the fitted numbers but not the model "
+                         "it needs for new data. Refit (EM(model, init_values=result.params, "
+                         "max_iter=1)) to predict.")
     check_arguments(args, kwargs)
     data, rebuild, key = split_data(args, kwargs)
     params = _params(result)
