@@ -70,6 +70,11 @@ def control_flow_done(site) -> bool:
     return bool(site.get("_control_flow_done", False))
 
 
+def _install():
+    funsor.set_backend("jax")
+    install_log_einsum()
+
+
 def install_log_einsum():
     """Route funsor's JAX log-space contractions through :mod:`bayes_em.log_einsum` (a table
     entry of funsor's, set once at import; checked to exist)."""
@@ -83,3 +88,7 @@ def install_log_einsum():
         )
     table["jax"] = log_einsum.__name__
     funsor.einsum.BACKEND_OPS[log_einsum.__name__] = (logaddexp, add)
+
+
+# at import: funsor computes with JAX, its log-space contractions through bayes_em.log_einsum
+_install()

@@ -5,12 +5,9 @@ batch sizes compiles once per bucket, and draws come out with the right shapes."
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
-import numpyro.distributions as dist
 import pytest
-from numpyro.contrib.control_flow import scan
-from numpyro.distributions import constraints
 from numpyro.infer import Predictive
+from shared_models import categorical_hmm
 
 from bayes_em import EM, models
 from bayes_em.predict import bucket
@@ -74,28 +71,14 @@ def test_batch_sizes_compile_once_per_bucket():
 K, V = 3, 4
 
 
-def hmm(ys):
-    init = numpyro.param("init", jnp.ones(K) / K, constraint=constraints.simplex)
-    trans = numpyro.param("trans", (jnp.ones((K, K)) + 3 * jnp.eye(K)) / (K + 3),
-                          constraint=constraints.simplex)
-    emit = numpyro.param("emit", jnp.asarray(np.random.default_rng(5).dirichlet(np.ones(V), K)),
-                         constraint=constraints.simplex)
-
-    def step(z_prev, y):
-        z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
-        numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
-        return z, None
-
-    z0 = numpyro.sample("z0", dist.Categorical(init))
-    scan(step, z0, ys)
-
-
 def test_hmm_on_new_data_matches_hmmlearn():
     from hmmlearn.hmm import CategoricalHMM
 
     rng = np.random.default_rng(0)
-    fit = EM(hmm, max_iter=30, progress_bar=False).run(jax.random.PRNGKey(0),
-                                                       jnp.asarray(rng.integers(0, V, 300)))
+    start = dict(trans=(np.ones((K, K)) + 3 * np.eye(K)) / (K + 3),
+                 emit=np.random.default_rng(5).dirichlet(np.ones(V), K))
+    fit = EM(categorical_hmm, init_values=start, max_iter=30, progress_bar=False).run(
+        jax.random.PRNGKey(0), jnp.asarray(rng.integers(0, V, 300)), K=K, V=V)
     p = fit.params
     # bayes_em's chain starts at z0 (no emission) and emits from z_1..z_T: hmmlearn's start
     # distribution is p(z_1) = init @ trans
@@ -103,12 +86,14 @@ def test_hmm_on_new_data_matches_hmmlearn():
     twin.startprob_ = np.asarray(p["init"]) @ np.asarray(p["trans"])
     twin.transmat_, twin.emissionprob_ = np.asarray(p["trans"]), np.asarray(p["emit"])
     ys = rng.integers(0, V, 120)
-    proba = fit.predict_proba(jnp.asarray(ys))
+    proba = fit.predict_proba(jnp.asarray(ys), K=K, V=V)
     np.testing.assert_allclose(np.asarray(proba["z"]).reshape(-1, K),
                                twin.predict_proba(ys[:, None]), atol=1e-8)
-    np.testing.assert_allclose(fit.score(jnp.asarray(ys)), twin.score(ys[:, None]), rtol=1e-9)
+    np.testing.assert_allclose(fit.score(jnp.asarray(ys), K=K, V=V), twin.score(ys[:, None]),
+                               rtol=1e-9)
     _, path = twin.decode(ys[:, None], algorithm="viterbi")
-    np.testing.assert_array_equal(np.asarray(fit.predict(jnp.asarray(ys))["z"]).ravel(), path)
+    best = fit.predict(jnp.asarray(ys), K=K, V=V)["z"]
+    np.testing.assert_array_equal(np.asarray(best).ravel(), path)
 
 
 def test_sample_and_predictive_shapes(gmm_fit):

@@ -5,27 +5,10 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
-import numpyro.distributions as dist
-from numpyro.contrib.control_flow import scan
-from numpyro.distributions import constraints
 from scipy.special import logsumexp
+from shared_models import categorical_hmm as hmm
 
 from bayes_em import EM
-
-
-def hmm(ys, K, V):
-    init = numpyro.param("init", jnp.ones(K) / K, constraint=constraints.simplex)
-    trans = numpyro.param("trans", jnp.ones((K, K)) / K, constraint=constraints.simplex)
-    emit = numpyro.param("emit", jnp.ones((K, V)) / V, constraint=constraints.simplex)
-
-    def step(z_prev, y):
-        z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
-        numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
-        return z, None
-
-    z0 = numpyro.sample("z0", dist.Categorical(init))
-    scan(step, z0, ys)
 
 
 def test_scan_hmm_matches_brute_force():

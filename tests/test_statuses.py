@@ -104,3 +104,14 @@ def test_an_iteration_that_lowers_the_objective_is_not_taken():
     # the same step without the inflation is taken
     taken = core.step(problem, state, data)
     assert int(taken.n_iter) == 2 and int(taken.n_decreases) == 0
+
+
+def test_inference_data_leaves_out_a_restart_at_a_saddle():
+    """ArviZ export of every restart: a restart at a saddle has no Laplace approximation (its
+    information is not positive definite); it is left out with a warning, not an error."""
+    x = two_clusters()
+    result = EM(full_mixture, restarts=3, progress_bar=False).run(jax.random.PRNGKey(0), x, K=2)
+    assert result.restart_status[0] == "saddle"
+    with pytest.warns(UserWarning, match="restarts 0 .saddle"):
+        idata = result.to_inference_data(restarts="all", num_samples=20)
+    assert list(idata.posterior.chain.values) == [1, 2]

@@ -1,0 +1,22 @@
+"""Models several test files use (imported by name: pytest puts tests/ on sys.path)."""
+
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+from numpyro.contrib.control_flow import scan
+from numpyro.distributions import constraints
+
+
+def categorical_hmm(ys, K, V):
+    """An HMM with categorical emissions; z0 does not emit, z_1..z_T emit ys (uniform start)."""
+    init = numpyro.param("init", jnp.ones(K) / K, constraint=constraints.simplex)
+    trans = numpyro.param("trans", jnp.ones((K, K)) / K, constraint=constraints.simplex)
+    emit = numpyro.param("emit", jnp.ones((K, V)) / V, constraint=constraints.simplex)
+
+    def step(z_prev, y):
+        z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
+        numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
+        return z, None
+
+    z0 = numpyro.sample("z0", dist.Categorical(init))
+    scan(step, z0, ys)
