@@ -13,8 +13,8 @@ from numpyro import handlers
 from bayes_em import em as core
 from bayes_em import fit as fitting
 from bayes_em.compiled import jit
-from bayes_em.conjugate import _FAMILIES
 from bayes_em.curvature import is_saddle
+from bayes_em.families import _FAMILIES
 from bayes_em.missing import check_missing, marginalize_missing
 from bayes_em.mstep import LBFGS
 from bayes_em.progress import Progress

@@ -41,10 +41,6 @@ __all__ = [
     "aic",
     "icl",
     "lower_bound_trace",
-    "to_inference_data",
-    "params_from_inference_data",
-    "save",
-    "load",
 ]
 
 # -- per-problem caches: compiled functions and the static factor layout --------------------------
@@ -377,10 +373,14 @@ def lower_bound_trace(result, n_iter=None) -> dict:
     }
 
 
-# the ArviZ side lives in its own module (imported last: it builds on the functions above)
-from bayes_em.inference_data import (  # noqa: E402
-    load,
-    params_from_inference_data,
-    save,
-    to_inference_data,
-)
+# the ArviZ side lives in its own module, which builds on the functions above: its names are
+# served from here on first use (a module-level import would be circular)
+_ARVIZ = ("to_inference_data", "params_from_inference_data", "save", "load")
+
+
+def __getattr__(name):
+    if name in _ARVIZ:
+        from bayes_em import inference_data
+
+        return getattr(inference_data, name)
+    raise AttributeError(f"module 'bayes_em.diagnostics' has no attribute {name!r}")

@@ -310,7 +310,7 @@ def test_dirichlet_mode_below_one_is_the_constrained_optimum(counts, alpha):
     from scipy.optimize import minimize
     from scipy.special import softmax
 
-    from bayes_em.conjugate import _dirichlet_mode
+    from bayes_em.families import _dirichlet_mode
 
     a = np.asarray(counts) + np.asarray(alpha) - 1.0
     got = np.asarray(_dirichlet_mode(jnp.asarray(counts), jnp.asarray(alpha)))

@@ -112,6 +112,6 @@ def test_recorded_parameters_are_the_textbook_iterates():
         expected.append(textbook_step(*expected[-1], Y))
     got = np.stack([result.trace()["params"][k] for k in ("pi", "p", "q")], 1)
     np.testing.assert_allclose(got, expected, atol=1e-8)
-    from bayes_em.diagnostics import _trace_dataset
+    from bayes_em.inference_data import _trace_dataset
     ds = _trace_dataset(result)
     np.testing.assert_allclose(ds["param_p"].values[0], np.array(expected)[:, 1], atol=1e-8)
