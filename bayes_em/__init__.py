@@ -1,7 +1,7 @@
 """bayes_em: Expectation-Maximisation for NumPyro models with discrete latent variables."""
 
 from bayes_em.api import EM, AscentWarning, ClosedFormWarning, ConvergenceWarning, EMResult, Status
-from bayes_em.mstep import LBFGS
+from bayes_em.lbfgs import LBFGS
 from bayes_em.sites import ModelError
 
 __version__ = "0.1.0"

@@ -39,7 +39,7 @@ __all__ = [
     "NUMPYRO_VERSION", "config_enumerate", "enum", "plate_to_enum_plate", "packed_trace",
     "get_shift", "compute_markov_factors", "validation_enabled", "UNITS", "add", "logaddexp",
     "max_op", "partition", "sum_product", "scan_module", "mask_of", "covariance_was_given",
-    "control_flow_done", "install_log_einsum",
+    "control_flow_done", "install_log_einsum", "markov_site", "is_time_dim",
 ]
 
 NUMPYRO_VERSION = numpyro.__version__
@@ -52,6 +52,20 @@ if not hasattr(scan_module, "lax") or not hasattr(scan_module, "scan_wrapper"):
         f"bayes_em needs numpyro.contrib.control_flow.scan to call lax.scan through its module "
         f"(numpyro 0.22); numpyro {NUMPYRO_VERSION} does not: pin numpyro==0.22.0"
     )
+
+
+def markov_site(name) -> tuple:
+    """``(site, shift)`` of a dim or site name under NumPyro's Markov naming: ``_PREV_z`` is the
+    value of ``z`` one step back (shift 1), ``_PREV__PREV_z`` two steps back; ``z`` has shift 0.
+    The first steps of a ``scan`` are sites named so too."""
+    shift = get_shift(name)
+    return name[len("_PREV_") * shift:], shift
+
+
+def is_time_dim(name) -> bool:
+    """Is ``name`` the time dim of a ``scan`` (NumPyro names it ``_time_<first site>``;
+    ``vectorized_scan`` follows)?"""
+    return name.startswith("_time")
 
 
 def mask_of(fn):

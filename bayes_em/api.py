@@ -15,8 +15,8 @@ from bayes_em import fit as fitting
 from bayes_em.compiled import jit
 from bayes_em.curvature import is_saddle
 from bayes_em.families import _FAMILIES
+from bayes_em.lbfgs import LBFGS
 from bayes_em.missing import check_missing, marginalize_missing
-from bayes_em.mstep import LBFGS
 from bayes_em.progress import Progress
 from bayes_em.result import (  # noqa: F401 (re-exported: bayes_em.api is the public path)
     _ENGINE_LOCK,
@@ -301,7 +301,7 @@ class EM:
                     hvp=jit(lambda params, data, v: core.objective_hvp(problem, params, data, v)),
                     # compiled only if the guard rejects a closed-form M-step
                     fallback=jit(lambda state, data: core.run(
-                        problem, core.fallback_step(problem, state, data), data)),
+                        problem, core.fallback_step(problem, state, data)[0], data)),
                     # compiled only where a restart ended non-finite: which closed form failed
                     closed=jit(lambda params, weights, data: core.closed_form_step(
                         problem, params, weights, data)),

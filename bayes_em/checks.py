@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bayes_em import em as core
+from bayes_em import problem as core
 from bayes_em.sites import ModelError
 
 __all__ = ["check_enumeration", "check_initial_density"]
@@ -20,17 +20,9 @@ _COPIES = 4
 def _abstract_factors(problem, params, data):
     """Shapes of the enumerated log-factors the fit builds (a soft fit evaluates a homogeneous
     chain's transition once, not at every step), found without allocating them."""
-    box = {}
-
-    def factors(params, data):
-        args, kwargs = problem.rebuild(data)
-        arrays, metas = core.log_factors(problem.enum_model, params, args, kwargs,
-                                         vectorized=not problem.hard)
-        box["metas"] = metas
-        return arrays
-
     try:
-        shapes = jax.eval_shape(factors, params, data)
+        fs = jax.eval_shape(lambda p, d: core.factors(problem, p, d, not problem.hard), params,
+                            data)
     except ValueError as err:
         if "Ran out of free dims" in str(err):
             raise ModelError(
@@ -40,7 +32,7 @@ def _abstract_factors(problem, params, data):
                 "NumPyro's scan / markov (numpyro.contrib.control_flow)."
             ) from err
         raise
-    return shapes, box["metas"]
+    return fs.logs, fs.metas
 
 
 def check_enumeration(problem, params, data, memory_limit):
@@ -86,7 +78,7 @@ def check_initial_density(problem, objective, params, data):
     responsible (found by an eager evaluation of the log-factors, on this failure path only)."""
     if np.isfinite(np.asarray(objective)):
         return
-    arrays, _ = core._factors(problem, params, data)
+    arrays = core.factors(problem, params, data).logs
     bad = [f"'{k}' (NaN or +inf)" for k, a in arrays.items()
            if np.isnan(a).any() or np.isposinf(a).any()]
     if not bad:

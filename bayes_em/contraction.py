@@ -1,5 +1,5 @@
 """The contraction of log-factors: log Z by sum-product (or max-product) over enumerated, plate
-and Markov dims, pure array algebra over the factor arrays of :mod:`bayes_em.enumeration`.
+and Markov dims, pure array algebra over :class:`bayes_em.factors.Factors`.
 
 Plates with per-element weights are reduced after their local latents are summed out; a Markov
 chain (``scan``) is summed by a forward recursion (O(T·K²), one ``lax.scan``) where its structure
@@ -11,18 +11,17 @@ from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
 from functools import reduce
+from typing import NamedTuple
 
 import funsor
 import jax
 import jax.numpy as jnp
 
 from bayes_em import _numpyro as npi
-from bayes_em._numpyro import UNITS, compute_markov_factors, get_shift, partition
+from bayes_em._numpyro import UNITS, compute_markov_factors, partition
+from bayes_em.factors import time_sizes
 
-__all__ = ["WEIGHT", "log_partition", "time_sizes", "pointwise_log_likelihood"]
-
-# key prefix of a plate's per-element weights among the factor arrays
-WEIGHT = "@weight:"
+__all__ = ["log_partition", "pointwise_log_likelihood"]
 
 
 def _weighted_sum_product(sum_op, prod_op, factors, eliminate, plates, plate_weights):
@@ -117,75 +116,154 @@ def _matvec_step(const, dtype):
     return forward
 
 
-def _forward_chain(time, factors, init_vars, markov_dims, others, sum_vars, prod_vars, history,
-                   sum_op, prod_op):
-    """The factors ``others`` with one Markov chain summed out by a forward recursion, or None
-    when the chain does not have the simple form below (then funsor's log-depth contraction of
-    the T transition matrices is used, O(T·K³) work).
+class _Graph(NamedTuple):
+    """The funsor factors of one contraction, grouped: ``free`` (no Markov chain, or already
+    summed), ``chains`` ({time Variable: its time-stacked factors}) with each chain's previous-
+    step variables ``init_vars`` and the variables of its Markov factors ``markov_dims``; the
+    variables to sum (latents) and multiply (plates, independent steps); ``history`` is the
+    longest lag; ``lag_site`` maps a previous-step variable to its site."""
 
-    With M_t(prev, curr) the time-stacked factors of step t and a_0(prev) the sum-product of the
-    non-time factors connected to the chain's first state,
+    free: list
+    chains: dict
+    init_vars: dict
+    markov_dims: dict
+    sum_vars: frozenset
+    prod_vars: frozenset
+    history: int
+    lag_site: dict
+    plate_weights: dict
 
-        a_{t+1}(curr) = ⊕_prev a_t(prev) ⊗ M_t(prev, curr)       (O(T·K²), one lax.scan)
 
-    and a_T replaces them all. Its gradient is the backward pass: the weights of M_t are the
-    two-slice marginals. Needs history 1, one chain variable, and no enumerated latent besides
-    the chain in M_t (other inputs are plates, which every factor of a_0 shares).
+def _graph(factors) -> _Graph:
+    """Group the log-factors of ``factors`` (a :class:`bayes_em.factors.Factors`) for the
+    contraction, as NumPyro's ``_enum_log_density`` does; dims of factors outside chains are
+    reordered so that reductions run over contiguous memory."""
+    free, chains = [], defaultdict(list)
+    init_vars, markov_dims = defaultdict(frozenset), defaultdict(frozenset)
+    sum_vars, prod_vars, history, lag_site = frozenset(), frozenset(), 0, {}
+    sizes = time_sizes(factors.metas)
+    dim_to_name_of = {m.name: OrderedDict(m.dim_to_name) for m in factors.metas}
+    for meta in factors.metas:
+        dim_to_name, log_prob = dim_to_name_of[meta.name], factors.logs[meta.name]
+        if meta.time is None:
+            log_prob, dim_to_name = _enumerated_last(log_prob, dim_to_name, meta.plates)
+        factor = funsor.to_funsor(log_prob, output=funsor.Real, dim_to_name=dim_to_name)
+        if meta.time is None:
+            free.append(factor)
+        else:
+            time = funsor.Variable(meta.time, funsor.Bint[sizes[meta.time]])
+            history = max(history, *(shift for _, _, shift in meta.lags), 0)
+            if history == 0:  # steps without a Markov dependence: a plate over time
+                free.append(factor)
+                prod_vars |= {meta.time}
+            else:
+                chains[time].append(factor)
+            init_vars[time] |= frozenset(name for name, _, _ in meta.lags)
+            lag_site.update({name: site for name, site, _ in meta.lags})
+        if not meta.is_observed:
+            sum_vars |= {meta.name}
+        prod_vars |= meta.plates
+    for time, names in init_vars.items():
+        for var in names:
+            curr = dim_to_name_of.get(lag_site[var], {}).values()
+            if var in curr:
+                markov_dims[time] |= frozenset(curr)
+    plate_weights = {p: funsor.to_funsor(w, output=funsor.Real,
+                                         dim_to_name=OrderedDict([(-1, p)]))
+                     for p, w in factors.plate_weights.items()}
+    for time, fs in chains.items():
+        inside = {p for f in fs for p in f.inputs if p in plate_weights} - markov_dims[time]
+        if inside:
+            raise NotImplementedError(
+                f"Plate(s) {sorted(inside)} are weighted inside a Markov chain (scan/markov); "
+                "bayes_em weights plates outside chains only.")
+    return _Graph(free, dict(chains), dict(init_vars), dict(markov_dims), sum_vars, prod_vars,
+                  history, lag_site, plate_weights)
 
-    M_t = C ⊗ E_t is kept in two parts: C from the factors constant over time (a homogeneous
-    transition, (K, K) once), E_t from those that vary. When E_t does not depend on the previous
-    state (emissions), a sum-product step is a matrix-vector product (:func:`_matvec_step`).
-    """
-    if history != 1 or len(init_vars) != 1:
-        return None
-    (prev,) = init_vars
-    curr = prev[len("_PREV_"):]
-    eliminate = (sum_vars | prod_vars) - markov_dims
+
+def _chain_parts(graph, time, sum_op, prod_op):
+    """The chain's time-stacked factors contracted into at most two tensors: C, constant over
+    time (a homogeneous transition), and E_t (emissions, time-varying transitions), contracted
+    apart unless a latent local to a step couples them. None if funsor leaves them lazy."""
+    factors = graph.chains[time]
+    eliminate = (graph.sum_vars | graph.prod_vars) - graph.markov_dims[time]
 
     def contract(fs):
         if not fs:
             return None
         with funsor.interpretations.lazy:
             lazy = npi.sum_product(sum_op, prod_op, fs, eliminate=eliminate,
-                                                  plates=prod_vars)
+                                   plates=graph.prod_vars)
         return funsor.optimizer.apply_optimizer(lazy)
 
-    # C and E_t are contracted apart unless a latent local to a step couples them
     fixed = [f for f in factors if time.name not in f.inputs]
     varying = [f for f in factors if time.name in f.inputs]
 
     def latents(fs):
-        return frozenset().union(*(f.inputs for f in fs)) & eliminate & sum_vars
+        return frozenset().union(*(f.inputs for f in fs)) & eliminate & graph.sum_vars
 
     if latents(fixed) & latents(varying):
         fixed, varying = [], factors
     parts = [p for p in (contract(fixed), contract(varying)) if p is not None]
-    if not all(isinstance(p, funsor.Tensor) for p in parts):
-        return None
-    inputs = frozenset().union(*(p.inputs for p in parts))
-    batch = inputs - {time.name, prev, curr}
-    if {prev, curr} - inputs or batch & sum_vars:
-        return None
-    # the non-time factors connected to the first state through enumerated latents
-    chain, rest, frontier = [], list(others), {prev}
+    return parts if all(isinstance(p, funsor.Tensor) for p in parts) else None
+
+
+def _chain_start(graph, prev, curr, batch, sum_op, prod_op):
+    """``(a_0, rest)``: a_0(prev), the sum-product of the chain-free factors connected to the
+    chain's first state through enumerated latents, and the factors not connected; None if
+    they do not have that form."""
+    chain, rest, frontier = [], list(graph.free), {prev}
     while frontier:
         linked = [f for f in rest if frontier & set(f.inputs)]
         if not linked:
             break
         rest = [f for f in rest if not any(f is g for g in linked)]
         chain += linked
-        frontier = set().union(*(set(f.inputs) for f in linked)) & sum_vars
+        frontier = set().union(*(set(f.inputs) for f in linked)) & graph.sum_vars
     if not chain or any(curr in f.inputs or not batch <= set(f.inputs) for f in chain):
         return None
-    chain_inputs = frozenset().union(*(f.inputs for f in chain))
+    inputs = frozenset().union(*(f.inputs for f in chain))
     with funsor.interpretations.lazy:
         lazy = npi.sum_product(
             sum_op, prod_op, chain,
-            eliminate=((chain_inputs & sum_vars) - {prev}) | ((chain_inputs & prod_vars) - batch),
-            plates=prod_vars)
+            eliminate=((inputs & graph.sum_vars) - {prev}) | ((inputs & graph.prod_vars) - batch),
+            plates=graph.prod_vars)
     init = funsor.optimizer.apply_optimizer(lazy)
     if not isinstance(init, funsor.Tensor) or not set(init.inputs) <= batch | {prev}:
         return None
+    return init, rest
+
+
+def _forward_chain(graph, time, sum_op, prod_op):
+    """The chain-free factors with the chain along ``time`` summed out by a forward recursion,
+    or None when the chain does not have the simple form below (then funsor's log-depth
+    contraction of the T transition matrices is used, O(T·K³) work).
+
+    With M_t(prev, curr) = C ⊗ E_t (:func:`_chain_parts`) and a_0 (:func:`_chain_start`),
+
+        a_{t+1}(curr) = ⊕_prev a_t(prev) ⊗ M_t(prev, curr)       (O(T·K²), one lax.scan)
+
+    and a_T replaces them all. Its gradient is the backward pass: the weights of M_t are the
+    two-slice marginals. Needs history 1, one chain variable, and no enumerated latent besides
+    the chain in M_t (other inputs are plates, which every factor of a_0 shares). When E_t does
+    not depend on the previous state (emissions), a sum-product step is a matrix-vector product
+    (:func:`_matvec_step`).
+    """
+    if graph.history != 1 or len(graph.init_vars[time]) != 1:
+        return None
+    (prev,) = graph.init_vars[time]
+    curr = graph.lag_site[prev]
+    parts = _chain_parts(graph, time, sum_op, prod_op)
+    if parts is None:
+        return None
+    inputs = frozenset().union(*(p.inputs for p in parts))
+    batch = inputs - {time.name, prev, curr}
+    if {prev, curr} - inputs or batch & graph.sum_vars:
+        return None
+    start = _chain_start(graph, prev, curr, batch, sum_op, prod_op)
+    if start is None:
+        return None
+    init, rest = start
     names = tuple(sorted(batch)) + (prev, curr)
     size = {n: d.size for p in parts for n, d in p.inputs.items()}
 
@@ -195,15 +273,24 @@ def _forward_chain(time, factors, init_vars, markov_dims, others, sum_vars, prod
         return f.align(present).data.reshape(tuple(size[n] if n in f.inputs else 1 for n in order))
 
     dtype = jnp.result_type(*(p.data for p in parts))
-    # at most one part of each kind: C (no time input) and E_t
-    const, m = jnp.zeros((), dtype), None
+    const, m = jnp.zeros((), dtype), None  # at most one part of each kind: C and E_t
     for p in parts:
         if time.name in p.inputs:
             m = aligned(p, (time.name,) + names)
         else:
             const = aligned(p, names)
     a0 = jnp.broadcast_to(aligned(init, names[:-1]), tuple(size[n] for n in names[:-1]))
-    a0 = a0.astype(dtype)
+    a_last = _forward_scan(a0.astype(dtype), const, m, time.output.size, sum_op, dtype)
+    out = OrderedDict((n, funsor.Bint[size[n]]) for n in names if n != prev)
+    a_last = jnp.broadcast_to(a_last, tuple(d.size for d in out.values()))
+    return rest + [funsor.Tensor(a_last, out)]
+
+
+def _forward_scan(a0, const, m, length, sum_op, dtype):
+    """a_T of the recursion a_{t+1}(j) = ⊕_i a_t(i) ⊗ (C(i, j) ⊗ m_t(i, j)) by one
+    ``lax.scan``. Each step returns its message less a shift, and the shift: the carried values
+    stay O(1), so their round-off does not grow with log Z (a message carrying log Z itself adds
+    eps·|log Z| at each of the T steps); the shifts are summed pairwise at the end."""
     if sum_op is npi.logaddexp and jnp.ndim(const) >= 2 and (m is None or m.shape[-2] == 1):
         forward = _matvec_step(const, dtype)
         m = None if m is None else m[..., 0, :]
@@ -216,126 +303,57 @@ def _forward_chain(time, factors, init_vars, markov_dims, others, sum_vars, prod
             shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
             return reduce_((a - shift)[..., :, None] + m_t, axis=-2), shift
 
-    # Each step returns its message less a shift, and the shift: the carried values stay O(1),
-    # so their round-off does not grow with log Z (a message carrying log Z itself adds eps·|log Z|
-    # at each of the T steps); the shifts are summed pairwise at the end.
-    a_last, shifts = jax.lax.scan(forward, a0, m, length=time.output.size)
-    a_last = a_last + _pairwise_sum(shifts)
-    out = OrderedDict((n, funsor.Bint[size[n]]) for n in names if n != prev)
-    a_last = jnp.broadcast_to(a_last, tuple(d.size for d in out.values()))
-    return rest + [funsor.Tensor(a_last, out)]
+    a_last, shifts = jax.lax.scan(forward, a0, m, length=length)
+    return a_last + _pairwise_sum(shifts)
 
 
-def time_sizes(metas):
-    """{time dim name: number of steps}; a factor constant over the steps of a vectorised
-    ``scan`` has a time dim of size 1, so the size is the largest among the factors."""
-    sizes = {}
-    for meta in metas:
-        for dim, name in meta.dim_to_name:
-            if name.startswith("_time"):
-                sizes[name] = max(sizes.get(name, 1), meta.shape[dim])
-    return sizes
-
-
-def _lazy_contraction(arrays, metas, sum_op, prod_op, parallel_time=False):
-    log_factors_, sum_vars, prod_vars = [], frozenset(), frozenset()
-    time_to_factors = defaultdict(list)
-    time_to_init_vars = defaultdict(frozenset)
-    time_to_markov_dims = defaultdict(frozenset)
-    history = 0
-    dim_to_name_of = {m.name: OrderedDict(m.dim_to_name) for m in metas}
-    sizes = time_sizes(metas)
-    for meta in metas:
-        dim_to_name = dim_to_name_of[meta.name]
-        log_prob = arrays[meta.name]
-        if not any(n.startswith("_time") for n in dim_to_name.values()):
-            log_prob, dim_to_name = _enumerated_last(log_prob, dim_to_name, meta.plates)
-        factor = funsor.to_funsor(log_prob, output=funsor.Real, dim_to_name=dim_to_name)
-        time_dim = None
-        for dim, name in dim_to_name.items():
-            if name.startswith("_time"):
-                time_dim = funsor.Variable(name, funsor.Bint[sizes[name]])
-                history = max(history, max(get_shift(s) for s in dim_to_name.values()))
-                if history == 0:
-                    log_factors_.append(factor)
-                    prod_vars |= frozenset({name})
-                else:
-                    time_to_factors[time_dim].append(factor)
-                time_to_init_vars[time_dim] |= frozenset(
-                    s for s in dim_to_name.values() if s.startswith("_PREV_")
-                )
-                break
-        if time_dim is None:
-            log_factors_.append(factor)
-        if not meta.is_observed:
-            sum_vars |= frozenset({meta.name})
-        prod_vars |= meta.plates
-    for time_dim, init_vars in time_to_init_vars.items():
-        for var in init_vars:
-            curr = var[len("_PREV_") * get_shift(var):]
-            names = dim_to_name_of[curr].values()
-            if var in names:
-                time_to_markov_dims[time_dim] |= frozenset(names)
-    plate_weights = {}
-    for key, w in arrays.items():
-        if key.startswith(WEIGHT):
-            plate = key[len(WEIGHT):]
-            plate_weights[plate] = funsor.to_funsor(w, output=funsor.Real,
-                                                    dim_to_name=OrderedDict([(-1, plate)]))
-    for time_dim, factors in time_to_factors.items():
-        inside = {p for f in factors for p in f.inputs if p in plate_weights}
-        if inside - time_to_markov_dims[time_dim]:
-            raise NotImplementedError(
-                f"Plate(s) {sorted(inside - time_to_markov_dims[time_dim])} are weighted inside a "
-                "Markov chain (scan/markov); bayes_em weights plates outside chains only."
-            )
-    for time_dim in list(time_to_factors) if not parallel_time else ():
-        fused = _forward_chain(time_dim, time_to_factors[time_dim], time_to_init_vars[time_dim],
-                               time_to_markov_dims[time_dim], log_factors_, sum_vars, prod_vars,
-                               history, sum_op, prod_op)
+def _lazy_contraction(factors, sum_op, prod_op, parallel_time=False):
+    """The lazy funsor expression of the contraction of ``factors`` over every latent, plate
+    and time dim: chains summed by :func:`_forward_chain` where it applies (not with
+    ``parallel_time``), the others by NumPyro's Markov contraction, then one sum-product over
+    plates (weighted plates by :func:`_weighted_sum_product`)."""
+    graph = _graph(factors)
+    chains = dict(graph.chains)
+    for time in list(chains) if not parallel_time else ():
+        fused = _forward_chain(graph._replace(chains=chains), time, sum_op, prod_op)
         if fused is not None:
-            log_factors_ = fused
-            del time_to_factors[time_dim]
-    for time_dim, factors in time_to_factors.items():
-        if not any(time_dim.name in f.inputs for f in factors):  # constant over time: repeat it
-            zeros = jnp.zeros(time_dim.output.size, jnp.result_type(factors[0].data))
-            factors.append(funsor.Tensor(zeros, OrderedDict([(time_dim.name, time_dim.output)])))
-    if time_to_factors:
-        log_factors_ = log_factors_ + compute_markov_factors(
-            time_to_factors,
-            time_to_init_vars,
-            time_to_markov_dims,
-            sum_vars,
-            prod_vars,
-            history,
-            sum_op,
-            prod_op,
-        )
+            graph = graph._replace(free=fused)
+            del chains[time]
+    free = list(graph.free)
+    for time, fs in chains.items():
+        if not any(time.name in f.inputs for f in fs):  # constant over time: repeat it
+            zeros = jnp.zeros(time.output.size, jnp.result_type(fs[0].data))
+            fs.append(funsor.Tensor(zeros, OrderedDict([(time.name, time.output)])))
+    if chains:
+        free += compute_markov_factors(chains, graph.init_vars, graph.markov_dims,
+                                       graph.sum_vars, graph.prod_vars, graph.history, sum_op,
+                                       prod_op)
     # factors over the same variables are multiplied first: one tensor, not an einsum per pair
     # (for a mixture, log p(z) + log p(x | z) over (z, n): a batched dot of N tiny vectors)
     same_scope = {}
-    for f in log_factors_:
+    for f in free:
         key = frozenset(f.inputs)
         same_scope[key] = f if key not in same_scope else same_scope[key] + f
-    log_factors_ = list(same_scope.values())
+    free = list(same_scope.values())
+    eliminate = graph.sum_vars | graph.prod_vars
     with funsor.interpretations.lazy:
-        if plate_weights:
-            return _weighted_sum_product(sum_op, prod_op, log_factors_, sum_vars | prod_vars,
-                                         prod_vars, plate_weights)
-        return npi.sum_product(
-            sum_op, prod_op, log_factors_, eliminate=sum_vars | prod_vars, plates=prod_vars
-        )
+        if graph.plate_weights:
+            return _weighted_sum_product(sum_op, prod_op, free, eliminate, graph.prod_vars,
+                                         graph.plate_weights)
+        return npi.sum_product(sum_op, prod_op, free, eliminate=eliminate,
+                               plates=graph.prod_vars)
 
 
-def log_partition(arrays, metas, semiring="sum", parallel_time=False):
-    """log Z: sum-product (``"sum"``) or max-product (``"max"``) of the log-factors.
+def log_partition(factors, semiring="sum", parallel_time=False):
+    """log Z: sum-product (``"sum"``) or max-product (``"max"``) of ``factors``
+    (:class:`bayes_em.factors.Factors`).
 
     Markov chains are summed out by a forward recursion (O(T·K²) work, T sequential steps) where
     their structure allows, or with ``parallel_time`` by funsor's parallel-in-time contraction
     (pairs of steps multiplied in log₂ T rounds: O(T·K³) work, log depth; for accelerators)."""
     sum_op = npi.logaddexp if semiring == "sum" else npi.max_op
-    lazy = _lazy_contraction(arrays, metas, sum_op, npi.add, parallel_time)
-    result = funsor.optimizer.apply_optimizer(lazy)
+    result = funsor.optimizer.apply_optimizer(
+        _lazy_contraction(factors, sum_op, npi.add, parallel_time))
     if result.inputs:
         raise ValueError(
             "The enumerated log-density did not reduce to a scalar; check the plates of sites "
@@ -344,7 +362,7 @@ def log_partition(arrays, metas, semiring="sum", parallel_time=False):
     return result.data
 
 
-def pointwise_log_likelihood(arrays, metas, plate=None, drop=()):
+def pointwise_log_likelihood(factors, plate=None, drop=()):
     """log p(x_n | θ) for every index n of ``plate``, latents summed out (sum-product).
 
     The contraction of :func:`log_partition`, with ``plate`` left as a free (batch) input instead
@@ -352,18 +370,18 @@ def pointwise_log_likelihood(arrays, metas, plate=None, drop=()):
     MAP sites). Every remaining factor must lie in ``plate``, else its points are coupled and a
     pointwise log-likelihood is undefined. ``plate=None`` gives the whole log Z, shape ``(1,)``.
     """
-    kept = tuple(m for m in metas if m.name not in set(drop))
+    kept = factors.select(m.name for m in factors.metas if m.name not in set(drop))
     if plate is not None:
-        outside = sorted(m.name for m in kept if plate not in m.plates)
+        outside = sorted(m.name for m in kept.metas if plate not in m.plates)
         if outside:
             raise ValueError(
                 f"Sites {outside} lie outside plate '{plate}': they couple its points, so the "
                 "log-likelihood does not split into one term per point."
             )
-        kept = tuple(m._replace(plates=m.plates - {plate}) for m in kept)
-    lazy = _lazy_contraction({m.name: arrays[m.name] for m in kept}, kept, npi.logaddexp,
-                             npi.add)
-    result = funsor.optimizer.apply_optimizer(lazy)
+        kept = kept.replace(metas=tuple(m._replace(plates=m.plates - {plate})
+                                        for m in kept.metas), plate_weights={})
+    result = funsor.optimizer.apply_optimizer(
+        _lazy_contraction(kept, npi.logaddexp, npi.add))
     expected = frozenset() if plate is None else frozenset({plate})
     if frozenset(result.inputs) != expected:
         raise ValueError(

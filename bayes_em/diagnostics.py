@@ -20,8 +20,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from bayes_em import em as core
-from bayes_em.enumeration import pointwise_log_likelihood as _pointwise
-from bayes_em.enumeration import posterior_weights
+from bayes_em.contraction import pointwise_log_likelihood as _pointwise
+from bayes_em.estep import posterior_weights
 
 __all__ = [
     "Laplace",
@@ -72,14 +72,8 @@ def _metas(result):
     """The static description of every log-factor (one abstract trace, cached)."""
 
     def build():
-        box = {}
-
-        def factors(params, data):
-            arrays, box["metas"] = core._factors(result.problem, params, data)
-            return arrays
-
-        jax.eval_shape(factors, dict(result.params), result.data)
-        return box["metas"]
+        return jax.eval_shape(lambda p, d: core.factors(result.problem, p, d),
+                              dict(result.params), result.data).metas
 
     return _cached(result, "metas", build)
 
@@ -114,11 +108,10 @@ def _functions(result) -> _Functions:
             return ravel_pytree(params(v))[0]
 
         def pointwise(v, data):
-            arrays, metas = core._factors(problem, params(v), data)
-            return _pointwise(arrays, metas, plate, drop)
+            return _pointwise(core.factors(problem, params(v), data), plate, drop)
 
         def log_prior(v, data):
-            return core._log_prior(problem, core._factors(problem, params(v), data)[0])
+            return core.log_prior(problem, core.factors(problem, params(v), data))
 
         # lax.map, not vmap, over draws: batched linear algebra under vmap has hung on CPU.
         return _Functions(
@@ -297,15 +290,15 @@ def posterior_entropy(result, restart=None) -> float:
     """H[p(Z | X, θ̂)] = log p(X|θ̂) − E_q[log p(X, Z | θ̂)], exact for any factor graph; the
     expectation is Σ_f ⟨w_f, log f⟩ over the likelihood factors (MAP priors left out)."""
     problem = result.problem
-    arrays, metas = core._factors(problem, _params(result, restart), result.data)
-    log_z, weights = posterior_weights(arrays, metas, "sum")
+    fs = core.factors(problem, _params(result, restart), result.data)
+    log_z, weights = posterior_weights(fs, "sum")
     drop = set(_map_sites(problem))
     expected = sum(
-        jnp.sum(weights[m.name] * jnp.where(weights[m.name] > 0, arrays[m.name], 0.0))
-        for m in metas
+        jnp.sum(weights[m.name] * jnp.where(weights[m.name] > 0, fs.logs[m.name], 0.0))
+        for m in fs.metas
         if m.name not in drop
     )
-    return float(log_z - core._log_prior(problem, arrays) - expected)
+    return float(log_z - core.log_prior(problem, fs) - expected)
 
 
 def bic(result) -> float:
@@ -350,7 +343,7 @@ def lower_bound_trace(result, n_iter=None) -> dict:
             return core.q_function(problem, params, weights, data) - log_prior
 
         def body(state, _):
-            new = core.step(problem, state, data)
+            new, _ = core.step(problem, state, data)
             ll_t = state.objective - state.log_prior
             entropy = ll_t - expected(state.params, state.weights, state.log_prior)
             bound = expected(new.params, state.weights, new.log_prior) + entropy

@@ -13,7 +13,7 @@ import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
 from bayes_em._numpyro import covariance_was_given, mask_of
-from bayes_em.enumeration import is_plate_weight
+from bayes_em.factors import is_plate_weight
 from bayes_em.gaussian import exact_distances
 
 __all__ = ["FAMILIES"]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bayes_em import em as core
-from bayes_em.mstep import LBFGS
+from bayes_em.lbfgs import LBFGS
 from bayes_em.sites import discover_sites, split_data
 from bayes_em.validation import check_arguments
 
@@ -120,7 +120,7 @@ def program(problem, options: Options, show: Callable | None = None):
             if show is not None:
                 def report(s):
                     jax.debug.callback(show, i, s.n_iter, s.objective,
-                                       (s.status != core.RUNNING) & (s.status != core.PENDING))
+                                       s.status != core.RUNNING)
             return core.run(problem, state, data, report=report, every=every)
 
         states = starts(problem, options, params0, data, rng_key)

@@ -50,7 +50,7 @@ COVARIANCES = ("full", "diag", "spherical", "tied")
 
 
 def _log_zero(dtype):
-    """A finite stand-in for log 0, as bayes_em.enumeration uses for masked latents: far below any
+    """A finite stand-in for log 0, as bayes_em.factors uses for masked latents: far below any
     real log-density, so that the max-product (hard EM, ``most_probable``) treats it as
     impossible rather than as one more log-density to resolve (-1e30 would be)."""
     return jnp.finfo(dtype).min / 1e8

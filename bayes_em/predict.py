@@ -19,7 +19,7 @@ from numpyro.primitives import Messenger
 
 from bayes_em import em as core
 from bayes_em.compiled import jit
-from bayes_em.enumeration import pointwise_log_likelihood
+from bayes_em.contraction import pointwise_log_likelihood
 from bayes_em.sites import split_data
 from bayes_em.validation import check_arguments
 
@@ -56,14 +56,7 @@ def _params(result):
 
 
 def _metas(problem, params, data):
-    box = {}
-
-    def factors(params, data):
-        arrays, box["metas"] = core._factors(problem, params, data)
-        return arrays
-
-    jax.eval_shape(factors, params, data)
-    return box["metas"]
+    return jax.eval_shape(lambda p, d: core.factors(problem, p, d), params, data).metas
 
 
 def _data_plate(metas, observed, plate_order):
@@ -119,8 +112,7 @@ def _prepared(result, args, kwargs):
             return base._replace(enum_model=_RowMask(base.enum_model, plate, n_rows))
 
         def pointwise(params, data, n_rows):
-            arrays, metas_ = core._factors(at(n_rows), params, data)
-            return pointwise_log_likelihood(arrays, metas_, plate, drop)
+            return pointwise_log_likelihood(core.factors(at(n_rows), params, data), plate, drop)
 
         result._cache[cache_key] = dict(
             posterior=jit(lambda params, data, n_rows: core.latent_posterior(
@@ -139,8 +131,7 @@ def _layout(problem, params, data, plate, sites):
     for m in _metas(problem, params, data):
         if m.name not in sites.latents:
             continue
-        names = dict(m.dim_to_name).values()
-        times = sum(1 for name in names if name.startswith("_time"))
+        times = 0 if m.time is None else 1
         own = [p for p in sites.plate_order if p in m.plates]
         axes[m.name] = times + own.index(plate) if plate in own else None
     return axes

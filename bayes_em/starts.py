@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bayes_em.enumeration import WEIGHT, FactorMeta, log_factors, posterior_weights
+from bayes_em.estep import posterior_weights
+from bayes_em.factors import FactorMeta, log_factors
 
 __all__ = ["kmeans_plus_plus", "start_weights", "INITS"]
 
@@ -97,7 +98,7 @@ def _evidence(meta, metas, values, rng_key, dtype):
     children = [m for m in metas if m.is_observed and m.name in values
                 and meta.name in {n for _, n in m.dim_to_name}]
     row_names = tuple(n for _, n in sorted(meta.dim_to_name)
-                      if n in meta.plates or n.startswith("_time"))
+                      if n in meta.plates or n == meta.time)
     if not children or not row_names:
         return None
     found = _features(children, values, row_names)
@@ -129,24 +130,25 @@ def start_weights(enum_model, params, args, kwargs, latents, rng_key, init="anch
                   noise=1.0, parallel_time=False):
     """Posterior weights for a random start (see the module docstring): the likelihood switched
     off, anchor evidence (``init="anchors"``) or Gumbel noise on the latent factors."""
-    arrays, metas, values = log_factors(enum_model, params, args, kwargs, vectorized=True,
-                                        observed_values=True)
+    fs, values = log_factors(enum_model, params, args, kwargs, vectorized=True,
+                             observed_values=True)
+    metas = fs.metas
     keys = jax.random.split(rng_key, 2 * len(metas))
-    out = {k: v for k, v in arrays.items() if k.startswith(WEIGHT)}  # plate weights kept
-    extra_metas = []
+    out, extra_metas = {}, []
     for i, meta in enumerate(metas):
-        a = arrays[meta.name]
+        a = fs.logs[meta.name]
         if meta.is_observed:  # switched off (a · 0, not a constant XLA would fold)
             out[meta.name] = jnp.where(jnp.isfinite(a), a * 0.0, 0.0)
             continue
         out[meta.name] = a
         found = None
-        if init == "anchors" and not meta.name.startswith(WEIGHT):
+        if init == "anchors":
             found = _evidence(meta, metas, values, keys[2 * i], jnp.result_type(a))
         if found is not None:
             extra_metas.append(found[0])
             out[found[0].name] = found[1]
         elif meta.name in latents:
             out[meta.name] = a + noise * jax.random.gumbel(keys[2 * i + 1], a.shape, a.dtype)
-    _, weights = posterior_weights(out, metas + tuple(extra_metas), "sum", parallel_time)
+    _, weights = posterior_weights(fs.replace(logs=out, metas=metas + tuple(extra_metas)), "sum",
+                                   parallel_time)
     return {k: w for k, w in weights.items() if not k.startswith("@anchor:")}

@@ -182,7 +182,8 @@ def test_pointwise_log_likelihood_is_the_mixture_density(map_fits, x1d):
 
 
 def test_pointwise_refuses_a_latent_outside_the_data_plate():
-    from bayes_em.enumeration import enumerated_model, log_factors, pointwise_log_likelihood
+    from bayes_em.contraction import pointwise_log_likelihood
+    from bayes_em.factors import enumerated_model, log_factors
 
     def shared_switch(x):
         c = numpyro.sample("c", dist.Bernoulli(0.3))  # one latent for all points: couples them
@@ -190,11 +191,11 @@ def test_pointwise_refuses_a_latent_outside_the_data_plate():
             numpyro.sample("x", dist.Normal(jnp.where(c == 1, 2.0, -1.0), 1.0), obs=x)
 
     x = jnp.array([0.5, 1.5, -0.3])
-    arrays, metas = log_factors(enumerated_model(shared_switch, 1), {}, (x,), {})
+    factors = log_factors(enumerated_model(shared_switch, 1), {}, (x,), {})
     with pytest.raises(ValueError, match=r"\['c'\] lie outside plate 'data'"):
-        pointwise_log_likelihood(arrays, metas, "data")
+        pointwise_log_likelihood(factors, "data")
     # without a plate the whole data set is one point: log Σ_c p(c) Π_n p(x_n | c)
-    whole = pointwise_log_likelihood(arrays, metas, None)
+    whole = pointwise_log_likelihood(factors, None)
     ref = logsumexp(jnp.log(jnp.array([0.7, 0.3]))
                     + jnp.array([dist.Normal(m, 1.0).log_prob(x).sum() for m in (-1.0, 2.0)]))
     np.testing.assert_allclose(whole, [ref], rtol=1e-12)

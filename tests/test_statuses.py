@@ -92,17 +92,17 @@ def test_an_iteration_that_lowers_the_objective_is_not_taken():
             closed_form=False, progress_bar=False)
     problem, _, params0, data = em._prepare(jax.random.PRNGKey(0), em.init_values, (x,), {"K": 2})
     state = core.init(problem, params0, data)
-    state = core.step(problem, state, data)  # one regular iteration
+    state, _ = core.step(problem, state, data)  # one regular iteration
     assert int(state.status) == core.RUNNING and int(state.n_iter) == 1
     inflated = state._replace(objective=state.objective + 1e3)
-    after = core.step(problem, inflated, data)
+    after, _ = core.step(problem, inflated, data)
     assert core.STATUS[int(after.status)] == "decreased"
     assert int(after.n_iter) == 1 and int(after.n_decreases) == 1
     np.testing.assert_array_equal(np.asarray(after.history), np.asarray(inflated.history))
     for k in params0:
         np.testing.assert_array_equal(np.asarray(after.params[k]), np.asarray(state.params[k]))
     # the same step without the inflation is taken
-    taken = core.step(problem, state, data)
+    taken, _ = core.step(problem, state, data)
     assert int(taken.n_iter) == 2 and int(taken.n_decreases) == 0
 
 

@@ -164,10 +164,11 @@ def test_homogeneous_transition_factor_is_not_repeated_over_time():
     ys = jnp.asarray(np.random.default_rng(4).integers(V, size=50))
     fit = EM(hmm_from_state0, max_iter=2, progress_bar=False).run(jax.random.PRNGKey(0), ys)
     problem = fit.problem
-    arrays, metas = core._factors(problem, fit.params, fit.data, vectorized=True)
+    fs = core.factors(problem, fit.params, fit.data, vectorized=True)
+    arrays, metas = fs.logs, fs.metas
     shapes = {m.name: m.shape for m in metas}
     assert shapes["z"][0] == 1 and shapes["y"][0] == 49  # the first step is unrolled
-    sequential, _ = core._factors(problem, fit.params, fit.data)
+    sequential = core.factors(problem, fit.params, fit.data).logs
     assert sequential["z"].shape[0] == 49
     np.testing.assert_allclose(np.broadcast_to(arrays["z"], sequential["z"].shape),
                                sequential["z"], rtol=1e-12)
@@ -254,7 +255,7 @@ def test_two_slice_marginals_match_brute_force():
 
     import funsor
 
-    from bayes_em.enumeration import posterior_weights
+    from bayes_em.estep import posterior_weights
 
     rng = np.random.default_rng(7)
     ys = rng.integers(V, size=T)
@@ -279,8 +280,9 @@ def test_two_slice_marginals_match_brute_force():
         return np.asarray(f.align(tuple(n for n in order if n in f.inputs)).data)
 
     for vectorized in (False, True):
-        arrays, metas = core._factors(problem, params, fit.data, vectorized=vectorized)
-        _, w = posterior_weights(arrays, metas)
+        fs = core.factors(problem, params, fit.data, vectorized=vectorized)
+        metas = fs.metas
+        _, w = posterior_weights(fs)
         by_name = {m.name: m for m in metas}
         first = aligned(w["_PREV_z"], by_name["_PREV_z"], ("z0", "_PREV_z"))
         rest = aligned(w["z"], by_name["z"], ("_time_z", "_PREV_z", "z"))
