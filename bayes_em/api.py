@@ -14,7 +14,7 @@ from bayes_em import em as core
 from bayes_em import fit as fitting
 from bayes_em.compiled import jit
 from bayes_em.curvature import is_saddle
-from bayes_em.families import _FAMILIES
+from bayes_em.families import FAMILIES
 from bayes_em.lbfgs import LBFGS
 from bayes_em.missing import check_missing, marginalize_missing
 from bayes_em.progress import Progress
@@ -79,7 +79,7 @@ def _no_finite_mode(problem, functions, states, r, data):
         for plan in problem.closed:  # in update order, each conditional on the ones before
             v = np.asarray(new[plan.param])
             params = {**params, plan.param: jnp.asarray(v)}
-            event = _FAMILIES[plan.family][2]
+            event = FAMILIES[plan.family].event_ndim
             rows = v.reshape(v.shape[: v.ndim - event] + (-1,))
             bad = ~np.isfinite(rows).all(axis=-1)
             where = ""

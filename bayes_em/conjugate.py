@@ -29,7 +29,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro.distributions import constraints
 from numpyro.handlers import substitute
 
 from bayes_em._numpyro import (
@@ -38,18 +37,9 @@ from bayes_em._numpyro import (
     validation_enabled,
 )
 from bayes_em.compiled import jit
-from bayes_em.constraints import clip_eigenvalues, floor_of, positive_definite_floor
+from bayes_em.constraints import floor_of, positive_definite_floor
 from bayes_em.dependence import dependence
-from bayes_em.families import (
-    _FAMILIES,
-    _ORDER,
-    _PRIORS,
-    _arg,
-    _base_constraint,
-    _mode,
-    _site_stats,
-    _unwrap,
-)
+from bayes_em.families import FAMILIES, _base_constraint, site_stats, unwrap
 from bayes_em.vectorized_scan import vectorize_scan
 
 __all__ = ["ClosedForm", "detect_closed_forms", "closed_form_update"]
@@ -60,7 +50,7 @@ class ClosedForm(NamedTuple):
 
     param: str
     sites: tuple  # the sites whose argument selects the parameter (a scan: first step, rest)
-    family: str  # key of _FAMILIES
+    family: str  # key of families.FAMILIES
     prior: str | None  # prior family of a MAP site, None for ML
     floor: float = 0.0  # a scale (σ ≥ c) or covariance (eigenvalues ≥ c) floor of the constraint
 
@@ -79,7 +69,7 @@ def _coded(value, event_ndim, family, offset=0):
     n = int(np.prod(batch))
     dtype = jnp.result_type(value)  # numpy constants: no eager JAX op to compile
     codes = np.arange(1 + offset, n + 1 + offset, dtype=dtype).reshape(batch)
-    if family in ("mvn_cov", "mvn_tril"):
+    if FAMILIES[family].matrix:
         return codes[..., None, None] * np.eye(shape[-1], dtype=dtype)
     return np.broadcast_to(codes.reshape(batch + (1,) * event_ndim), shape)
 
@@ -104,17 +94,12 @@ def _leaves(fn):
     return out
 
 
-# argument leaves a family's parameter may reach (MVN derives scale_tril from the covariance)
-_ALLOWED = {"mvn_cov": ("covariance_matrix", "scale_tril")}
-_CONSTRAINTS = {"mvn_loc": (constraints.real, constraints.real_vector)}
-
-
-def _constraint_fits(family, constraint, allowed):
+def _constraint_fits(family, constraint):
     """The parameter's constraint is the family's own, or (scale, covariance) a static floor."""
-    if str(_base_constraint(constraint)) in map(str, allowed):
+    if str(_base_constraint(constraint)) in map(str, family.accepts or (family.constraint,)):
         return True
-    return family in ("normal_scale", "mvn_cov") and floor_of(constraint) is not None and (
-        (family == "mvn_cov") == isinstance(_base_constraint(constraint), positive_definite_floor))
+    return family.floored and floor_of(constraint) is not None and (
+        family.matrix == isinstance(_base_constraint(constraint), positive_definite_floor))
 
 
 def _site_candidates(p, value, site_name, base, used, args_now, args_at, params, coded_args, deps):
@@ -122,11 +107,11 @@ def _site_candidates(p, value, site_name, base, used, args_now, args_at, params,
     the reason for each family refused (for ``mstep_paths(explain=True)``), and whether the
     site never selects an entry of ``p`` (it then does not use ``p`` at any value)."""
     candidates, reasons = [], []
-    for family, (types, attr, event_ndim, constraint) in _FAMILIES.items():
-        allowed = _CONSTRAINTS.get(family, (constraint,))
-        if not isinstance(base, types) or not _constraint_fits(family, p.constraint, allowed):
+    for family, fam in FAMILIES.items():
+        attr, event_ndim = fam.arg, fam.event_ndim
+        if not isinstance(base, fam.types) or not _constraint_fits(fam, p.constraint):
             continue
-        if not used <= set(_ALLOWED.get(family, (attr,))) or attr not in used:
+        if not used <= set(fam.reads or (attr,)) or attr not in used:
             reasons.append(f"{family}: '{p.name}' enters {sorted(used)} of site '{site_name}', "
                            f"not only its {attr}")
             continue
@@ -148,7 +133,7 @@ def _site_candidates(p, value, site_name, base, used, args_now, args_at, params,
         # θ's rows gathered along it
         batch = np.shape(value)[: np.ndim(value) - event_ndim]
         n_rows = int(np.prod(batch))
-        key = (event_ndim, family in ("mvn_cov", "mvn_tril"))
+        key = (event_ndim, fam.matrix)
         if key not in coded_args:
             coded_args[key] = [
                 args_at({**params, p.name: np.asarray(_coded(value, event_ndim, family, off))})
@@ -169,7 +154,7 @@ def _site_candidates(p, value, site_name, base, used, args_now, args_at, params,
         if not sel.any():  # data never chooses θ here (a scan's first step): not a user
             return [], [], True
         code = (idx + 1).astype(arg_coded.dtype)
-        if family in ("mvn_cov", "mvn_tril"):
+        if fam.matrix:
             expect = code[..., None, None] * np.eye(arg_coded.shape[-1])
             ev = (Ellipsis, None, None)
         else:
@@ -203,7 +188,7 @@ def detect_closed_forms(problem, params, args, kwargs):
         out = {}
         for name, site in _trace(problem.enum_model, p, args, kwargs).items():
             if site["type"] == "sample":
-                bases[name] = _unwrap(site["fn"])[0]
+                bases[name] = unwrap(site["fn"])[0]
                 out[name] = _leaves(site["fn"])
                 if name not in param_names:
                     out[name]["value"] = site["value"]
@@ -213,9 +198,9 @@ def detect_closed_forms(problem, params, args, kwargs):
         out = {}
         for name, site in _trace(problem.enum_model, p, args, kwargs).items():
             if site["type"] == "sample" and name not in param_names:
-                base = _unwrap(site["fn"])[0]
-                out[name] = {f: _arg(base, f) for f, spec in _FAMILIES.items()
-                             if isinstance(base, spec[0])}
+                base = unwrap(site["fn"])[0]
+                out[name] = {f: fam.argument(base) for f, fam in FAMILIES.items()
+                             if isinstance(base, fam.types)}
         return out
 
     params = {p.name: np.asarray(params[p.name]) for p in sites.params}
@@ -274,15 +259,15 @@ def detect_closed_forms(problem, params, args, kwargs):
         prior = None
         if p.kind == "map":
             prior_fn = bases[p.name]
-            if not isinstance(prior_fn, _PRIORS[family]):
-                conjugate = ", ".join(t.__name__ for t in _PRIORS[family]) or "none"
+            if not isinstance(prior_fn, FAMILIES[family].priors):
+                conjugate = ", ".join(t.__name__ for t in FAMILIES[family].priors) or "none"
                 refused.append((p.name, f"its prior {type(prior_fn).__name__} is not conjugate "
                                         f"to {family} (closed form: {conjugate})"))
                 continue
             prior = type(prior_fn).__name__
-        floor = floor_of(p.constraint) if family in ("normal_scale", "mvn_cov") else None
+        floor = floor_of(p.constraint) if FAMILIES[family].floored else None
         plans.append(ClosedForm(p.name, tuple(selecting), family, prior, floor or 0.0))
-    return tuple(sorted(plans, key=lambda c: _ORDER.index(c.family))), tuple(refused)
+    return tuple(sorted(plans, key=lambda c: list(FAMILIES).index(c.family))), tuple(refused)
 
 
 def closed_form_update(problem, plans, params, weights, args, kwargs):
@@ -291,7 +276,8 @@ def closed_form_update(problem, plans, params, weights, args, kwargs):
     params = dict(params)
     for plan in plans:
         tr = _trace(problem.enum_model, params, args, kwargs)
-        event_ndim = _FAMILIES[plan.family][2]
+        family = FAMILIES[plan.family]
+        event_ndim = family.event_ndim
         value = params[plan.param]
         n_rows = int(np.prod(jnp.shape(value)[: jnp.ndim(value) - event_ndim]))
         event_shape = tuple(jnp.shape(value)[jnp.ndim(value) - event_ndim:])
@@ -304,21 +290,20 @@ def closed_form_update(problem, plans, params, weights, args, kwargs):
         stats = None
         for name in plan.sites:
             idx = _index_map(
-                *(_arg(_unwrap(t[name]["fn"])[0], plan.family) for t in coded), event_ndim, n_rows
+                *(family.argument(unwrap(t[name]["fn"])[0]) for t in coded), event_ndim, n_rows
             )
-            st = _site_stats(plan.family, tr[name], idx, n_rows, event_shape, weights[name])
+            st = site_stats(family, tr[name], idx, n_rows, event_shape, weights[name])
             stats = st if stats is None else {k: stats[k] + st[k] for k in st}
-        prior_fn = _unwrap(tr[plan.param]["fn"])[0] if plan.prior else None
+        prior_fn = unwrap(tr[plan.param]["fn"])[0] if plan.prior else None
 
         def hyper(name):
             return jnp.broadcast_to(getattr(prior_fn, name), jnp.shape(value)).reshape(
                 (n_rows,) + event_shape
             )
 
-        new = _mode(plan.family, stats, prior_fn, hyper, value).astype(jnp.result_type(value))
+        new = family.mode(stats, prior_fn, hyper, value).astype(jnp.result_type(value))
         if plan.floor > 0:  # the constrained maximiser: Q is unimodal in σ, and in Σ's spectrum
-            new = (jnp.maximum(new, plan.floor) if plan.family == "normal_scale"
-                   else clip_eigenvalues(new, plan.floor))
+            new = family.floor(new, plan.floor)
         # per row: a row no entry selects with positive weight has no statistics (0/0 under
         # ML) and keeps its value; under MAP the prior alone gives its mode. A row with
         # statistics but no finite maximum (ML: all its weight on one point, a zero scatter)

@@ -370,7 +370,8 @@ def pointwise_log_likelihood(factors, plate=None, drop=()):
     MAP sites). Every remaining factor must lie in ``plate``, else its points are coupled and a
     pointwise log-likelihood is undefined. ``plate=None`` gives the whole log Z, shape ``(1,)``.
     """
-    kept = factors.select(m.name for m in factors.metas if m.name not in set(drop))
+    drop = set(drop)
+    kept = factors.select([m.name for m in factors.metas if m.name not in drop])
     if plate is not None:
         outside = sorted(m.name for m in kept.metas if plate not in m.plates)
         if outside:

@@ -81,7 +81,8 @@ class Factors:
 
     def select(self, names) -> "Factors":
         """The factors named in ``names`` only (plate weights kept)."""
-        keep = tuple(m for m in self.metas if m.name in set(names))
+        names = set(names)
+        keep = tuple(m for m in self.metas if m.name in names)
         return self.replace(metas=keep, logs={m.name: self.logs[m.name] for m in keep})
 
     @property

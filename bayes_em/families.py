@@ -1,6 +1,7 @@
-"""The conjugate families of the closed-form M-step: which distribution argument each family
-updates, its sufficient statistics (weighted, reduced over broadcast dims and scattered onto the
-parameter's rows), and its ML / conjugate-MAP mode. Detection lives in :mod:`bayes_em.conjugate`.
+"""The conjugate families of the closed-form M-step, one object each: which distribution
+argument it updates, its sufficient statistics (weighted, reduced over broadcast dims and
+scattered onto the parameter's rows), its conjugate priors and its ML / MAP mode. Adding a family
+is one class and one entry of :data:`FAMILIES`. Detection lives in :mod:`bayes_em.conjugate`.
 """
 
 from __future__ import annotations
@@ -13,46 +14,14 @@ import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
 from bayes_em._numpyro import covariance_was_given, mask_of
+from bayes_em.constraints import clip_eigenvalues
 from bayes_em.factors import is_plate_weight
 from bayes_em.gaussian import exact_distances
 
-__all__ = ["FAMILIES"]
+__all__ = ["Family", "FAMILIES", "site_stats", "unwrap"]
 
 
-# family -> (base distribution types, argument attribute, event ndim of the argument, constraint)
-_FAMILIES = {
-    "categorical": ((dist.CategoricalProbs,), "probs", 1, constraints.simplex),
-    "multinomial": ((dist.MultinomialProbs,), "probs", 1, constraints.simplex),
-    "bernoulli": ((dist.BernoulliProbs,), "probs", 0, constraints.unit_interval),
-    "binomial": ((dist.BinomialProbs,), "probs", 0, constraints.unit_interval),
-    "poisson": ((dist.Poisson,), "rate", 0, constraints.positive),
-    "exponential": ((dist.Exponential,), "rate", 0, constraints.positive),
-    "normal_loc": ((dist.Normal,), "loc", 0, constraints.real),
-    "normal_scale": ((dist.Normal,), "scale", 0, constraints.positive),
-    "mvn_loc": ((dist.MultivariateNormal,), "loc", 1, constraints.real_vector),
-    "mvn_cov": ((dist.MultivariateNormal,), "covariance_matrix", 2, constraints.positive_definite),
-    "mvn_tril": ((dist.MultivariateNormal,), "scale_tril", 2, constraints.lower_cholesky),
-}
-# family -> prior distribution types with a conjugate closed-form mode
-_PRIORS = {
-    "categorical": (dist.Dirichlet,),
-    "multinomial": (dist.Dirichlet,),
-    "bernoulli": (dist.Beta,),
-    "binomial": (dist.Beta,),
-    "poisson": (dist.Gamma,),
-    "exponential": (dist.Gamma,),
-    "normal_loc": (dist.Normal,),
-    "normal_scale": (dist.InverseGamma,),
-    "mvn_loc": (),
-    "mvn_cov": (dist.InverseWishart,),
-    "mvn_tril": (),
-}
-# order of updates inside one M-step (conditional maximisation: locations before scales)
-_ORDER = ["categorical", "multinomial", "bernoulli", "binomial", "poisson", "exponential",
-          "normal_loc", "mvn_loc", "normal_scale", "mvn_cov", "mvn_tril"]
-
-
-def _unwrap(fn):
+def unwrap(fn):
     """Base distribution, mask and number of event dims reinterpreted by ``to_event``.
 
     The mask is aligned with the base distribution's batch shape: a mask above a ``to_event``
@@ -85,13 +54,6 @@ def _base_constraint(c):
     while isinstance(c, constraints.independent):
         c = c.base_constraint
     return c
-
-
-def _arg(fn, family):
-    name = _FAMILIES[family][1]
-    if name == "covariance_matrix" and not covariance_was_given(fn):
-        return None
-    return getattr(fn, name)
 
 
 def _reduce_to(x, shape):
@@ -145,86 +107,6 @@ def _dirichlet_mode(counts, alpha):
     return a / jnp.sum(a, axis=-1, keepdims=True)
 
 
-def _site_stats(family, site, idx, n_rows, event_shape, weight):
-    """Sufficient statistics of one site, scattered onto the parameter's rows (summed over sites
-    by the caller)."""
-    base, mask, reinterpreted = _unwrap(site["fn"])
-    event_ndim = _FAMILIES[family][2]
-    arg = _arg(base, family)
-    arg_batch = jnp.shape(arg)[: jnp.ndim(arg) - event_ndim]
-    w = weight
-    if site["scale"] is not None and not is_plate_weight(site["scale"]):
-        w = w * site["scale"]  # plate weights are in the posterior weights already
-    x = site["value"]
-    w = w.reshape(jnp.shape(w) + (1,) * reinterpreted)  # to_event dims appended
-    if mask is not None:
-        w = w * mask
-    dtype = w.dtype
-
-    def scatter(stat, n_event=0):
-        ev = tuple(stat.shape[stat.ndim - n_event:])
-        return _scatter(_reduce_to(stat, arg_batch + ev), idx, n_rows, ev)
-
-    if family in ("categorical", "multinomial"):
-        V = event_shape[0]
-        t = jax.nn.one_hot(x, V, dtype=dtype) if family == "categorical" else x.astype(dtype)
-        return {"counts": scatter(_weighted_sum(w, t, arg_batch, 1), 1)}
-    if family in ("bernoulli", "binomial"):
-        total = (jnp.ones((), dtype) if family == "bernoulli"
-                 else jnp.asarray(base.total_count, dtype))
-        trials = jnp.broadcast_to(total, jnp.broadcast_shapes(jnp.shape(total), jnp.shape(x)))
-        return {"c1": scatter(_weighted_sum(w, x.astype(dtype), arg_batch)),
-                "n": scatter(_weighted_sum(w, trials, arg_batch))}
-    if family in ("poisson", "exponential"):
-        return {"n": scatter(_weighted_sum(w, jnp.ones_like(x, dtype), arg_batch)),
-                "s": scatter(_weighted_sum(w, x.astype(dtype), arg_batch))}
-    # float32: distances to the current locations m formed entry by entry; float64: moments
-    # about the data mean c, corrected to m (cheaper; see gaussian.exact_distances)
-    exact = exact_distances(dtype)
-    if family in ("normal_loc", "normal_scale"):
-        joint = jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale))
-        n = _weighted_sum(w, jnp.ones_like(x, dtype), joint)
-        if family == "normal_loc":  # the step from m: Σ w P (x − m)
-            prec = 1.0 / jnp.square(base.scale)
-            step = (_weighted_sum(w, x - base.loc, joint) if exact
-                    else _weighted_sum(w, x, joint) - n * base.loc)
-            return {"a": scatter(n * prec), "b": scatter(step * prec)}
-        if exact:
-            ss = _weighted_sum(w, jnp.square(x - base.loc), joint)
-        else:
-            c = jnp.mean(x)
-            xc, mc = x - c, base.loc - c
-            s1 = _weighted_sum(w, xc, joint)
-            ss = jnp.maximum(_weighted_sum(w, jnp.square(xc), joint) - 2 * mc * s1
-                             + jnp.square(mc) * n, 0.0)
-        return {"n": scatter(jnp.broadcast_to(n, joint)), "ss": scatter(ss)}
-    # multivariate normal, at the joint (loc, covariance) batch shape
-    D = jnp.shape(x)[-1]
-    joint = jnp.broadcast_shapes(jnp.shape(base.loc)[:-1], jnp.shape(base.scale_tril)[:-2])
-    n = _weighted_sum(w, jnp.ones(x.shape[:-1], dtype), joint)
-    if family == "mvn_loc":
-        # μ_j = m_j + (Σ_e w_e P_e)⁻¹ Σ_e w_e P_e (x_e − m_j): entries selecting one row may
-        # differ in covariance
-        prec = jnp.broadcast_to(base.precision_matrix, joint + (D, D))
-        step = (_weighted_sum(w, x - base.loc, joint, 1) if exact
-                else _weighted_sum(w, x, joint, 1) - n[..., None] * base.loc)
-        return {"a": scatter(n[..., None, None] * prec, 2),
-                "b": scatter((prec @ step[..., None])[..., 0], 1)}
-    if exact:
-        ss = _weighted_outer(w, x - base.loc, joint)
-    else:
-        c = jnp.mean(x.reshape(-1, D), axis=0)
-        xc = x - c
-        s1 = _weighted_sum(w, xc, joint, 1)
-        xx = (xc[..., :, None] * xc[..., None, :]).reshape(xc.shape[:-1] + (D * D,))
-        s2 = _weighted_sum(w, xx, joint, 1).reshape(joint + (D, D))
-        mc = jnp.broadcast_to(base.loc - c, joint + (D,))
-        outer = s1[..., :, None] * mc[..., None, :]
-        ss = (s2 - outer - jnp.swapaxes(outer, -1, -2)
-              + n[..., None, None] * mc[..., :, None] * mc[..., None, :])
-    return {"ss": scatter(ss, 2), "n": scatter(jnp.broadcast_to(n, joint))}
-
-
 def _weighted_outer(w, d, out_batch):
     """Σ of w · d dᵀ over the broadcast batch entries that ``out_batch`` does not keep (one
     batched matrix product; the distances d are formed before the product, so no moments
@@ -244,54 +126,272 @@ def _weighted_outer(w, d, out_batch):
     return res.reshape(tuple(out_batch) + (D, D))
 
 
-def _mode(family, st, prior_fn, hyper, value):
-    """The family's weighted ML / conjugate MAP update from the summed statistics."""
-    if family in ("categorical", "multinomial"):
-        alpha = hyper("concentration") if prior_fn is not None else jnp.ones_like(st["counts"])
+
+
+class Family:
+    """A conjugate family: the argument ``arg`` of distributions ``types`` that a parameter
+    (constraint ``constraint``, ``event_ndim`` dims per row) may fill, the priors with a closed
+    form mode, its statistics and its mode."""
+
+    name: str
+    types: tuple
+    arg: str
+    event_ndim: int
+    constraint: object
+    priors: tuple = ()
+    reads: tuple = ()  # argument leaves the parameter may reach (default: ``arg`` alone)
+    accepts: tuple = ()  # constraints accepted (default: ``constraint`` alone)
+    floored: bool = False  # accepts a floor constraint (scales, covariances)
+    matrix: bool = False  # rows are matrices (coded as multiples of the identity)
+
+    def __init__(self, name, types):
+        self.name, self.types = name, types
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name!r})"
+
+    def argument(self, base):
+        """The argument of distribution ``base`` this family updates (None if not given)."""
+        return getattr(base, self.arg)
+
+    def stats(self, base, x, w, batch, event_shape, scatter) -> dict:
+        """Statistics of values ``x`` under weights ``w`` (argument batch shape ``batch``),
+        each put on the parameter's rows by ``scatter(stat, n_event)``."""
+        raise NotImplementedError
+
+    def mode(self, st, prior, hyper, value):
+        """The ML mode (``prior`` None) or conjugate MAP mode from the summed statistics, per
+        row; ``hyper(name)`` is the prior's argument per row."""
+        raise NotImplementedError
+
+    def floor(self, new, c):
+        """The constrained maximiser under a floor c (scales: σ ≥ c; covariances: λ ≥ c)."""
+        return new
+
+
+class Counts(Family):
+    """Categorical / Multinomial probabilities: p_j ∝ Σ w c_j (+ α_j − 1 under a Dirichlet)."""
+
+    arg, event_ndim, constraint, priors = "probs", 1, constraints.simplex, (dist.Dirichlet,)
+
+    def stats(self, base, x, w, batch, event_shape, scatter):
+        t = (jax.nn.one_hot(x, event_shape[0], dtype=w.dtype) if self.name == "categorical"
+             else x.astype(w.dtype))
+        return {"counts": scatter(_weighted_sum(w, t, batch, 1), 1)}
+
+    def mode(self, st, prior, hyper, value):
+        alpha = hyper("concentration") if prior is not None else jnp.ones_like(st["counts"])
         return _dirichlet_mode(st["counts"], alpha)
-    if family in ("bernoulli", "binomial"):
+
+
+class Trials(Family):
+    """Bernoulli / Binomial probability: p = Σ w x / Σ w n (Beta: + a − 1, + a + b − 2)."""
+
+    arg, event_ndim, constraint, priors = "probs", 0, constraints.unit_interval, (dist.Beta,)
+
+    def stats(self, base, x, w, batch, event_shape, scatter):
+        dtype = w.dtype
+        total = (jnp.ones((), dtype) if self.name == "bernoulli"
+                 else jnp.asarray(base.total_count, dtype))
+        trials = jnp.broadcast_to(total, jnp.broadcast_shapes(jnp.shape(total), jnp.shape(x)))
+        return {"c1": scatter(_weighted_sum(w, x.astype(dtype), batch)),
+                "n": scatter(_weighted_sum(w, trials, batch))}
+
+    def mode(self, st, prior, hyper, value):
         c1, n = st["c1"], st["n"]
-        if prior_fn is not None:
+        if prior is not None:
             a, b = hyper("concentration1"), hyper("concentration0")
             c1, n = c1 + a - 1.0, n + a + b - 2.0
         return c1 / n
-    if family in ("poisson", "exponential"):
-        num, den = (st["s"], st["n"]) if family == "poisson" else (st["n"], st["s"])
-        if prior_fn is not None:
+
+
+class Rate(Family):
+    """Poisson rate Σ w x / Σ w, Exponential rate Σ w / Σ w x (Gamma: + a − 1, + b)."""
+
+    arg, event_ndim, constraint, priors = "rate", 0, constraints.positive, (dist.Gamma,)
+
+    def stats(self, base, x, w, batch, event_shape, scatter):
+        return {"n": scatter(_weighted_sum(w, jnp.ones_like(x, w.dtype), batch)),
+                "s": scatter(_weighted_sum(w, x.astype(w.dtype), batch))}
+
+    def mode(self, st, prior, hyper, value):
+        num, den = (st["s"], st["n"]) if self.name == "poisson" else (st["n"], st["s"])
+        if prior is not None:
             num, den = num + hyper("concentration") - 1.0, den + hyper("rate")
         return num / den
-    rows = jnp.reshape(value, st[next(iter(st))].shape[:1] + jnp.shape(value)[
-        jnp.ndim(value) - _FAMILIES[family][2]:])
-    if family == "normal_loc":  # m + (Σ w P (x − m) + P₀ (μ₀ − m)) / (Σ w P + P₀)
-        a, b = st["a"], st["b"]
-        if prior_fn is not None:
+
+
+def _rows(st, value, event_ndim):
+    """θ's current value, one row per parameter row."""
+    return jnp.reshape(value, st[next(iter(st))].shape[:1]
+                       + jnp.shape(value)[jnp.ndim(value) - event_ndim:])
+
+
+class NormalLoc(Family):
+    """Normal location: m + (Σ w P (x − m) + P₀ (μ₀ − m)) / (Σ w P + P₀), stepped from the
+    current m (float32: distances entry by entry, see ``gaussian.exact_distances``)."""
+
+    arg, event_ndim, constraint, priors = "loc", 0, constraints.real, (dist.Normal,)
+
+    def stats(self, base, x, w, batch, event_shape, scatter):
+        joint = jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale))
+        n = _weighted_sum(w, jnp.ones_like(x, w.dtype), joint)
+        prec = 1.0 / jnp.square(base.scale)
+        step = (_weighted_sum(w, x - base.loc, joint) if exact_distances(w.dtype)
+                else _weighted_sum(w, x, joint) - n * base.loc)
+        return {"a": scatter(n * prec), "b": scatter(step * prec)}
+
+    def mode(self, st, prior, hyper, value):
+        a, b, rows = st["a"], st["b"], _rows(st, value, 0)
+        if prior is not None:
             p0 = 1.0 / jnp.square(hyper("scale"))
             a, b = a + p0, b + p0 * (hyper("loc") - rows)
         return rows + b / a
-    if family == "normal_scale":
+
+
+class NormalScale(Family):
+    """Normal scale: σ = √(Σ w (x − μ)² / Σ w); under InverseGamma(a, b) on σ the mode of
+    n(−log σ) − ss/2σ² − (a+1) log σ − b/σ."""
+
+    arg, event_ndim, constraint = "scale", 0, constraints.positive
+    priors, floored = (dist.InverseGamma,), True
+
+    def stats(self, base, x, w, batch, event_shape, scatter):
+        joint = jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale))
+        n = _weighted_sum(w, jnp.ones_like(x, w.dtype), joint)
+        if exact_distances(w.dtype):
+            ss = _weighted_sum(w, jnp.square(x - base.loc), joint)
+        else:  # moments about the data mean c, corrected to the location m
+            c = jnp.mean(x)
+            xc, mc = x - c, base.loc - c
+            s1 = _weighted_sum(w, xc, joint)
+            ss = jnp.maximum(_weighted_sum(w, jnp.square(xc), joint) - 2 * mc * s1
+                             + jnp.square(mc) * n, 0.0)
+        return {"n": scatter(jnp.broadcast_to(n, joint)), "ss": scatter(ss)}
+
+    def mode(self, st, prior, hyper, value):
         n, ss = st["n"], st["ss"]
-        if prior_fn is None:
+        if prior is None:
             return jnp.sqrt(ss / n)
-        # the mode of n(−log σ) − ss/2σ² − (a+1)log σ − b/σ
         a, b = hyper("concentration"), hyper("rate")
         cc = a + 1.0 + n
         return (b + jnp.sqrt(b * b + 4.0 * cc * ss)) / (2.0 * cc)
-    if family == "mvn_loc":  # a row with no weight has a = 0: NaN, so it keeps its value
-        a, b = st["a"], st["b"]
+
+    def floor(self, new, c):
+        return jnp.maximum(new, c)
+
+
+def _mvn_joint(base):
+    return jnp.broadcast_shapes(jnp.shape(base.loc)[:-1], jnp.shape(base.scale_tril)[:-2])
+
+
+class MvnLoc(Family):
+    """Multivariate normal location μ_j = m_j + (Σ_e w_e P_e)⁻¹ Σ_e w_e P_e (x_e − m_j):
+    entries selecting one row may differ in covariance."""
+
+    arg, event_ndim, constraint = "loc", 1, constraints.real_vector
+    accepts = (constraints.real, constraints.real_vector)
+
+    def stats(self, base, x, w, batch, event_shape, scatter):
+        D, joint = jnp.shape(x)[-1], _mvn_joint(base)
+        n = _weighted_sum(w, jnp.ones(x.shape[:-1], w.dtype), joint)
+        prec = jnp.broadcast_to(base.precision_matrix, joint + (D, D))
+        step = (_weighted_sum(w, x - base.loc, joint, 1) if exact_distances(w.dtype)
+                else _weighted_sum(w, x, joint, 1) - n[..., None] * base.loc)
+        return {"a": scatter(n[..., None, None] * prec, 2),
+                "b": scatter((prec @ step[..., None])[..., 0], 1)}
+
+    def mode(self, st, prior, hyper, value):  # a row with no weight: NaN, it keeps its value
+        a, b, rows = st["a"], st["b"], _rows(st, value, 1)
         empty = jnp.trace(a, axis1=-2, axis2=-1) <= 0
         a = jnp.where(empty[..., None, None], jnp.eye(a.shape[-1], dtype=a.dtype), a)
         step = jnp.linalg.solve(a, b[..., None])[..., 0]
         return jnp.where(empty[..., None], jnp.nan, rows + step)
-    D = jnp.shape(value)[-1]
-    n_k = st["n"][:, None, None]
-    if prior_fn is not None:  # inverse-Wishart mode: (Ψ + S) / (ν + n + D + 1)
-        nu = jnp.broadcast_to(prior_fn.concentration, jnp.shape(value)[:-2]).reshape(-1)
-        cov = (hyper("scale_matrix") + st["ss"]) / (nu[:, None, None] + n_k + D + 1)
-    else:
-        cov = st["ss"] / n_k
-    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
-    return cov if family == "mvn_cov" else jnp.linalg.cholesky(cov)
 
 
-# the public name of the table: family -> (distribution types, argument, event ndim, constraint)
-FAMILIES = _FAMILIES
+class MvnCovariance(Family):
+    """Multivariate normal covariance Σ = S / n (the weighted scatter about the locations), or
+    its Cholesky factor; inverse-Wishart mode (Ψ + S) / (ν + n + D + 1)."""
+
+    event_ndim, matrix = 2, True
+
+    def __init__(self, name, types, arg, constraint, priors, floored, reads=()):
+        super().__init__(name, types)
+        self.arg, self.constraint, self.priors = arg, constraint, priors
+        self.floored, self.reads = floored, reads
+
+    def argument(self, base):
+        if self.arg == "covariance_matrix" and not covariance_was_given(base):
+            return None
+        return getattr(base, self.arg)
+
+    def stats(self, base, x, w, batch, event_shape, scatter):
+        D, joint = jnp.shape(x)[-1], _mvn_joint(base)
+        n = _weighted_sum(w, jnp.ones(x.shape[:-1], w.dtype), joint)
+        if exact_distances(w.dtype):
+            ss = _weighted_outer(w, x - base.loc, joint)
+        else:  # moments about the data mean c, corrected to the locations m
+            c = jnp.mean(x.reshape(-1, D), axis=0)
+            xc = x - c
+            s1 = _weighted_sum(w, xc, joint, 1)
+            xx = (xc[..., :, None] * xc[..., None, :]).reshape(xc.shape[:-1] + (D * D,))
+            s2 = _weighted_sum(w, xx, joint, 1).reshape(joint + (D, D))
+            mc = jnp.broadcast_to(base.loc - c, joint + (D,))
+            outer = s1[..., :, None] * mc[..., None, :]
+            ss = (s2 - outer - jnp.swapaxes(outer, -1, -2)
+                  + n[..., None, None] * mc[..., :, None] * mc[..., None, :])
+        return {"ss": scatter(ss, 2), "n": scatter(jnp.broadcast_to(n, joint))}
+
+    def mode(self, st, prior, hyper, value):
+        D = jnp.shape(value)[-1]
+        n_k = st["n"][:, None, None]
+        if prior is not None:
+            nu = jnp.broadcast_to(prior.concentration, jnp.shape(value)[:-2]).reshape(-1)
+            cov = (hyper("scale_matrix") + st["ss"]) / (nu[:, None, None] + n_k + D + 1)
+        else:
+            cov = st["ss"] / n_k
+        cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+        return cov if self.name == "mvn_cov" else jnp.linalg.cholesky(cov)
+
+    def floor(self, new, c):
+        return clip_eigenvalues(new, c)
+
+
+# every family, in the order of updates inside one M-step (conditional maximisation: locations
+# before scales)
+FAMILIES = {f.name: f for f in (
+    Counts("categorical", (dist.CategoricalProbs,)),
+    Counts("multinomial", (dist.MultinomialProbs,)),
+    Trials("bernoulli", (dist.BernoulliProbs,)),
+    Trials("binomial", (dist.BinomialProbs,)),
+    Rate("poisson", (dist.Poisson,)),
+    Rate("exponential", (dist.Exponential,)),
+    NormalLoc("normal_loc", (dist.Normal,)),
+    MvnLoc("mvn_loc", (dist.MultivariateNormal,)),
+    NormalScale("normal_scale", (dist.Normal,)),
+    MvnCovariance("mvn_cov", (dist.MultivariateNormal,), "covariance_matrix",
+                  constraints.positive_definite, (dist.InverseWishart,), True,
+                  reads=("covariance_matrix", "scale_tril")),
+    MvnCovariance("mvn_tril", (dist.MultivariateNormal,), "scale_tril",
+                  constraints.lower_cholesky, (), False),
+)}
+
+
+def site_stats(family: Family, site, idx, n_rows, event_shape, weight) -> dict:
+    """Sufficient statistics of one site under ``family``, scattered onto the parameter's
+    ``n_rows`` rows along the index map ``idx`` (summed over sites by the caller)."""
+    base, mask, reinterpreted = unwrap(site["fn"])
+    arg = family.argument(base)
+    arg_batch = jnp.shape(arg)[: jnp.ndim(arg) - family.event_ndim]
+    w = weight
+    if site["scale"] is not None and not is_plate_weight(site["scale"]):
+        w = w * site["scale"]  # plate weights are in the posterior weights already
+    w = w.reshape(jnp.shape(w) + (1,) * reinterpreted)  # to_event dims appended
+    if mask is not None:
+        w = w * mask
+
+    def scatter(stat, n_event=0):
+        ev = tuple(stat.shape[stat.ndim - n_event:])
+        return _scatter(_reduce_to(stat, arg_batch + ev), idx, n_rows, ev)
+
+    return family.stats(base, site["value"], w, arg_batch, event_shape, scatter)
