@@ -40,7 +40,8 @@ def expected_complete(q, x, mu):
     """Q(μ; μ_t) = Σ_n Σ_k q_nk log p(x_n, z_n = k | μ) for a grid of μ."""
     mu = np.atleast_1d(mu)
     loc = np.stack([np.zeros_like(mu), mu], axis=-1)  # (M, 2)
-    log_joint = np.log(0.5) - 0.5 * np.log(2 * np.pi) - 0.5 * (x[None, :, None] - loc[:, None, :]) ** 2
+    sq = (x[None, :, None] - loc[:, None, :]) ** 2
+    log_joint = np.log(0.5) - 0.5 * np.log(2 * np.pi) - 0.5 * sq
     return np.sum(q[None] * log_joint, axis=(1, 2))
 
 
@@ -69,12 +70,15 @@ def bound_figure(path):
     ax = fig.add_subplot()
     ax.plot(grid, loglik, color="k", lw=2, label=r"$\log p(x \mid \mu)$")
     ax.plot(grid, bound, color="tab:blue", lw=1.6, ls="--", label=r"$Q(\mu; \mu_t) + H[q_t]$")
-    ax.plot([mu_t], [at_t.log_likelihood], "o", color="tab:blue", ms=7, label=r"$\mu_t$: the bound touches")
-    ax.plot([mu_next], [bound_next], "s", color="tab:orange", ms=6, label=r"$\mu_{t+1}$: maximiser of the bound")
+    ax.plot([mu_t], [at_t.log_likelihood], "o", color="tab:blue", ms=7,
+            label=r"$\mu_t$: the bound touches")
+    ax.plot([mu_next], [bound_next], "s", color="tab:orange", ms=6,
+            label=r"$\mu_{t+1}$: maximiser of the bound")
     ax.plot([mu_next], [ll_next], "o", color="tab:orange", ms=7)
     ax.annotate("", xy=(mu_next, ll_next), xytext=(mu_next, bound_next),
                 arrowprops=dict(arrowstyle="<->", color="tab:orange"))
-    ax.text(mu_next + 0.08, (ll_next + bound_next) / 2, r"$\mathrm{KL}(q_t \,\|\, p(z \mid x, \mu_{t+1}))$",
+    ax.text(mu_next + 0.08, (ll_next + bound_next) / 2,
+            r"$\mathrm{KL}(q_t \,\|\, p(z \mid x, \mu_{t+1}))$",
             color="tab:orange", va="center", fontsize="small")
     low = min(loglik.min(), at_t.log_likelihood - 40)
     ax.set(xlabel=r"$\mu$", ylabel="nats", ylim=(low, loglik.max() + 8),
