@@ -88,3 +88,13 @@ def test_math_page_renders_offline_in_chromium(site, tmp_path):
                          timeout=120)
     assert run.returncode == 0 and shot.stat().st_size > 20_000, run.stderr[-3000:]
     print(f"screenshot of the rendered math page: {shot}")
+
+
+def test_docstring_roles_are_cross_references(site):
+    """docs/griffe_sphinx.py turns :func:`...` roles into links to the API entries."""
+    plots_page = (site / "api" / "plots" / "index.html").read_text()
+    link = r'<a class="autorefs autorefs-internal"[^>]*href="#bayes_em\.plots\.plot_bound"'
+    assert re.search(link, plots_page)
+    for page in (site / "api").rglob("*.html"):
+        text = page.read_text()
+        assert not re.search(r":(func|class|meth|mod|attr):`", text), page
