@@ -4,11 +4,13 @@ Fits 1-D Gaussian mixtures with K = 2, 3 (and 4) components (MAP-EM) to data sim
 prints the summary table of the chosen fit, compares the fits with BIC / ICL and ArviZ's LOO,
 writes the plots as PNG and round-trips the fit through netCDF.
 
-    python examples/diagnostics.py [output directory]     (default: a temporary directory)
+    python examples/diagnostics.py [output directory]     (default: ./figures)
+
+The figures (convergence.png, mixture.png, responsibilities.png, bound.png) and the saved fit
+(fit.nc) are kept in the output directory.
 """
 
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -59,13 +61,15 @@ def main(out_dir):
     fit.summary()
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ArviZ's FutureWarnings and Pareto-k notes
+        # ArviZ's notes on its own future API, here only: every other warning is shown
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"arviz\b.*")
         idatas = {f"K={K}": f.to_inference_data(num_samples=250, num_chains=2)
                   for K, f in fits.items()}
         print("\nArviZ compare (PSIS-LOO):")
         print(az.compare(idatas)[["rank", "elpd_loo", "p_loo", "elpd_diff", "weight"]].round(2))
 
     plots.plot_convergence(fit, path=out_dir / "convergence.png")
+    plots.plot_mixture(fit, x, path=out_dir / "mixture.png")
     plots.plot_responsibilities(fit, x, path=out_dir / "responsibilities.png")
     plots.plot_bound(diagnostics.lower_bound_trace(fit), path=out_dir / "bound.png")
 
@@ -80,8 +84,4 @@ def main(out_dir):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        main(sys.argv[1])
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            main(tmp)
+    main(sys.argv[1] if len(sys.argv) > 1 else "figures")

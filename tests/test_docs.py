@@ -29,17 +29,21 @@ def test_code_block_runs(path, index, code):
 
 
 @pytest.mark.parametrize("script", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
-def test_example_runs(script):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def test_example_runs(script, tmp_path):
+    """Run from a scratch folder: an example that writes files (diagnostics.py: ./figures)
+    leaves them there."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
     out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip()
 
 
 def test_figures_script_runs(tmp_path):
-    """docs/figures/make_figures.py still draws the figures of docs/math.md (into a temp dir)."""
+    """docs/figures/make_figures.py still draws the figures of the docs (into a temp dir), each
+    committed under docs/figures/ and small (< 150 kB)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
     script = ROOT / "docs" / "figures" / "make_figures.py"
     out = subprocess.run(
@@ -47,9 +51,14 @@ def test_figures_script_runs(tmp_path):
         env=env,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    for name in ("bound.png", "convergence.png"):
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(names) == 7, names
+    for name in names:
         assert (tmp_path / name).stat().st_size > 10_000
-        assert (ROOT / "docs" / "figures" / name).exists(), f"docs/figures/{name} is not committed"
+        committed = ROOT / "docs" / "figures" / name
+        assert committed.exists(), f"docs/figures/{name} is not committed"
+        assert committed.stat().st_size < 150_000, name
+        assert name in "".join(p.read_text() for p in (ROOT / "docs").rglob("*.md")), name
 
 
 def test_mkdocs_build_strict(tmp_path):

@@ -1,15 +1,28 @@
-"""Figures of docs/math.md, computed with bayes_em on small simulated data (a few seconds).
+"""Figures of the documentation, computed with bayes_em on small data (under a minute on 2 cores).
 
     python docs/figures/make_figures.py [OUTPUT_DIR]      # default: this folder
+
+docs/math.md:
 
 - ``bound.png``: log p(x | μ) of a two-component mixture with one free location μ, and the
   lower bound Q(μ; μ_t) + H[q_t] built at μ_t: it touches the log-likelihood at μ_t, lies
   below it everywhere, and its maximiser is the next EM iterate μ_{t+1}.
 - ``convergence.png``: plain EM against SQUAREM (``EM(model, accelerate=True)``) on a mixture
   of two strongly overlapping components, where plain EM is slow.
+
+The model pages, drawn by ``bayes_em.plots`` (also shown on docs/api/plots.md):
+
+- ``gmm_mixture.png`` (docs/gmm.md): ``plot_mixture`` of a 1-D ``models.gmm`` fit.
+- ``gmm_responsibilities.png`` (docs/gmm.md): ``plot_responsibilities`` of a 2-D full-covariance
+  fit, with 1- and 2-sd ellipses.
+- ``hmm_earthquakes.png`` (docs/hmm.md): ``plot_hmm`` of the Poisson HMM of
+  ``examples/poisson_hmm.py`` (major earthquakes 1900-2006).
+- ``diagnostics_convergence.png`` and ``diagnostics_bound.png`` (docs/diagnostics.md):
+  ``plot_convergence`` of a fit with restarts, ``plot_bound`` of its ``lower_bound_trace``.
 """
 
 import argparse
+import importlib.util
 import pathlib
 
 import jax
@@ -23,7 +36,9 @@ import numpyro.distributions as dist  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from numpyro.distributions import constraints  # noqa: E402
 
-from bayes_em import EM  # noqa: E402
+from bayes_em import EM, diagnostics, models, plots  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 # --- (a) the bound -------------------------------------------------------------------------------
@@ -40,7 +55,8 @@ def expected_complete(q, x, mu):
     """Q(μ; μ_t) = Σ_n Σ_k q_nk log p(x_n, z_n = k | μ) for a grid of μ."""
     mu = np.atleast_1d(mu)
     loc = np.stack([np.zeros_like(mu), mu], axis=-1)  # (M, 2)
-    log_joint = np.log(0.5) - 0.5 * np.log(2 * np.pi) - 0.5 * (x[None, :, None] - loc[:, None, :]) ** 2
+    sq = (x[None, :, None] - loc[:, None, :]) ** 2
+    log_joint = np.log(0.5) - 0.5 * np.log(2 * np.pi) - 0.5 * sq
     return np.sum(q[None] * log_joint, axis=(1, 2))
 
 
@@ -69,12 +85,15 @@ def bound_figure(path):
     ax = fig.add_subplot()
     ax.plot(grid, loglik, color="k", lw=2, label=r"$\log p(x \mid \mu)$")
     ax.plot(grid, bound, color="tab:blue", lw=1.6, ls="--", label=r"$Q(\mu; \mu_t) + H[q_t]$")
-    ax.plot([mu_t], [at_t.log_likelihood], "o", color="tab:blue", ms=7, label=r"$\mu_t$: the bound touches")
-    ax.plot([mu_next], [bound_next], "s", color="tab:orange", ms=6, label=r"$\mu_{t+1}$: maximiser of the bound")
+    ax.plot([mu_t], [at_t.log_likelihood], "o", color="tab:blue", ms=7,
+            label=r"$\mu_t$: the bound touches")
+    ax.plot([mu_next], [bound_next], "s", color="tab:orange", ms=6,
+            label=r"$\mu_{t+1}$: maximiser of the bound")
     ax.plot([mu_next], [ll_next], "o", color="tab:orange", ms=7)
     ax.annotate("", xy=(mu_next, ll_next), xytext=(mu_next, bound_next),
                 arrowprops=dict(arrowstyle="<->", color="tab:orange"))
-    ax.text(mu_next + 0.08, (ll_next + bound_next) / 2, r"$\mathrm{KL}(q_t \,\|\, p(z \mid x, \mu_{t+1}))$",
+    ax.text(mu_next + 0.08, (ll_next + bound_next) / 2,
+            r"$\mathrm{KL}(q_t \,\|\, p(z \mid x, \mu_{t+1}))$",
             color="tab:orange", va="center", fontsize="small")
     low = min(loglik.min(), at_t.log_likelihood - 40)
     ax.set(xlabel=r"$\mu$", ylabel="nats", ylim=(low, loglik.max() + 8),
@@ -126,6 +145,53 @@ def convergence_figure(path):
     fig.savefig(path, dpi=100)
 
 
+# --- (c) the model pages -------------------------------------------------------------------------
+def gmm_figures(mixture_path, responsibilities_path):
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.normal(-3.0, 0.6, 150), rng.normal(0.5, 1.0, 200),
+                        rng.normal(4.0, 0.5, 100)])[:, None]
+    fit = EM(models.gmm, restarts=3, progress_bar=False).run(
+        jax.random.PRNGKey(0), jnp.asarray(x), K=3, covariance="spherical", prior=True)
+    plots.plot_mixture(fit, x, path=mixture_path)
+
+    centres = np.array([[0.0, 0.0], [3.5, 1.0], [1.0, 4.0]])
+    covs = np.array([[[1.0, 0.6], [0.6, 0.8]], [[0.4, -0.2], [-0.2, 0.6]],
+                     [[0.8, 0.0], [0.0, 0.3]]])
+    z = rng.integers(3, size=300)
+    noise = rng.normal(size=(300, 2))
+    x2 = centres[z] + np.einsum("nij,nj->ni", np.linalg.cholesky(covs[z]), noise)
+    fit2 = EM(models.gmm, restarts=3, progress_bar=False).run(
+        jax.random.PRNGKey(0), jnp.asarray(x2), K=3)
+    plots.plot_responsibilities(fit2, x2, path=responsibilities_path)
+
+
+def hmm_figure(path):
+    script = ROOT / "examples" / "poisson_hmm.py"
+    spec = importlib.util.spec_from_file_location("poisson_hmm", script)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    counts = jnp.asarray(example.EARTHQUAKES, dtype=float)
+    fit = EM(example.poisson_hmm, max_iter=1000, tol=1e-9, progress_bar=False).run(
+        jax.random.PRNGKey(0), counts, K=3)
+    fig = plots.plot_hmm(fit, counts, levels="rates", times=example.YEARS)
+    fig.axes[0].set(ylabel="earthquakes of magnitude ≥ 7",
+                    title="major earthquakes per year, and the decoded rate")
+    fig.savefig(path, dpi=100)
+
+
+def diagnostics_figures(convergence_path, bound_path):
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(-2.0, 1.0, 120), rng.normal(1.0, 0.7, 80)])[:, None]
+    fit = EM(models.gmm, restarts=4, max_iter=300, tol=1e-10, progress_bar=False).run(
+        jax.random.PRNGKey(0), jnp.asarray(x), K=2, covariance="spherical", prior=True)
+    plots.plot_convergence(fit, path=convergence_path)
+    plots.plot_bound(diagnostics.lower_bound_trace(fit), path=bound_path)
+
+
+FIGURES = ("bound.png", "convergence.png", "gmm_mixture.png", "gmm_responsibilities.png",
+           "hmm_earthquakes.png", "diagnostics_convergence.png", "diagnostics_bound.png")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", default=pathlib.Path(__file__).resolve().parent,
@@ -134,7 +200,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     bound_figure(out / "bound.png")
     convergence_figure(out / "convergence.png")
-    print(f"wrote {out / 'bound.png'} and {out / 'convergence.png'}")
+    gmm_figures(out / "gmm_mixture.png", out / "gmm_responsibilities.png")
+    hmm_figure(out / "hmm_earthquakes.png")
+    diagnostics_figures(out / "diagnostics_convergence.png", out / "diagnostics_bound.png")
+    print("wrote", ", ".join(FIGURES), "in", out)
 
 
 if __name__ == "__main__":
