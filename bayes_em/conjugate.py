@@ -23,8 +23,9 @@ Everything else keeps the numeric M-step.
 
 from __future__ import annotations
 
+import functools
 import warnings
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -171,18 +172,23 @@ def _site_candidates(p, value, site_name, base, used, args_now, args_at, params,
     return candidates, reasons, False
 
 
-def detect_closed_forms(problem, params, args, kwargs):
-    """Which parameters take a closed-form update: ``(plans, refused)``, a tuple of
-    :class:`ClosedForm` and a tuple of ``(site, reason)`` for the parameters left to the
-    numeric M-step.
+class _Program(NamedTuple):
+    """What detection reads off the model's program: the parameters' values, each sample
+    site's distribution, which parameters reach which distribution leaves and family arguments
+    (:mod:`bayes_em.dependence`), and the family arguments at any θ (one compiled program)."""
 
-    Where a parameter enters the model, and whether it enters as a selection, is read from the
-    program (:mod:`bayes_em.dependence`), so the answer holds at every θ, not only at
-    ``params``; the index map is decoded from coded evaluations.
-    """
-    sites = problem.sites
-    param_names = set(sites.param_names)
-    bases = {}  # site -> its distribution (unwrapped), captured while tracing
+    params: dict
+    param_names: set
+    bases: dict  # site -> its distribution (unwrapped)
+    leaf_deps: dict
+    arg_deps: dict
+    args_at: Callable  # θ -> {site: {family: argument}}
+    args_now: Callable  # () -> args_at(params), evaluated once, when first needed
+
+
+def _read_program(problem, params, args, kwargs) -> _Program:
+    param_names = set(problem.sites.param_names)
+    bases = {}
 
     def leaves(p):
         out = {}
@@ -203,71 +209,87 @@ def detect_closed_forms(problem, params, args, kwargs):
                              if isinstance(base, fam.types)}
         return out
 
-    params = {p.name: np.asarray(params[p.name]) for p in sites.params}
+    params = {p.name: np.asarray(params[p.name]) for p in problem.sites.params}
     leaf_deps = dependence(leaves, params)
     arg_deps = dependence(family_args, params)
-    # one compiled program evaluates the arguments at θ and at the coded values
     compiled_args = jit(family_args)
 
     def args_at(p):
         return jax.tree.map(np.asarray, compiled_args(p))
 
-    args_now = None
+    return _Program(params, param_names, bases, leaf_deps, arg_deps, args_at,
+                    functools.cache(lambda: args_at(params)))
+
+
+def detect_closed_forms(problem, params, args, kwargs):
+    """Which parameters take a closed-form update: ``(plans, refused)``, a tuple of
+    :class:`ClosedForm` and a tuple of ``(site, reason)`` for the parameters left to the
+    numeric M-step.
+
+    Where a parameter enters the model, and whether it enters as a selection, is read from the
+    program (:mod:`bayes_em.dependence`), so the answer holds at every θ, not only at
+    ``params``; the index map is decoded from coded evaluations.
+    """
+    program = _read_program(problem, params, args, kwargs)
     plans, refused = [], []
-    for i, p in enumerate(sites.params):
-        value = params[p.name]
-        users = {(s, leaf) for s, ls in leaf_deps.items() for leaf, d in ls.items()
-                 if d.depends >> i & 1}
-        user_sites = sorted({s for s, _ in users})
-        if not user_sites:
-            refused.append((p.name, "no sample site depends on it"))
-            warnings.warn(f"Parameter site '{p.name}' is used by no sample site: the data say "
-                          "nothing about it and it stays at its initial value (and counts in "
-                          "BIC/AIC). Remove it, or hold it with fixed=.", UserWarning,
-                          stacklevel=4)
-            continue
-        priors = [s for s in user_sites if s in param_names]
-        if priors:
-            refused.append((p.name, f"it enters the prior of {', '.join(map(repr, priors))}"))
-            continue
-        if args_now is None:
-            args_now = args_at(params)
-        families, coded_args, reasons, selecting = set(), {}, [], []
-        for site_name in user_sites:
-            candidates, why, unused = _site_candidates(
-                p, value, site_name, bases[site_name],
-                {leaf.split(".", 1)[1] for s, leaf in users if s == site_name},
-                args_now, args_at, params, coded_args, arg_deps)
-            if unused:
-                continue
-            selecting.append(site_name)
-            reasons += why
-            if len(candidates) != 1 and not why:
-                why = [f"site '{site_name}' ({type(bases[site_name]).__name__}) has no "
-                       f"closed-form family for a {p.constraint} parameter"]
-                reasons += why
-            families.add(candidates[0] if len(candidates) == 1 else None)
-        if not selecting:
-            refused.append((p.name, "no site selects an entry of it"))
-            continue
-        if len(families) != 1 or None in families:
-            if len(families) > 1 and None not in families:
-                reasons.append(f"its sites need different families {sorted(families)}")
-            refused.append((p.name, "; ".join(reasons)))
-            continue
-        family = families.pop()
-        prior = None
-        if p.kind == "map":
-            prior_fn = bases[p.name]
-            if not isinstance(prior_fn, FAMILIES[family].priors):
-                conjugate = ", ".join(t.__name__ for t in FAMILIES[family].priors) or "none"
-                refused.append((p.name, f"its prior {type(prior_fn).__name__} is not conjugate "
-                                        f"to {family} (closed form: {conjugate})"))
-                continue
-            prior = type(prior_fn).__name__
-        floor = floor_of(p.constraint) if FAMILIES[family].floored else None
-        plans.append(ClosedForm(p.name, tuple(selecting), family, prior, floor or 0.0))
+    for i, p in enumerate(problem.sites.params):
+        plan = _plan(p, i, program)
+        (plans if isinstance(plan, ClosedForm) else refused).append(plan)
     return tuple(sorted(plans, key=lambda c: list(FAMILIES).index(c.family))), tuple(refused)
+
+
+def _plan(p, i, program):
+    """The :class:`ClosedForm` of parameter ``p`` (the i-th), or ``(name, why not)``."""
+    users = {(s, leaf) for s, ls in program.leaf_deps.items() for leaf, d in ls.items()
+             if d.depends >> i & 1}
+    user_sites = sorted({s for s, _ in users})
+    if not user_sites:
+        warnings.warn(f"Parameter site '{p.name}' is used by no sample site: the data say "
+                      "nothing about it and it stays at its initial value (and counts in "
+                      "BIC/AIC). Remove it, or hold it with fixed=.", UserWarning, stacklevel=5)
+        return p.name, "no sample site depends on it"
+    priors = [s for s in user_sites if s in program.param_names]
+    if priors:
+        return p.name, f"it enters the prior of {', '.join(map(repr, priors))}"
+    families, reasons, selecting = _families(p, users, user_sites, program)
+    if not selecting:
+        return p.name, "no site selects an entry of it"
+    if len(families) != 1 or None in families:
+        if len(families) > 1 and None not in families:
+            reasons.append(f"its sites need different families {sorted(families)}")
+        return p.name, "; ".join(reasons)
+    family = families.pop()
+    prior = None
+    if p.kind == "map":
+        prior_fn = program.bases[p.name]
+        if not isinstance(prior_fn, FAMILIES[family].priors):
+            conjugate = ", ".join(t.__name__ for t in FAMILIES[family].priors) or "none"
+            return p.name, (f"its prior {type(prior_fn).__name__} is not conjugate to {family} "
+                            f"(closed form: {conjugate})")
+        prior = type(prior_fn).__name__
+    floor = floor_of(p.constraint) if FAMILIES[family].floored else None
+    return ClosedForm(p.name, tuple(selecting), family, prior, floor or 0.0)
+
+
+def _families(p, users, user_sites, program):
+    """``(families, reasons, selecting)``: the family each site selecting ``p`` needs (None if
+    it has none), why others were refused, and the sites that select an entry of ``p``."""
+    families, coded_args, reasons, selecting = set(), {}, [], []
+    for site_name in user_sites:
+        candidates, why, unused = _site_candidates(
+            p, program.params[p.name], site_name, program.bases[site_name],
+            {leaf.split(".", 1)[1] for s, leaf in users if s == site_name},
+            program.args_now(), program.args_at, program.params, coded_args, program.arg_deps)
+        if unused:
+            continue
+        selecting.append(site_name)
+        reasons += why
+        if len(candidates) != 1 and not why:
+            why = [f"site '{site_name}' ({type(program.bases[site_name]).__name__}) has no "
+                   f"closed-form family for a {p.constraint} parameter"]
+            reasons += why
+        families.add(candidates[0] if len(candidates) == 1 else None)
+    return families, reasons, selecting
 
 
 def closed_form_update(problem, plans, params, weights, args, kwargs):

@@ -43,25 +43,18 @@ __all__ = [
     "lower_bound_trace",
 ]
 
-# -- per-problem caches: compiled functions and the static factor layout --------------------------
-_CACHE: dict = {}
-
-
+# -- compiled functions and the static factor layout, cached on the result ----------------------
 def _data_key(result):
-    shapes = tuple((jnp.shape(d), str(jnp.result_type(d))) for d in result.data)
-    return (id(result.problem), shapes)
+    return tuple((jnp.shape(d), str(jnp.result_type(d))) for d in result.data)
 
 
 def _cached(result, name, build):
     if result.problem is None:
         raise ValueError("This EMResult carries no problem: diagnostics need a result of EM.run.")
-    key = (name, _data_key(result))
-    hit = _CACHE.get(key)
-    if hit is None or hit[0] is not result.problem:
-        if len(_CACHE) > 64:
-            _CACHE.clear()
-        hit = _CACHE[key] = (result.problem, build())
-    return hit[1]
+    key = ("diagnostics", name, _data_key(result))
+    if key not in result._cache:
+        result._cache[key] = build()
+    return result._cache[key]
 
 
 def _map_sites(problem):

@@ -132,37 +132,7 @@ def _traced_values(model, data, rebuild, key, init_values, rng_key, fixed):
                 traced = trace(seed(substitute(model, substitute_fn=_placeholder), key_model))
                 tr = traced.get_trace(*args, **kwargs)
             box["trace"] = tr
-            out = {}
-            for name, site in tr.items():
-                if site["type"] == "param" and name not in fixed:
-                    constraint = site["kwargs"].get("constraint", constraints.real)
-                    value = jnp.asarray(init_values.get(name, site["value"]))
-                    _check_shape("init_values", name, value, jnp.shape(site["value"]))
-                    out[name] = (value, constraint(value))
-                    out.update(_concrete_support(name, constraint))
-                elif site["type"] == "param":  # held fixed: its value must be in the support
-                    constraint = site["kwargs"].get("constraint", constraints.real)
-                    out[name] = (site["value"], constraint(site["value"]))
-                elif site["type"] == "sample" and site["is_observed"]:
-                    value = site["value"]
-                    if not control_flow_done(site):
-                        check_observed_shape(name, value, site["fn"],
-                                             site.get("cond_indep_stack", ()))
-                    nonfinite = jnp.zeros((), jnp.int32)
-                    if jnp.issubdtype(jnp.result_type(value), jnp.inexact):
-                        nonfinite = jnp.sum(~jnp.isfinite(value))
-                    out[name] = (nonfinite, _outside_support(site["fn"], value))
-                elif site["type"] == "sample" and not site["fn"].support.is_discrete:
-                    if isinstance(_base(site["fn"]), dist.ImproperUniform):
-                        continue
-                    key_init, sub = jax.random.split(key_init)
-                    value = init_values.get(name)
-                    if value is not None:
-                        _check_shape("init_values", name, value, site["fn"].shape())
-                    value = _map_init(site["fn"], sub) if value is None else jnp.asarray(value)
-                    out[name] = (value, site["fn"].support(value))
-                    out.update(_concrete_support(name, site["fn"].support))
-            return out
+            return _numbers(tr, init_values, fixed, key_init)
 
         try:
             hash(cache_key)
@@ -172,6 +142,40 @@ def _traced_values(model, data, rebuild, key, init_values, rng_key, fixed):
     fn, box = cache[cache_key]
     numbers = _run_traced(fn, box, data, init_values, rng_key)
     return box["trace"], numbers
+
+
+def _numbers(tr, init_values, fixed, key):
+    """The numbers ``_traced_values`` returns, computed inside its compiled trace."""
+    out = {}
+    for name, site in tr.items():
+        if site["type"] == "param" and name not in fixed:
+            constraint = site["kwargs"].get("constraint", constraints.real)
+            value = jnp.asarray(init_values.get(name, site["value"]))
+            _check_shape("init_values", name, value, jnp.shape(site["value"]))
+            out[name] = (value, constraint(value))
+            out.update(_concrete_support(name, constraint))
+        elif site["type"] == "param":  # held fixed: its value must be in the support
+            constraint = site["kwargs"].get("constraint", constraints.real)
+            out[name] = (site["value"], constraint(site["value"]))
+        elif site["type"] == "sample" and site["is_observed"]:
+            value = site["value"]
+            if not control_flow_done(site):
+                check_observed_shape(name, value, site["fn"], site.get("cond_indep_stack", ()))
+            nonfinite = jnp.zeros((), jnp.int32)
+            if jnp.issubdtype(jnp.result_type(value), jnp.inexact):
+                nonfinite = jnp.sum(~jnp.isfinite(value))
+            out[name] = (nonfinite, _outside_support(site["fn"], value))
+        elif site["type"] == "sample" and not site["fn"].support.is_discrete:
+            if isinstance(_base(site["fn"]), dist.ImproperUniform):
+                continue
+            key, sub = jax.random.split(key)
+            value = init_values.get(name)
+            if value is not None:
+                _check_shape("init_values", name, value, site["fn"].shape())
+            value = _map_init(site["fn"], sub) if value is None else jnp.asarray(value)
+            out[name] = (value, site["fn"].support(value))
+            out.update(_concrete_support(name, site["fn"].support))
+    return out
 
 
 SUPPORT = "@support:"
@@ -249,58 +253,13 @@ def discover_sites(model, args, kwargs, init_values=None, rng_key=None, fixed=()
         for frame in site.get("cond_indep_stack", ()):
             if frame.dim is not None:
                 dims[frame.name] = frame.dim
-        if site["type"] == "param" and name in fixed:
-            if name in numbers:
-                value, ok = numbers[name]
-                if not np.all(ok) or not np.all(np.isfinite(value)):
-                    raise ModelError(f"fixed['{name}'] lies outside the support of site "
-                                     f"'{name}': {value}.")
-            continue
-        if site["type"] == "param":
-            if control_flow_done(site):
-                raise ModelError(
-                    f"Parameter site '{name}' is declared inside the body of a "
-                    "NumPyro scan; declare numpyro.param sites outside the "
-                    "scanned function (the body can use them by closure)."
-                )
-            constraint = numbers.get(SUPPORT + name,
-                                     site["kwargs"].get("constraint", constraints.real))
-            value, ok = numbers[name]
-            _check_value(name, constraint, value, ok)
-            params.append(ParamSite(name, "param", constraint, value))
-        elif site["type"] == "sample":
-            fn = _base(site["fn"])
-            if site["is_observed"]:
-                bad, outside = (int(n) for n in numbers[name]) if name in numbers else (0, 0)
-                if bad:
-                    raise ModelError(
-                        f"Observed site '{name}' has {bad} NaN or infinite value(s); remove them, "
-                        f"mask them out with numpyro.handlers.mask, or marginalise NaNs with "
-                        f"EM(..., missing=('{name}',))."
-                    )
-                if outside:
-                    raise ModelError(
-                        f"Observed site '{name}' has {outside} value(s) outside the support "
-                        f"{site['fn'].support} of its {type(fn).__name__} distribution."
-                    )
-                observed.append(name)
-            elif site["fn"].support.is_discrete:
-                if not site["fn"].has_enumerate_support:
-                    raise ModelError(
-                        f"Discrete latent site '{name}' ({type(fn).__name__}) has no finite "
-                        "support to enumerate; EM needs latents such as Categorical or Bernoulli."
-                    )
-                latents.append(name)
-            else:
-                if isinstance(fn, dist.ImproperUniform):
-                    raise ModelError(
-                        f"Continuous site '{name}' has no prior (ImproperUniform): declare it "
-                        "with numpyro.param for maximum likelihood, or give it a proper prior."
-                    )
-                value, ok = numbers[name]
-                support = numbers.get(SUPPORT + name, site["fn"].support)
-                _check_value(name, support, value, ok)
-                params.append(ParamSite(name, "map", support, value))
+        role = _role(name, site, numbers, fixed)
+        if isinstance(role, ParamSite):
+            params.append(role)
+        elif role == "latent":
+            latents.append(name)
+        elif role == "observed":
+            observed.append(name)
 
     unknown_fixed = set(fixed) - set(tr)
     if unknown_fixed:
@@ -320,3 +279,59 @@ def discover_sites(model, args, kwargs, init_values=None, rng_key=None, fixed=()
     return ModelSites(
         tuple(params), tuple(latents), tuple(observed), plate_order, max_plate_nesting
     )
+
+
+def _role(name, site, numbers, fixed):
+    """A site's role: its :class:`ParamSite`, ``"latent"``, ``"observed"`` or None (held
+    fixed, or not a sample or param site); raises :class:`ModelError` on what EM cannot fit."""
+    if site["type"] == "param" and name in fixed:
+        if name in numbers:
+            value, ok = numbers[name]
+            if not np.all(ok) or not np.all(np.isfinite(value)):
+                raise ModelError(f"fixed['{name}'] lies outside the support of site "
+                                 f"'{name}': {value}.")
+        return None
+    if site["type"] == "param":
+        if control_flow_done(site):
+            raise ModelError(
+                f"Parameter site '{name}' is declared inside the body of a NumPyro scan; declare "
+                "numpyro.param sites outside the scanned function (the body can use them by "
+                "closure)."
+            )
+        constraint = numbers.get(SUPPORT + name, site["kwargs"].get("constraint", constraints.real))
+        value, ok = numbers[name]
+        _check_value(name, constraint, value, ok)
+        return ParamSite(name, "param", constraint, value)
+    if site["type"] != "sample":
+        return None
+    fn = _base(site["fn"])
+    if site["is_observed"]:
+        bad, outside = (int(n) for n in numbers[name]) if name in numbers else (0, 0)
+        if bad:
+            raise ModelError(
+                f"Observed site '{name}' has {bad} NaN or infinite value(s); remove them, mask "
+                f"them out with numpyro.handlers.mask, or marginalise NaNs with "
+                f"EM(..., missing=('{name}',))."
+            )
+        if outside:
+            raise ModelError(
+                f"Observed site '{name}' has {outside} value(s) outside the support "
+                f"{site['fn'].support} of its {type(fn).__name__} distribution."
+            )
+        return "observed"
+    if site["fn"].support.is_discrete:
+        if not site["fn"].has_enumerate_support:
+            raise ModelError(
+                f"Discrete latent site '{name}' ({type(fn).__name__}) has no finite support to "
+                "enumerate; EM needs latents such as Categorical or Bernoulli."
+            )
+        return "latent"
+    if isinstance(fn, dist.ImproperUniform):
+        raise ModelError(
+            f"Continuous site '{name}' has no prior (ImproperUniform): declare it with "
+            "numpyro.param for maximum likelihood, or give it a proper prior."
+        )
+    value, ok = numbers[name]
+    support = numbers.get(SUPPORT + name, site["fn"].support)
+    _check_value(name, support, value, ok)
+    return ParamSite(name, "map", support, value)
