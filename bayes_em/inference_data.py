@@ -28,11 +28,22 @@ __all__ = ["to_inference_data", "params_from_inference_data", "save", "load"]
 
 # -- ArviZ ---------------------------------------------------------------------------------------
 def _observed_values(result):
-    from numpyro.handlers import substitute
+    """The observed sites' values, as the model's own trace has them (a ``scan`` stacks its
+    steps, as ``result.sample`` draws them); else from the enumerated model's packed trace."""
+    from numpyro.handlers import seed, substitute, trace
 
     from bayes_em._numpyro import packed_trace, plate_to_enum_plate
 
     args, kwargs = result.problem.rebuild(result.data)
+    names = result.sites.observed
+    if result.model is not None:
+        try:
+            model = seed(substitute(result.model, data=result.params), 0)
+            tr = trace(model).get_trace(*args, **kwargs)
+            if all(n in tr and tr[n]["is_observed"] for n in names):
+                return {n: np.asarray(tr[n]["value"]) for n in names}
+        except Exception:  # a model that only runs enumerated: the packed trace below
+            pass
     model = substitute(result.problem.enum_model, data=result.params)
     with plate_to_enum_plate():
         tr = packed_trace(model).get_trace(*args, **kwargs)

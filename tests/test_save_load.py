@@ -336,3 +336,30 @@ def test_posterior_predictive_one_chain_per_restart(gmm_fit):
     with pytest.raises(ValueError, match="num_predictive"):
         result.to_inference_data(num_samples=5, num_chains=1, posterior_predictive=True,
                                  num_predictive=0)
+
+
+def test_posterior_predictive_of_an_hmm_matches_its_observed_data():
+    """A scan HMM: observed data and draws both hold the whole sequence (time first)."""
+    import arviz as az
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from shared_models import categorical_hmm
+
+    rng = np.random.default_rng(0)
+    z = np.cumsum(rng.random(300) < 0.1) % 2
+    ys = np.where(z == 0, rng.choice(3, 300, p=[0.7, 0.2, 0.1]),
+                  rng.choice(3, 300, p=[0.1, 0.2, 0.7]))
+    start = dict(trans=jnp.array([[0.8, 0.2], [0.3, 0.7]]),
+                 emit=jnp.array([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]]))
+    result = EM(categorical_hmm, init_values=start, max_iter=200, progress_bar=False).run(
+        jax.random.PRNGKey(0), jnp.asarray(ys), K=2, V=3)
+    idata = result.to_inference_data(num_samples=5, num_chains=2, posterior_predictive=True,
+                                     num_predictive=10)
+    np.testing.assert_array_equal(idata.observed_data["y"].values, ys)
+    pp = idata.posterior_predictive["y"]
+    assert pp.shape == (2, 10, 300) and set(np.unique(pp.values)) <= {0, 1, 2}
+    assert pp.dims[2:] == idata.observed_data["y"].dims
+    az.plot_ppc(idata, num_pp_samples=5, kind="scatter")
+    plt.close("all")
