@@ -33,6 +33,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import tempfile
 import warnings
 
@@ -218,18 +219,27 @@ def save(result, path, overwrite: bool = False) -> pathlib.Path:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     data = buffer.getvalue()
-    if not overwrite:
+    if not (overwrite and path.exists()):
         try:
-            with open(path, "xb") as f:  # exclusive creation: no race with another writer
-                f.write(data)
+            f = open(path, "xb")  # exclusive creation: no race with another writer
         except FileExistsError:
-            raise FileExistsError(f"{str(path)!r} exists; EMResult.save does not overwrite it "
-                                  "unless overwrite=True.") from None
-        return path
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+            if not overwrite:
+                raise FileExistsError(f"{str(path)!r} exists; EMResult.save does not overwrite "
+                                      "it unless overwrite=True.") from None
+        else:
+            try:
+                with f:
+                    f.write(data)
+            except BaseException:  # no half-written file left behind
+                path.unlink(missing_ok=True)
+                raise
+            return path
+    # replace the existing file atomically: a failed write leaves it as it was
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        shutil.copymode(path, tmp)  # the old file's permissions, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -245,7 +245,9 @@ def test_refuses_to_overwrite(saddle_fit, boundary_fit, tmp_path):
     with pytest.raises(FileExistsError, match=re.escape(str(path))):
         boundary_fit[0].save(str(path), overwrite=False)
     assert path.read_bytes() == before
+    path.chmod(0o640)
     boundary_fit[0].save(path, overwrite=True)
+    assert path.stat().st_mode & 0o777 == 0o640  # replaced, permissions kept
     assert_same(EMResult.load(path), boundary_fit[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fit.npz"]  # no temporary left
 
