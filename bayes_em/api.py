@@ -307,4 +307,5 @@ class EM:
             problem=problem,
             data=tuple(data),
             model=self.model,
+            settings=EMResult._settings_of(self),
         )

@@ -48,9 +48,15 @@ def _data_key(result):
     return tuple((jnp.shape(d), str(jnp.result_type(d))) for d in result.data)
 
 
-def _cached(result, name, build):
+def _need_problem(result):
     if result.problem is None:
-        raise ValueError("This EMResult carries no problem: diagnostics need a result of EM.run.")
+        raise ValueError("This EMResult carries no model or data (it was unpickled or loaded from "
+                         "a file): diagnostics need a result of EM.run. Refit with "
+                         "EM(model, init_values=result.params) to get them.")
+
+
+def _cached(result, name, build):
+    _need_problem(result)
     key = ("diagnostics", name, _data_key(result))
     if key not in result._cache:
         result._cache[key] = build()
@@ -134,6 +140,7 @@ def _params(result, restart=None):
 
 
 def _flat_u(result, restart=None):
+    _need_problem(result)
     return ravel_pytree(core.unconstrain(result.problem, _params(result, restart)))[0]
 
 
@@ -282,6 +289,7 @@ def pointwise_log_likelihood(result, restart=None) -> np.ndarray:
 def posterior_entropy(result, restart=None) -> float:
     """H[p(Z | X, θ̂)] = log p(X|θ̂) − E_q[log p(X, Z | θ̂)], exact for any factor graph; the
     expectation is Σ_f ⟨w_f, log f⟩ over the likelihood factors (MAP priors left out)."""
+    _need_problem(result)
     problem = result.problem
     fs = core.factors(problem, _params(result, restart), result.data)
     log_z, weights = posterior_weights(fs, "sum")
@@ -323,6 +331,7 @@ def lower_bound_trace(result, n_iter=None) -> dict:
     t = 0..n−1 ``bound`` L(q_t, θ_{t+1}) and ``gap`` (the KL term, ≥ 0); n defaults to restart
     0's iterations; ``params`` holds θ_t (constrained, leading axis t). EM guarantees
     bound_t + log p(θ_{t+1}) ≥ ℓ(θ_t) + log p(θ_t). Soft EM only."""
+    _need_problem(result)
     problem = result.problem
     if problem.hard:
         raise ValueError("The lower-bound decomposition holds for soft EM; this fit used "

@@ -28,11 +28,22 @@ __all__ = ["to_inference_data", "params_from_inference_data", "save", "load"]
 
 # -- ArviZ ---------------------------------------------------------------------------------------
 def _observed_values(result):
-    from numpyro.handlers import substitute
+    """The observed sites' values, as the model's own trace has them (a ``scan`` stacks its
+    steps, as ``result.sample`` draws them); else from the enumerated model's packed trace."""
+    from numpyro.handlers import seed, substitute, trace
 
     from bayes_em._numpyro import packed_trace, plate_to_enum_plate
 
     args, kwargs = result.problem.rebuild(result.data)
+    names = result.sites.observed
+    if result.model is not None:
+        try:
+            model = seed(substitute(result.model, data=result.params), 0)
+            tr = trace(model).get_trace(*args, **kwargs)
+            if all(n in tr and tr[n]["is_observed"] for n in names):
+                return {n: np.asarray(tr[n]["value"]) for n in names}
+        except Exception:  # a model that only runs enumerated: the packed trace below
+            pass
     model = substitute(result.problem.enum_model, data=result.params)
     with plate_to_enum_plate():
         tr = packed_trace(model).get_trace(*args, **kwargs)
@@ -50,7 +61,8 @@ def _chosen_restarts(result, restarts):
     return [_restart(result, r) for r in restarts]
 
 
-def to_inference_data(result, num_samples=1000, num_chains=4, restarts=None, rng_key=None):
+def to_inference_data(result, num_samples=1000, num_chains=4, restarts=None, rng_key=None,
+                      posterior_predictive=False, num_predictive=100):
     """An ArviZ ``InferenceData`` of the fit, in the manner of ``az.from_numpyro``.
 
     Groups: ``posterior`` — draws of the Laplace approximation N(v̂, I(v̂)⁻¹) in unconstrained space
@@ -60,6 +72,11 @@ def to_inference_data(result, num_samples=1000, num_chains=4, restarts=None, rng
     objective, log prior and log-likelihood per restart and iteration (NaN after a restart
     stopped) and each restart's final state; ``em_estimate`` — every restart's point estimate;
     ``latent_posterior`` — p(z | X, θ̂) and the most probable z. Settings and status: ``attrs``.
+
+    ``posterior_predictive=True`` adds a ``posterior_predictive`` group: ``num_predictive``
+    draws per chain of every observed site from the model at the chain's fitted θ̂ (the plug-in
+    predictive p(x | θ̂), latents drawn too, by ``result.sample``), dims ``(chain, draw)`` then
+    the observed site's, as in ``observed_data``: ``az.plot_ppc(idata)`` compares them.
 
     ``restarts=None``: ``num_chains`` chains of independent draws around the best optimum.
     ``restarts="all"`` or a list of indices: one chain per restart around its own optimum (the
@@ -113,7 +130,12 @@ def to_inference_data(result, num_samples=1000, num_chains=4, restarts=None, rng
         if plate is not None and k != ll_name and v.ndim and v.shape[0] == n_points:
             dims[k] = [plate]
     attrs = _attrs(result, chain_restart)
+    predictive = {}
+    if posterior_predictive:
+        predictive = _predictive(result, chain_restart, int(num_predictive),
+                                 jax.random.fold_in(rng_key, 1))
     idata = az.from_dict(
+        posterior_predictive=predictive or None,
         posterior=by_site(fns.unravel_constrained, jax.lax.map(fns.constrained, flat)),
         log_likelihood={ll_name: np.asarray(fns.pointwise(flat, result.data)).reshape(
             n_chain, num_samples, -1)},
@@ -148,6 +170,28 @@ def to_inference_data(result, num_samples=1000, num_chains=4, restarts=None, rng
         }
     )
     return idata
+
+
+def _predictive(result, chain_restart, n, rng_key):
+    """``{observed site: (chain, n, ...)}``: draws of the observed sites at each chain's restart
+    (one ``result.sample`` call per distinct restart)."""
+    from bayes_em.predict import _sample
+
+    if n < 1:
+        raise ValueError(f"num_predictive must be >= 1, got {n}.")
+    args, kwargs = result.problem.rebuild(result.data)
+    names = result.sites.observed
+    draws = {}
+    for i, r in enumerate(dict.fromkeys(chain_restart)):
+        chains = [c for c, rr in enumerate(chain_restart) if rr == r]
+        params = {k: v[r] for k, v in result.restart_params.items()}
+        out = _sample(result, params, jax.random.fold_in(rng_key, i), args, kwargs,
+                      len(chains) * n, redraw=names)
+        for k in names:
+            v = out[k].reshape((len(chains), n) + out[k].shape[1:])
+            for j, c in enumerate(chains):
+                draws.setdefault(k, [None] * len(chain_restart))[c] = v[j]
+    return {k: np.stack(v) for k, v in draws.items()}
 
 
 def _attrs(result, chain_restart):
@@ -215,12 +259,27 @@ def params_from_inference_data(idata, restart=None) -> dict:
     return {k: jnp.asarray(est[k].values[r]) for k in est.data_vars}
 
 
-def save(result_or_idata, path, **kwargs):
+def save(result_or_idata, path, overwrite=False, **kwargs):
     """Write a fit to netCDF (``InferenceData.to_netcdf``); an ``EMResult`` is converted first
-    with ``to_inference_data(result, **kwargs)``. Returns the path written."""
+    with ``to_inference_data(result, **kwargs)``, which needs a Laplace approximation (a
+    positive definite information matrix). To keep any fit — at a saddle or a boundary too — with
+    its settings, use ``result.save(path)`` (:mod:`bayes_em.persist`, a ``.npz`` file).
+    An existing file raises ``FileExistsError`` unless ``overwrite=True``. Returns the path
+    written."""
+    import os
+
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(f"{str(path)!r} exists; diagnostics.save does not overwrite it "
+                              "unless overwrite=True.")
     idata = result_or_idata
     if not hasattr(idata, "to_netcdf"):
-        idata = to_inference_data(result_or_idata, **kwargs)
+        try:
+            idata = to_inference_data(result_or_idata, **kwargs)
+        except ValueError as err:
+            if "not positive definite" not in str(err):
+                raise
+            raise ValueError(f"{err} diagnostics.save writes the Laplace approximation; "
+                             "result.save(path) keeps the fit without it.") from err
     return idata.to_netcdf(str(path))
 
 

@@ -76,9 +76,9 @@ def _plate_size(metas, plate):
 def _prepared(result, args, kwargs):
     """``(functions, data, n_rows, layout)`` for new data: compiled once per (structure, bucket)."""
     if result.problem is None:
-        raise ValueError("This result was unpickled: it keeps the fitted numbers but not the model "
-                         "it needs for new data. Refit (EM(model, init_values=result.params, "
-                         "max_iter=1)) to predict.")
+        raise ValueError("This result was unpickled or loaded from a file: it keeps the fitted "
+                         "numbers but not the model it needs for new data. Refit (EM(model, "
+                         "init_values=result.params, max_iter=1)) to predict.")
     check_arguments(args, kwargs)
     data, rebuild, key = split_data(args, kwargs)
     params = _params(result)
@@ -179,14 +179,33 @@ def score(result, *args, **kwargs) -> float:
 def sample(result, rng_key, *args, num_samples=1, **kwargs) -> dict:
     """Draws of every sample site from the model at θ̂ (``numpyro.infer.Predictive``): pass
     ``None`` for an observation to draw it. MAP sites are held at their fitted values."""
+    return _sample(result, result.params, rng_key, args, kwargs, num_samples)
+
+
+class _Unobserve(Messenger):
+    """Turns the observed sites ``names`` into draws (their ``obs`` values are ignored)."""
+
+    def __init__(self, fn, names):
+        self.names = frozenset(names)
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] == "sample" and msg["name"] in self.names and msg["is_observed"]:
+            msg["value"], msg["is_observed"] = None, False
+
+
+def _sample(result, params, rng_key, args, kwargs, num_samples, redraw=()):
+    """:func:`sample` at ``params`` (constrained values of every fitted site), the observed
+    sites in ``redraw`` drawn instead of taken from the data."""
     from numpyro.infer import Predictive
 
     if result.model is None:
-        raise ValueError("This result has no model attached (it was loaded from a file): "
-                         "draw with numpyro.infer.Predictive(model, params=...) instead.")
-    params = _params(result)
+        raise ValueError("This result has no model attached (it was unpickled or loaded from a "
+                         "file): draw with numpyro.infer.Predictive(model, params=...) instead.")
+    params = {k: jnp.asarray(v) for k, v in params.items()}
     map_sites = {p.name for p in result.sites.params if p.kind == "map"}
-    model = handlers.condition(result.model, data={k: params[k] for k in map_sites})
+    model = _Unobserve(result.model, redraw) if redraw else result.model
+    model = handlers.condition(model, data={k: params[k] for k in map_sites})
     model = handlers.substitute(model, data={k: v for k, v in params.items()
                                              if k not in map_sites})
     return {k: np.asarray(v) for k, v in

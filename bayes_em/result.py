@@ -126,6 +126,8 @@ class EMResult:
     problem: core.EMProblem = field(repr=False, compare=False, default=None)  # for diagnostics
     data: tuple = field(repr=False, compare=False, default=())  # array leaves of the model args
     model: Any = field(repr=False, compare=False, default=None)  # the model fitted (for sample)
+    # EM's settings as plain data (bayes_em.persist.run_settings): restarts, max_iter, tol, ...
+    settings: dict = field(repr=False, compare=False, default_factory=dict)
 
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -194,6 +196,8 @@ class EMResult:
     def __getstate__(self):
         state = {k: v for k, v in vars(self).items() if k not in self._TRANSIENT}
         state["_cache"] = {k: v for k, v in self._cache.items() if k == "latents"}
+        if self.problem is not None or "mstep_paths" in self._cache:  # they need the problem
+            state["_cache"]["mstep_paths"] = dict(self.mstep_paths)
         state["params"] = {k: np.asarray(v) for k, v in self.params.items()}
         return state
 
@@ -202,15 +206,40 @@ class EMResult:
         state["params"] = {k: jnp.asarray(v) for k, v in state["params"].items()}
         for k in self._TRANSIENT:
             state.setdefault(k, None if k != "data" else ())
+        state.setdefault("settings", {})  # pickled before results kept their settings
         if state["latents"] is None:
             state["latents"] = _unpickled_latents
         object.__setattr__(self, "__dict__", state)
+
+    # -- on disk (bayes_em.persist) ---------------------------------------------------------------
+    def save(self, path, overwrite: bool = False):
+        """Write the fit to one ``.npz`` file, read back by :meth:`EMResult.load` (no Laplace
+        approximation: a fit at a saddle or a boundary saves too); an existing file raises
+        ``FileExistsError`` unless ``overwrite=True``. See :mod:`bayes_em.persist`."""
+        from bayes_em import persist
+
+        return persist.save(self, path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path) -> "EMResult":
+        """A result written by :meth:`save`: every number, no model (like an unpickled one)."""
+        from bayes_em import persist
+
+        return persist.load(path)
+
+    @staticmethod
+    def _settings_of(em) -> dict:  # EM.run records its settings in the result
+        from bayes_em import persist
+
+        return persist.run_settings(em)
 
     @property
     def mstep_paths(self) -> "MStepPaths":
         """How each parameter site was updated: ``"closed-form <family>"`` or ``"numeric"``;
         ``result.mstep_paths(explain=True)`` also says why a site was refused a closed form."""
         problem = self.problem
+        if problem is None and "mstep_paths" in self._cache:  # unpickled or loaded
+            return MStepPaths(self._cache["mstep_paths"], {})
         closed = {c.param: c for c in (problem.closed if problem else ())}
         paths = {
             name: f"closed-form {closed[name].family}"
