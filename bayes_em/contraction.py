@@ -16,10 +16,11 @@ from typing import NamedTuple
 import funsor
 import jax
 import jax.numpy as jnp
+from jax import Array
 
 from bayes_em import _numpyro as npi
 from bayes_em._numpyro import UNITS, compute_markov_factors, partition
-from bayes_em.factors import time_sizes
+from bayes_em.factors import Factors, time_sizes
 
 __all__ = ["log_partition", "pointwise_log_likelihood"]
 
@@ -344,7 +345,7 @@ def _lazy_contraction(factors, sum_op, prod_op, parallel_time=False):
                                plates=graph.prod_vars)
 
 
-def log_partition(factors, semiring="sum", parallel_time=False):
+def log_partition(factors: Factors, semiring: str = "sum", parallel_time: bool = False) -> Array:
     """log Z: sum-product (``"sum"``) or max-product (``"max"``) of ``factors``
     (:class:`bayes_em.factors.Factors`).
 
@@ -362,7 +363,7 @@ def log_partition(factors, semiring="sum", parallel_time=False):
     return result.data
 
 
-def pointwise_log_likelihood(factors, plate=None, drop=()):
+def pointwise_log_likelihood(factors: Factors, plate: str | None = None, drop=()) -> Array:
     """log p(x_n | θ) for every index n of ``plate``, latents summed out (sum-product).
 
     The contraction of :func:`log_partition`, with ``plate`` left as a free (batch) input instead

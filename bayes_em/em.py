@@ -20,7 +20,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+from jax import Array, lax
 from jax.flatten_util import ravel_pytree
 
 from bayes_em.estep import (
@@ -160,13 +160,13 @@ def init(problem: EMProblem, params: dict, data: tuple) -> EMState:
     return step(problem, pending(problem, params, data), data)[0]
 
 
-def em_map(problem, params, weights, data):
+def em_map(problem: EMProblem, params: dict, weights: dict, data: tuple) -> tuple:
     """The EM map θ ↦ F(θ) with the E-step at F(θ): ``(θ, objective, log_prior, weights)``."""
     params = m_step(problem, params, weights, data)
     return (params, *e_step(problem, params, data))
 
 
-def squarem(problem, state, data):
+def squarem(problem: EMProblem, state: EMState, data: tuple) -> tuple:
     """One SQUAREM cycle (Varadhan & Roland 2008, SqS3) from ``state``:
 
         r = F(θ) − θ,  v = F(F(θ)) − 2F(θ) + θ,  α = −‖r‖/‖v‖ ≤ −1,
@@ -303,7 +303,7 @@ def run(problem: EMProblem, state: EMState, data: tuple, report: Callable | None
     return final._replace(status=jnp.where(saddle, SADDLE, final.status).astype(jnp.int32))
 
 
-def objective_hvp(problem, params, data, v):
+def objective_hvp(problem: EMProblem, params: dict, data: tuple, v: Array) -> Array:
     """∇²f(u) v for f(u) = log p(X|θ(u)) + log p(θ(u)) in unconstrained coordinates u, at
     ``params``, with v flat (the layout of ``ravel_pytree`` of the unconstrained sites)."""
     u, unravel = ravel_pytree(unconstrain(problem, params))
@@ -314,7 +314,8 @@ def objective_hvp(problem, params, data, v):
     return jax.jvp(jax.grad(f), (u,), (v.astype(u.dtype),))[1]
 
 
-def random_start(problem, params, data, rng_key, noise=1.0, init="anchors"):
+def random_start(problem: EMProblem, params: dict, data: tuple, rng_key: Array,
+                 noise: float = 1.0, init: str = "anchors") -> dict:
     """θ from one M-step under made-up posterior weights (``bayes_em.starts``): each latent
     value anchored on a data row drawn by k-means++ (``init="anchors"``), or Gumbel noise of
     scale ``noise`` on the latent factors (``init="noise"``)."""

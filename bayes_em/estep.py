@@ -14,6 +14,7 @@ from collections import OrderedDict
 import funsor
 import jax
 import jax.numpy as jnp
+from jax import Array
 
 from bayes_em import _numpyro as npi
 from bayes_em.contraction import log_partition
@@ -24,7 +25,8 @@ __all__ = ["e_step", "posterior_weights", "site_marginal", "chain_marginals", "l
            "most_probable", "symmetric_latents"]
 
 
-def e_step(problem: EMProblem, params: dict, data: tuple, semiring: str | None = None):
+def e_step(problem: EMProblem, params: dict, data: tuple,
+           semiring: str | None = None) -> tuple[Array, Array, dict]:
     """``(log Z, log p(θ), weights)`` at θ = ``params``; log Z = log p(X|θ) + log p(θ)."""
     semiring = semiring or ("max" if problem.hard else "sum")
     fs = factors(problem, params, data, vectorized=semiring == "sum")
@@ -32,7 +34,8 @@ def e_step(problem: EMProblem, params: dict, data: tuple, semiring: str | None =
     return log_z, log_prior(problem, fs), weights
 
 
-def posterior_weights(factors: Factors, semiring: str = "sum", parallel_time: bool = False):
+def posterior_weights(factors: Factors, semiring: str = "sum",
+                      parallel_time: bool = False) -> tuple[Array, dict]:
     """``(log Z, {factor: ∂ log Z / ∂ log f})``; the weights are posterior marginals of the
     factors' scopes (``"sum"``) or the indicator of one most probable configuration (``"max"``)."""
     if semiring == "max":
@@ -104,7 +107,7 @@ def _snap(factors):
     return jax.lax.optimization_barrier(snapped)
 
 
-def site_marginal(weight, meta: FactorMeta, plate_order):
+def site_marginal(weight: Array, meta: FactorMeta, plate_order: tuple) -> Array:
     """Posterior marginal of latent site ``meta.name`` from the weights of its own factor.
 
     Sums out the other enumerated dims (parents) and normalises over the site's values (weights
@@ -123,7 +126,7 @@ def site_marginal(weight, meta: FactorMeta, plate_order):
     return jnp.where(total > 0, w / jnp.where(total > 0, total, 1), w)
 
 
-def chain_marginals(weights, metas, name, plate_order):
+def chain_marginals(weights: dict, metas: tuple, name: str, plate_order: tuple) -> Array:
     """Marginals of latent ``name`` over its whole chain: the factors of the first steps of a
     ``scan`` (``meta.step`` > 0) are stacked before the time-stacked factor ``name``."""
     by_name = {m.name: m for m in metas}
@@ -195,7 +198,8 @@ def most_probable(problem: EMProblem, params: dict, data: tuple) -> dict:
             for n in problem.sites.latents}
 
 
-def symmetric_latents(problem: EMProblem, weights: dict, params: dict, data: tuple, rtol=1e-6):
+def symmetric_latents(problem: EMProblem, weights: dict, params: dict, data: tuple,
+                      rtol: float = 1e-6) -> Array:
     """Whether two values of some latent have the same posterior (within ``rtol``) wherever it
     has mass: their parameters cannot be told apart, the symmetric point EM cannot leave (a
     saddle of the objective, e.g. two mixture components with equal parameters). Compared by

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -108,7 +108,7 @@ def time_sizes(metas) -> dict:
     return sizes
 
 
-def enumerated_model(model, max_plate_nesting):
+def enumerated_model(model: Callable, max_plate_nesting: int) -> Callable:
     """``model`` with every enumerable discrete latent enumerated in parallel."""
     first_dim = -max_plate_nesting - 1
     return enum(config_enumerate(model), first_available_dim=first_dim)
@@ -124,7 +124,8 @@ def is_plate_weight(scale) -> bool:
     return scale is not None and jnp.size(scale) > 1
 
 
-def log_factors(enum_model, params, args, kwargs, vectorized=False, observed_values=False):
+def log_factors(enum_model: Callable, params: dict, args: tuple, kwargs: dict,
+                vectorized: bool = False, observed_values: bool = False):
     """Trace ``enum_model`` at ``params`` into :class:`Factors`.
 
     ``log f`` is the site's (masked) log-density; parameters are substituted at their

@@ -42,7 +42,8 @@ class Options(NamedTuple):
     memory_limit: float = 2 * 2**30
 
 
-def problem_for(model, sites, rebuild, data, options: Options) -> core.EMProblem:
+def problem_for(model: Callable, sites, rebuild: Callable, data: tuple,
+                options: Options) -> core.EMProblem:
     """The static problem of ``model`` (sites already discovered), with its closed-form plans
     (decided at the sites' initial values)."""
     problem = core.make_problem(model, sites, rebuild, options.max_iter, options.tol,
@@ -60,7 +61,8 @@ def problem_for(model, sites, rebuild, data, options: Options) -> core.EMProblem
     return problem
 
 
-def build(model, *args, options: Options = Options(), init_values=None, rng_key=None, **kwargs):
+def build(model: Callable, *args, options: Options = Options(), init_values: dict | None = None,
+          rng_key=None, **kwargs) -> tuple:
     """``(problem, params0, data)`` for ``model(*args, **kwargs)``: the data checked and split
     into array leaves, the sites discovered (``init_values`` override their starts), the
     enumeration's size checked against ``options.memory_limit``."""
@@ -91,7 +93,8 @@ def _draw(problem, options, params0, data, key):
     return core.random_start(problem, params0, data, key, options.restart_noise, init)
 
 
-def starts(problem, options, params0, data, rng_key):
+def starts(problem: core.EMProblem, options: Options, params0: dict, data: tuple,
+           rng_key) -> core.EMState:
     """Pending states of every restart (leading axis): restart 0 at ``params0``, the others
     drawn by ``options.init``; their first E-step is the loop's."""
     if options.restarts == 1:
@@ -107,7 +110,8 @@ def starts(problem, options, params0, data, rng_key):
     return lax.map(one, (jnp.arange(options.restarts), keys))
 
 
-def program(problem, options: Options, show: Callable | None = None):
+def program(problem: core.EMProblem, options: Options,
+            show: Callable | None = None) -> Callable:
     """``fit(params0, data, rng_key) -> states``: the starts and every restart's EM loop, one
     program to ``jax.jit``. ``show(restart, n_iter, objective, stopped)``, if given, is called on
     the host about every 1% of ``max_iter`` and when a restart stops (a progress bar)."""
