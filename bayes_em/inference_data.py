@@ -61,6 +61,65 @@ def _chosen_restarts(result, restarts):
     return [_restart(result, r) for r in restarts]
 
 
+def _laplace_draws(result, restarts, num_chains, num_samples, rng_key):
+    """``(V, chain_restart, chain_coord)``: unconstrained Laplace draws (chain, draw, v) around
+    the best optimum (``restarts=None``) or one chain per chosen restart (those without a
+    positive definite observed information left out, with a warning)."""
+    chosen = _chosen_restarts(result, restarts)
+    if chosen is None:
+        lap = laplace(result)
+        V = _draws(lap, num_chains * num_samples, rng_key).reshape(num_chains, num_samples, -1)
+        chain_restart, chain_coord = [lap.restart] * num_chains, np.arange(num_chains)
+    else:
+        laps, skipped = {}, []
+        for r in chosen:  # a restart at a saddle or a boundary has no Laplace approximation
+            try:
+                laps[r] = laplace(result, r)
+            except ValueError as err:
+                skipped.append(f"{r} ({result.restart_status[r]}: {str(err).split(':')[0]})")
+        if skipped:
+            warnings.warn(f"to_inference_data: restarts {', '.join(skipped)} left out: their "
+                          "observed information is not positive definite, so they have no "
+                          "Laplace draws (their point estimates stay in em_estimate).",
+                          UserWarning, stacklevel=4)
+        if not laps:
+            raise ValueError("to_inference_data: no chosen restart has a positive definite "
+                             "observed information (see result.restart_status).")
+        chosen = list(laps)
+        keys = jax.random.split(rng_key, len(chosen))
+        V = np.stack([_draws(laps[r], num_samples, k) for r, k in zip(chosen, keys)])
+        chain_restart, chain_coord = chosen, np.asarray(chosen)
+    return V, chain_restart, chain_coord
+
+
+def _em_groups(result, fns, flat, by_site, chain_coord, n_chain, num_samples):
+    """The groups beyond ``az.from_dict``'s: unconstrained draws, log prior, the EM trace, every
+    restart's estimate and the latent posterior."""
+    import xarray as xr
+
+    est_dims = {k: ("restart",) + tuple(f"{k}_dim_{i}" for i in range(np.ndim(v) - 1))
+                for k, v in result.restart_params.items()}
+    return {
+        "unconstrained_posterior": xr.Dataset(
+            {k: (("chain", "draw") + tuple(f"{k}_dim_{i}" for i in range(v.ndim - 2)), v)
+             for k, v in by_site(fns.unravel, flat).items()},
+            coords={"chain": chain_coord, "draw": np.arange(num_samples)},
+        ),
+        "log_prior": xr.Dataset(
+            {"log_prior": (("chain", "draw"),
+                           np.asarray(fns.log_prior(flat, result.data)).reshape(
+                               n_chain, num_samples))},
+            coords={"chain": chain_coord, "draw": np.arange(num_samples)},
+        ),
+        "em_trace": _trace_dataset(result),
+        "em_estimate": xr.Dataset(
+            {k: (est_dims[k], np.asarray(v)) for k, v in result.restart_params.items()},
+            coords={"restart": np.arange(result.n_restarts)},
+        ),
+        "latent_posterior": _latent_dataset(result),
+    }
+
+
 def to_inference_data(result, num_samples=1000, num_chains=4, restarts=None, rng_key=None,
                       posterior_predictive=False, num_predictive=100):
     """An ArviZ ``InferenceData`` of the fit, in the manner of ``az.from_numpyro``.
@@ -83,35 +142,12 @@ def to_inference_data(result, num_samples=1000, num_chains=4, restarts=None, rng
     chain coordinate is the restart index), so that different optima are never pooled.
     """
     import arviz as az
-    import xarray as xr
 
     plate = data_plate(result)
     fns = _functions(result)
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
-    chosen = _chosen_restarts(result, restarts)
-    if chosen is None:
-        lap = laplace(result)
-        V = _draws(lap, num_chains * num_samples, rng_key).reshape(num_chains, num_samples, -1)
-        chain_restart, chain_coord = [lap.restart] * num_chains, np.arange(num_chains)
-    else:
-        laps, skipped = {}, []
-        for r in chosen:  # a restart at a saddle or a boundary has no Laplace approximation
-            try:
-                laps[r] = laplace(result, r)
-            except ValueError as err:
-                skipped.append(f"{r} ({result.restart_status[r]}: {str(err).split(':')[0]})")
-        if skipped:
-            warnings.warn(f"to_inference_data: restarts {', '.join(skipped)} left out: their "
-                          "observed information is not positive definite, so they have no "
-                          "Laplace draws (their point estimates stay in em_estimate).",
-                          UserWarning, stacklevel=3)
-        if not laps:
-            raise ValueError("to_inference_data: no chosen restart has a positive definite "
-                             "observed information (see result.restart_status).")
-        chosen = list(laps)
-        keys = jax.random.split(rng_key, len(chosen))
-        V = np.stack([_draws(laps[r], num_samples, k) for r, k in zip(chosen, keys)])
-        chain_restart, chain_coord = chosen, np.asarray(chosen)
+    V, chain_restart, chain_coord = _laplace_draws(result, restarts, num_chains, num_samples,
+                                                   rng_key)
     n_chain = V.shape[0]
     flat = jnp.asarray(V.reshape(n_chain * num_samples, -1))
 
@@ -146,29 +182,7 @@ def to_inference_data(result, num_samples=1000, num_chains=4, restarts=None, rng
         posterior_attrs=attrs,
         log_likelihood_attrs=attrs,
     )
-    est_dims = {k: ("restart",) + tuple(f"{k}_dim_{i}" for i in range(np.ndim(v) - 1))
-                for k, v in result.restart_params.items()}
-    idata.add_groups(
-        {
-            "unconstrained_posterior": xr.Dataset(
-                {k: (("chain", "draw") + tuple(f"{k}_dim_{i}" for i in range(v.ndim - 2)), v)
-                 for k, v in by_site(fns.unravel, flat).items()},
-                coords={"chain": chain_coord, "draw": np.arange(num_samples)},
-            ),
-            "log_prior": xr.Dataset(
-                {"log_prior": (("chain", "draw"),
-                               np.asarray(fns.log_prior(flat, result.data)).reshape(
-                                   n_chain, num_samples))},
-                coords={"chain": chain_coord, "draw": np.arange(num_samples)},
-            ),
-            "em_trace": _trace_dataset(result),
-            "em_estimate": xr.Dataset(
-                {k: (est_dims[k], np.asarray(v)) for k, v in result.restart_params.items()},
-                coords={"restart": np.arange(result.n_restarts)},
-            ),
-            "latent_posterior": _latent_dataset(result),
-        }
-    )
+    idata.add_groups(_em_groups(result, fns, flat, by_site, chain_coord, n_chain, num_samples))
     return idata
 
 

@@ -139,6 +139,25 @@ def gmm(x, K, covariance="full", prior=None, variance_floor=None):
                              f"{variance_floor!r}.")
     w = _weights(K, hyper, x.dtype)
     loc = numpyro.param("loc", _spread(x, K))
+    spread = _gmm_spread(x, K, covariance, hyper, floor)
+    with numpyro.plate("data", N):
+        z = numpyro.sample("z", dist.Categorical(w))
+        if covariance == "full":
+            obs = dist.MultivariateNormal(loc[z], covariance_matrix=spread[z])
+        elif covariance == "tied":
+            obs = dist.MultivariateNormal(loc[z], covariance_matrix=spread)
+        elif covariance == "diag":
+            obs = dist.Normal(loc[z], spread[z]).to_event(1)
+        else:
+            obs = dist.Normal(loc[z], spread[z][..., None]).to_event(1)
+        numpyro.sample("x", obs, obs=x)
+
+
+def _gmm_spread(x, K, covariance, hyper, floor):
+    """The covariance site ``cov`` ("full" / "tied") or the standard deviations ``scale``
+    ("diag" / "spherical") of :func:`gmm`: a param (ML, optionally floored) or a sampled site
+    under the prior ``hyper`` (MAP)."""
+    D = x.shape[1]
     var = jnp.var(x, axis=0)
     if covariance in ("full", "tied"):
         shape = (K, D, D) if covariance == "full" else (D, D)
@@ -146,45 +165,27 @@ def gmm(x, K, covariance="full", prior=None, variance_floor=None):
             constraint = (constraints.positive_definite if floor is None
                           else positive_definite_floor(floor))
             start = jnp.diag(var if floor is None else jnp.maximum(var, 2 * floor))
-            cov = numpyro.param("cov", jnp.broadcast_to(start, shape), constraint=constraint)
-        else:
-            prior_cov = dist.InverseWishart(hyper["df"], scale_matrix=hyper["psi"])
-            if covariance == "full":
-                with numpyro.plate("components", K):
-                    cov = numpyro.sample("cov", prior_cov)
-            else:
-                cov = numpyro.sample("cov", prior_cov)
-    else:
-        shape = (K, D) if covariance == "diag" else (K,)
-        init = jnp.broadcast_to(
-            jnp.sqrt(var) if covariance == "diag" else jnp.sqrt(jnp.mean(var)), shape)
-        if hyper is None:
-            if floor is None:
-                scale = numpyro.param("scale", init, constraint=constraints.positive)
-            else:
-                scale = numpyro.param("scale", jnp.maximum(init, jnp.sqrt(2 * floor)),
-                                      constraint=constraints.greater_than_eq(math.sqrt(floor)))
-        else:
-            # plates rather than .to_event(): the closed-form MAP update needs the prior's own
-            # support (positive) on the site
-            with numpyro.plate("components", K, dim=-len(shape)):
-                if covariance == "diag":
-                    with numpyro.plate("coordinates", D, dim=-1):
-                        scale = numpyro.sample("scale", dist.InverseGamma(hyper["a"], hyper["b"]))
-                else:
-                    scale = numpyro.sample("scale", dist.InverseGamma(hyper["a"], hyper["b"]))
-    with numpyro.plate("data", N):
-        z = numpyro.sample("z", dist.Categorical(w))
+            return numpyro.param("cov", jnp.broadcast_to(start, shape), constraint=constraint)
+        prior_cov = dist.InverseWishart(hyper["df"], scale_matrix=hyper["psi"])
         if covariance == "full":
-            obs = dist.MultivariateNormal(loc[z], covariance_matrix=cov[z])
-        elif covariance == "tied":
-            obs = dist.MultivariateNormal(loc[z], covariance_matrix=cov)
-        elif covariance == "diag":
-            obs = dist.Normal(loc[z], scale[z]).to_event(1)
-        else:
-            obs = dist.Normal(loc[z], scale[z][..., None]).to_event(1)
-        numpyro.sample("x", obs, obs=x)
-
+            with numpyro.plate("components", K):
+                return numpyro.sample("cov", prior_cov)
+        return numpyro.sample("cov", prior_cov)
+    shape = (K, D) if covariance == "diag" else (K,)
+    init = jnp.broadcast_to(
+        jnp.sqrt(var) if covariance == "diag" else jnp.sqrt(jnp.mean(var)), shape)
+    if hyper is None and floor is None:
+        return numpyro.param("scale", init, constraint=constraints.positive)
+    if hyper is None:
+        return numpyro.param("scale", jnp.maximum(init, jnp.sqrt(2 * floor)),
+                             constraint=constraints.greater_than_eq(math.sqrt(floor)))
+    # plates rather than .to_event(): the closed-form MAP update needs the prior's own support
+    # (positive) on the site
+    with numpyro.plate("components", K, dim=-len(shape)):
+        if covariance == "diag":
+            with numpyro.plate("coordinates", D, dim=-1):
+                return numpyro.sample("scale", dist.InverseGamma(hyper["a"], hyper["b"]))
+        return numpyro.sample("scale", dist.InverseGamma(hyper["a"], hyper["b"]))
 
 def kmeans(x, K, scale=1.0):
     """K-means as a mixture: z_n ~ Categorical(1/K), x_n | z_n ~ Normal(loc[z_n], scale² I).
