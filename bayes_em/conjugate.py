@@ -145,31 +145,40 @@ def _site_candidates(p, value, site_name, base, used, args_now, args_at, params,
         if arg_coded is None or jnp.shape(arg_coded) != jnp.shape(arg):
             reasons.append(failed)
             continue
-        first = arg_coded[(...,) + (0,) * event_ndim] if event_ndim else arg_coded
-        second = arg_shifted[(...,) + (0,) * event_ndim] if event_ndim else arg_shifted
-        idx = np.where(first != second, np.round(first).astype(np.int64) - 1, n_rows)
-        sel = idx < n_rows
-        if np.any(idx < 0):
-            reasons.append(failed)
-            continue
-        if not sel.any():  # data never chooses θ here (a scan's first step): not a user
+        selects = _selects_rows(fam, value, arg, arg_coded, arg_shifted, n_rows)
+        if selects is None:  # data never chooses θ here (a scan's first step): not a user
             return [], [], True
-        code = (idx + 1).astype(arg_coded.dtype)
-        if fam.matrix:
-            expect = code[..., None, None] * np.eye(arg_coded.shape[-1])
-            ev = (Ellipsis, None, None)
-        else:
-            expect = np.broadcast_to(code.reshape(code.shape + (1,) * event_ndim), arg_coded.shape)
-            ev = (Ellipsis,) + (None,) * event_ndim
-        sel_b = np.broadcast_to(sel[ev], arg_coded.shape)
-        rows = np.reshape(value, (n_rows,) + np.shape(value)[len(batch):])
-        if not (np.array_equal(expect[sel_b], arg_coded[sel_b])
-                and np.allclose(rows[np.where(sel, idx, 0)][sel_b], np.asarray(arg)[sel_b],
-                                rtol=1e-6, atol=1e-12)):
+        if not selects:
             reasons.append(failed)
             continue
         candidates.append(family)
     return candidates, reasons, False
+
+
+def _selects_rows(fam, value, arg, arg_coded, arg_shifted, n_rows):
+    """Is the argument ``arg`` θ's rows gathered along the index map that the coded
+    evaluations decode to (every code a valid row)? None if no entry selects a row of θ."""
+    event_ndim = fam.event_ndim
+    first = arg_coded[(...,) + (0,) * event_ndim] if event_ndim else arg_coded
+    second = arg_shifted[(...,) + (0,) * event_ndim] if event_ndim else arg_shifted
+    idx = np.where(first != second, np.round(first).astype(np.int64) - 1, n_rows)
+    sel = idx < n_rows
+    if np.any(idx < 0):
+        return False
+    if not sel.any():
+        return None
+    code = (idx + 1).astype(arg_coded.dtype)
+    if fam.matrix:
+        expect = code[..., None, None] * np.eye(arg_coded.shape[-1])
+        ev = (Ellipsis, None, None)
+    else:
+        expect = np.broadcast_to(code.reshape(code.shape + (1,) * event_ndim), arg_coded.shape)
+        ev = (Ellipsis,) + (None,) * event_ndim
+    sel_b = np.broadcast_to(sel[ev], arg_coded.shape)
+    rows = np.reshape(value, (n_rows,) + np.shape(value)[np.ndim(value) - event_ndim:])
+    return bool(np.array_equal(expect[sel_b], arg_coded[sel_b])
+                and np.allclose(rows[np.where(sel, idx, 0)][sel_b], np.asarray(arg)[sel_b],
+                                rtol=1e-6, atol=1e-12))
 
 
 class _Program(NamedTuple):
