@@ -123,7 +123,8 @@ def _evidence(meta, metas, values, rng_key, dtype):
     ev = ev.reshape(shape)
     dim_to_name = tuple((dims[i], names[i]) for i in order)
     plates = frozenset(n for n in row_names if n in meta.plates)
-    return FactorMeta("@anchor:" + meta.name, dim_to_name, True, plates, tuple(shape)), ev
+    time = meta.time if meta.time in row_names else None
+    return FactorMeta("@anchor:" + meta.name, dim_to_name, True, plates, tuple(shape), time), ev
 
 
 def start_weights(enum_model, params, args, kwargs, latents, rng_key, init="anchors",
