@@ -96,12 +96,29 @@ class ClosedFormWarning(UserWarning):
 class EMResult:
     """The outcome of :meth:`EM.run`: the best restart, and every restart's trajectory.
 
-    ``params`` are constrained values keyed by site name (JAX arrays, ready for NumPyro's
-    ``Predictive(model, params=result.params)``). ``history`` holds, per restart and
-    iteration (iteration 0 is the start), the objective log p(X|θ) + log p(θ), the log prior and
-    the log-likelihood; entries after a restart stopped are NaN. ``posterior`` gives each latent
-    site's posterior marginal at the best parameters (plates first, then the site's values) and
-    ``most_probable`` the jointly most probable value of each latent.
+    Fields (R restarts; T = ``max_iter`` + 1 iterations, iteration 0 the start):
+
+    - ``params``: {site: JAX array of the site's shape}, θ̂ of the best restart at its
+      constrained values (ready for NumPyro's ``Predictive(model, params=result.params)``);
+    - ``objective``, ``log_likelihood``, ``log_prior``: floats, log p(X|θ̂) + log p(θ̂) and its
+      two terms (log p(θ̂) = 0 for maximum likelihood);
+    - ``n_iter`` (int), ``status`` (:class:`Status`, with ``message``), ``best_restart`` (int);
+    - ``restart_params``: {site: (R, ...) array}, every restart's final θ;
+    - ``restart_objective``, ``restart_n_iter``: (R,) arrays; ``restart_status``,
+      ``restart_messages``: R-tuples;
+    - ``history``: {"objective", "log_prior", "log_likelihood": (R, T) arrays, NaN after a
+      restart stopped; "params": {site: (R, T, ...)} with ``record_params=True``};
+    - ``n_decreases`` (iterations refused for lowering the objective), ``n_evals`` (EM maps: 3
+      per SQUAREM cycle), ``n_accepted`` (SQUAREM extrapolations kept), ``n_fallbacks``
+      (closed-form M-steps the guard redid numerically): (R,) arrays;
+    - ``sites``: the roles of the model's sites; ``settings``: EM's settings as plain data;
+    - ``posterior``: {latent: array}, p(z | X, θ̂) with the latent's time dim (scan), its plates,
+      then its values; ``most_probable``: {latent: int array}, the jointly most probable
+      latents (both computed on first use).
+
+    `latents`, `problem`, `data` and `model` are what the diagnostics and predictions need
+    (the compiled functions, the static problem, the data leaves, the model); they are not
+    pickled or saved.
     """
 
     params: dict
