@@ -121,7 +121,7 @@ def _em_groups(result, fns, flat, by_site, chain_coord, n_chain, num_samples):
 
 
 def to_inference_data(result, num_samples=1000, num_chains=4, restarts=None, rng_key=None,
-                      posterior_predictive=False, num_predictive=100):
+                      posterior_predictive=False, num_predictive=100, align=True):
     """An ArviZ ``InferenceData`` of the fit, in the manner of ``az.from_numpyro``.
 
     Groups: ``posterior`` — draws of the Laplace approximation N(v̂, I(v̂)⁻¹) in unconstrained space
@@ -139,10 +139,17 @@ def to_inference_data(result, num_samples=1000, num_chains=4, restarts=None, rng
 
     ``restarts=None``: ``num_chains`` chains of independent draws around the best optimum.
     ``restarts="all"`` or a list of indices: one chain per restart around its own optimum (the
-    chain coordinate is the restart index), so that different optima are never pooled.
+    chain coordinate is the restart index), so that different optima are never pooled. With
+    ``align`` (the default) the restarts are first relabelled to the best restart's component
+    labels where the model has that symmetry (:func:`bayes_em.relabel.align_restarts`): restarts
+    at one optimum under permuted labels then agree (R-hat ≈ 1) instead of reading as different.
     """
     import arviz as az
 
+    if restarts is not None and align:
+        from bayes_em.relabel import align_restarts
+
+        result = align_restarts(result)
     plate = data_plate(result)
     fns = _functions(result)
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
