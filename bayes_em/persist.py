@@ -300,11 +300,24 @@ def _loaded_latents(path):
     return latents
 
 
+def _sites(s, arrays):
+    """The :class:`~bayes_em.sites.ModelSites` stored by :func:`save`."""
+    from bayes_em.sites import ModelSites, ParamSite
+
+    return ModelSites(
+        params=tuple(ParamSite(p["name"], p["kind"], _constraint(p["constraint"]),
+                               arrays[p["init"]]) for p in s["params"]),
+        latents=tuple(s["latents"]),
+        observed=tuple(s["observed"]),
+        plate_order=tuple(s["plate_order"]),
+        max_plate_nesting=int(s["max_plate_nesting"]),
+    )
+
+
 def load(path):
     """Read a result written by :func:`save`: an :class:`~bayes_em.EMResult` with every number
     of the saved one, and no model, data or compiled functions (like an unpickled result)."""
     from bayes_em.result import EMResult, Status
-    from bayes_em.sites import ModelSites, ParamSite
 
     path, meta, arrays = _read(path)
 
@@ -324,15 +337,7 @@ def load(path):
     for k in _ARRAY_SETTINGS:
         if k in settings:
             settings[k] = tree(settings[k])
-    s = meta["sites"]
-    sites = ModelSites(
-        params=tuple(ParamSite(p["name"], p["kind"], _constraint(p["constraint"]),
-                               array(p["init"])) for p in s["params"]),
-        latents=tuple(s["latents"]),
-        observed=tuple(s["observed"]),
-        plate_order=tuple(s["plate_order"]),
-        max_plate_nesting=int(s["max_plate_nesting"]),
-    )
+    sites = _sites(meta["sites"], arrays)
     cache = {}
     if meta.get("posterior") is not None:
         cache["latents"] = (tree(meta["posterior"]), tree(meta["most_probable"]))
