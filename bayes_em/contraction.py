@@ -169,6 +169,11 @@ def _graph(factors) -> _Graph:
             curr = dim_to_name_of.get(lag_site[var], {}).values()
             if var in curr:
                 markov_dims[time] |= frozenset(curr)
+    single = sorted(p for p, w in factors.plate_weights.items() if jnp.shape(w) == (1,))
+    if single:  # funsor drops size-1 dims: the weight would silently not apply
+        raise NotImplementedError(
+            f"Plate(s) {single} have one element and per-element weights: bayes_em weights the "
+            "elements of plates with two or more.")
     plate_weights = {p: funsor.to_funsor(w, output=funsor.Real,
                                          dim_to_name=OrderedDict([(-1, p)]))
                      for p, w in factors.plate_weights.items()}

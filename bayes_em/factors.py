@@ -211,6 +211,11 @@ def _scaled(site, log_prob, dim_to_name, weights):
     if scale is None or is_identically_one(scale):
         return log_prob
     enumerated = [n for n in dim_to_name.values() if n not in plates_of(site)]
+    if enumerated and jnp.ndim(scale) >= 1 and plates_of(site):
+        raise NotImplementedError(
+            f"Site '{site['name']}' has per-element weights (numpyro.handlers.scale) on a plate "
+            "of one element: bayes_em weights the elements of plates with two or more (with one "
+            "element, the weight only rescales the likelihood against the prior).")
     if enumerated:
         # (Σ_z f)^s ≠ Σ_z f^s: a scaled factor over an enumerated latent would silently
         # weight the wrong quantity

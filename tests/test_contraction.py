@@ -49,6 +49,12 @@ def test_mixture_log_z_weights_and_pointwise_match_brute_force():
     np.testing.assert_array_equal(np.argmax(np.asarray(w_max["x"]), 0), joint.argmax(0))
 
 
+def test_weights_on_a_plate_of_one_element_are_refused():
+    factors = mixture_factors(np.log([0.4, 0.6]), np.array([[1.9], [0.3]]), np.array([2.0]))
+    with pytest.raises(NotImplementedError, match="one element"):
+        log_partition(factors)
+
+
 def test_weighted_plate_counts_each_element_w_times():
     K, N = 2, 4
     log_w = np.log(RNG.dirichlet(np.ones(K)))
@@ -130,3 +136,79 @@ def test_chain_with_zero_transitions_has_finite_weights():
     for path, pr in zip(paths, post):
         np.add.at(xi, (path[:-1], path[1:]), pr)
     np.testing.assert_allclose(np.asarray(w["z"])[0], xi, atol=1e-12)
+
+
+# -- generated structures: hypothesis draws sizes, weights and impossible entries -----------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+SETTINGS = dict(deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def with_zeros(a, mask):
+    """Entries of ``a`` where ``mask`` is set made impossible (log 0)."""
+    return np.where(mask, -np.inf, a)
+
+
+@st.composite
+def mixtures(draw):
+    K, N = draw(st.integers(2, 4)), draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    log_w = np.log(rng.dirichlet(np.ones(K)))
+    log_lik = rng.normal(scale=3.0, size=(K, N))
+    # some components impossible for some points, never all of them for one point
+    zeros = rng.random((K, N)) < 0.3
+    zeros[rng.integers(K, size=N), np.arange(N)] = False
+    weighted = N > 1 and draw(st.booleans())  # a plate of one element takes no weights
+    weights = rng.choice([0.5, 1.0, 2.0, 3.0], size=N) if weighted else None
+    return log_w, with_zeros(log_lik, zeros), weights
+
+
+@settings(max_examples=15, **SETTINGS)
+@given(mixtures())
+def test_generated_mixtures_match_brute_force(case):
+    log_w, log_lik, weights = case
+    factors = mixture_factors(log_w, log_lik, weights)
+    joint = log_w[:, None] + log_lik
+    per_point = logsumexp(joint, axis=0)
+    w = np.ones(joint.shape[1]) if weights is None else weights
+    log_z, post = posterior_weights(factors)
+    np.testing.assert_allclose(log_z, w @ per_point, rtol=1e-10)
+    expected = np.exp(joint - per_point) * w  # weighted plates weight the posteriors too
+    np.testing.assert_allclose(post["x"], expected, atol=1e-10)
+    assert all(np.isfinite(np.asarray(v)).all() for v in post.values())
+    np.testing.assert_allclose(log_partition(factors, "max"), w @ joint.max(0), rtol=1e-10)
+
+
+@st.composite
+def chains(draw):
+    T, K = draw(st.integers(2, 5)), draw(st.integers(2, 3))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    trans = rng.dirichlet(np.ones(K), size=K)
+    if draw(st.booleans()):  # exact zeros off the diagonal: some states unreachable
+        trans = trans * (rng.random((K, K)) > 0.4) + np.eye(K) * 1e-3
+        trans = trans / trans.sum(1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        return (np.log(rng.dirichlet(np.ones(K))), np.log(trans),
+                rng.normal(scale=2.0, size=(T, K)), draw(st.booleans()))
+
+
+@settings(max_examples=15, **SETTINGS)
+@given(chains())
+def test_generated_chains_match_brute_force(case):
+    log_init, log_trans, log_emit, parallel_time = case
+    factors = chain_factors(log_init, log_trans, log_emit)
+    paths, logp = brute_force_chain(log_init, log_trans, log_emit)
+    log_z, w = posterior_weights(factors, "sum", parallel_time)
+    np.testing.assert_allclose(log_z, logsumexp(logp), rtol=1e-10)
+    assert all(np.isfinite(np.asarray(v)).all() for v in w.values())
+    post = np.exp(logp - logsumexp(logp))
+    K = log_emit.shape[1]
+    xi = np.zeros((K, K))
+    for path, pr in zip(paths, post):
+        np.add.at(xi, (path[:-1], path[1:]), pr)
+    np.testing.assert_allclose(np.asarray(w["z"])[0], xi, atol=1e-10)
+    np.testing.assert_allclose(log_partition(factors, "max", parallel_time), logp.max(),
+                               rtol=1e-10)

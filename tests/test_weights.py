@@ -133,3 +133,10 @@ def test_one_number_scaling_an_enumerated_factor_is_refused():
 
     with pytest.raises(NotImplementedError, match="'z' is scaled.*one number"):
         fit(scaled, X)
+
+
+def test_weights_on_a_single_row_are_refused_by_name():
+    """A data set of one weighted row: NumPyro gives the plate no dim, so the weight would
+    reach the factor as one number; refused with a message that says why."""
+    with pytest.raises(NotImplementedError, match="plate of one element"):
+        fit(mixture, X[:1], W[:1])
