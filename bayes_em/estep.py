@@ -57,8 +57,9 @@ def backpointers_suffice(factors: Factors, parallel_time: bool = False) -> bool:
     back-pointer recursion (``bayes_em.contraction._forward_chain``). Traced only (nothing
     runs)."""
     report = {}
-    jax.eval_shape(lambda logs: log_partition(factors.replace(logs=logs), "max", parallel_time,
-                                              report), factors.logs)
+    jax.eval_shape(lambda logs, weights: log_partition(
+        factors.replace(logs=logs, plate_weights=weights), "max", parallel_time, report),
+        factors.logs, factors.plate_weights)
     return bool(report.get("one_optimum", False))
 
 

@@ -316,3 +316,61 @@ def test_gaussian_path_matches_hmmlearn_decode():
     estep = EM(emitting_hmm, progress_bar=False).e_step(p, jnp.asarray(ys), K=K)
     ours = np.r_[int(estep.most_probable["z0"]), estep.most_probable["z"]]
     np.testing.assert_array_equal(ours, path)
+
+
+# -- a plate of padded sequences -------------------------------------------------------------------
+
+
+def padded_hmm(ys, mask, K, V):
+    """Sequences of different lengths in one padded (N, T_max) array; z0 emits ys[:, 0]."""
+    init = numpyro.param("init", jnp.ones(K) / K, constraint=constraints.simplex)
+    trans = numpyro.param("trans", jnp.ones((K, K)) / K, constraint=constraints.simplex)
+    emit = numpyro.param("emit", jnp.ones((K, V)) / V, constraint=constraints.simplex)
+    n_seq = ys.shape[0]
+    with numpyro.plate("sequences", n_seq, dim=-1):
+        z0 = numpyro.sample("z0", dist.Categorical(init))
+        numpyro.sample("y0", dist.Categorical(emit[z0]), obs=ys[:, 0])
+
+    def step(z_prev, y_m):
+        y, m = y_m
+        with numpyro.plate("sequences", n_seq, dim=-1), numpyro.handlers.mask(mask=m):
+            z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
+            numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
+        return z, None
+
+    scan(step, z0, (ys[:, 1:].T, mask[:, 1:].T))
+
+
+def test_padded_sequences_each_get_an_optimal_path():
+    """A plate of sequences (the chain's batch dim) with masked padding and tied optima: each
+    sequence's decoded path is one of its own brute-force optima, and hard EM's log Z is the sum
+    of the sequences' best scores."""
+    K, V = 2, 2
+    # switching to follow an observation costs what staying and missing it does: ties
+    p = dict(init=np.array([0.5, 0.5]), trans=np.array([[0.6, 0.4], [0.4, 0.6]]),
+             emit=np.array([[0.6, 0.4], [0.4, 0.6]]))
+    seqs = [np.array([0, 1, 1, 0, 0, 1]), np.array([1, 1, 0]), np.array([0, 1, 0, 1, 0])]
+    T = max(map(len, seqs))
+    ys = np.zeros((len(seqs), T), int)
+    mask = np.zeros((len(seqs), T), bool)
+    for i, s in enumerate(seqs):
+        ys[i, :len(s)], mask[i, :len(s)] = s, True
+    li, lt, le = np.log(p["init"]), np.log(p["trans"]), np.log(p["emit"])
+    estep = EM(padded_hmm, progress_bar=False).e_step(p, jnp.asarray(ys), jnp.asarray(mask),
+                                                        K=K, V=V)
+    total = 0.0
+    for i, s in enumerate(seqs):
+        scores = {z: li[z[0]] + le[z[0], s[0]] + sum(lt[z[t - 1], z[t]] + le[z[t], s[t]]
+                                                       for t in range(1, len(s)))
+                  for z in itertools.product(range(K), repeat=len(s))}
+        best = max(scores.values())
+        total += best
+        optima = {z for z, v in scores.items() if np.isclose(v, best, rtol=0, atol=1e-12)}
+        path = (int(estep.most_probable["z0"][i]),
+                *map(int, np.asarray(estep.most_probable["z"])[: len(s) - 1, i]))
+        assert path in optima
+        assert len(optima) == (8, 2, 1)[i]  # the cases under test
+    problem, _, data = build(padded_hmm, jnp.asarray(ys), jnp.asarray(mask), K=K, V=V,
+                             options=Options(hard=True))
+    log_z, _, _ = e_step(problem, {k: jnp.asarray(v) for k, v in p.items()}, data)
+    np.testing.assert_allclose(float(log_z), total, rtol=1e-12)
