@@ -21,6 +21,7 @@ from jax import Array
 from bayes_em import _numpyro as npi
 from bayes_em._numpyro import UNITS, compute_markov_factors, partition
 from bayes_em.factors import Factors, time_sizes
+from bayes_em.viterbi import max_first, viterbi_scan
 
 __all__ = ["log_partition", "pointwise_log_likelihood"]
 
@@ -214,10 +215,16 @@ def _chain_parts(graph, time, sum_op, prod_op):
     return parts if all(isinstance(p, funsor.Tensor) for p in parts) else None
 
 
+# the largest joint table of a chain's first factors maximised with back-pointers (entries)
+_START_LIMIT = 2**22
+
+
 def _chain_start(graph, prev, curr, batch, sum_op, prod_op):
-    """``(a_0, rest)``: a_0(prev), the sum-product of the chain-free factors connected to the
-    chain's first state through enumerated latents, and the factors not connected; None if
-    they do not have that form."""
+    """``(a_0, rest, exact)``: a_0(prev), the sum-product of the chain-free factors connected to
+    the chain's first state through enumerated latents, and the factors not connected; None if
+    they do not have that form. With the max-product the latents before the chain are maximised
+    out of their joint table with back-pointers (:func:`bayes_em.viterbi.max_first`) where it is
+    small and no plate is reduced there (``exact``: the gradient of a_0 is then one optimum)."""
     chain, rest, frontier = [], list(graph.free), {prev}
     while frontier:
         linked = [f for f in rest if frontier & set(f.inputs)]
@@ -229,6 +236,10 @@ def _chain_start(graph, prev, curr, batch, sum_op, prod_op):
     if not chain or any(curr in f.inputs or not batch <= set(f.inputs) for f in chain):
         return None
     inputs = frozenset().union(*(f.inputs for f in chain))
+    if sum_op is npi.max_op:
+        start = _max_start(chain, inputs, prev, batch, graph)
+        if start is not None:
+            return start, rest, True
     with funsor.interpretations.lazy:
         lazy = npi.sum_product(
             sum_op, prod_op, chain,
@@ -237,12 +248,33 @@ def _chain_start(graph, prev, curr, batch, sum_op, prod_op):
     init = funsor.optimizer.apply_optimizer(lazy)
     if not isinstance(init, funsor.Tensor) or not set(init.inputs) <= batch | {prev}:
         return None
-    return init, rest
+    return init, rest, False
+
+
+def _max_start(chain, inputs, prev, batch, graph):
+    """max over the latents before the chain of the sum of the factors ``chain``, kept over
+    ``prev`` and the batch plates, by :func:`bayes_em.viterbi.max_first` on their joint table;
+    None where a plate would be reduced or the table is large."""
+    if (inputs & graph.prod_vars) - batch:
+        return None
+    joint = reduce(npi.add, chain)
+    if not isinstance(joint, funsor.Tensor):
+        return None
+    eliminated = tuple(sorted(set(joint.inputs) - batch - {prev}))
+    kept = tuple(n for n in sorted(batch) if n in joint.inputs) + (prev,)
+    if eliminated and joint.data.size > _START_LIMIT:
+        return None
+    data = joint.align(kept + eliminated).data
+    sizes = tuple(joint.inputs[n].size for n in kept)
+    if eliminated:
+        data = max_first(data.reshape(sizes + (-1,)))
+    return funsor.Tensor(data.reshape(sizes), OrderedDict((n, joint.inputs[n]) for n in kept))
 
 
 def _forward_chain(graph, time, sum_op, prod_op):
-    """The chain-free factors with the chain along ``time`` summed out by a forward recursion,
-    or None when the chain does not have the simple form below (then funsor's log-depth
+    """``(free, a_T, exact)``: the chain-free factors with the chain along ``time`` summed out by
+    a forward recursion (the last of them, a_T, its result), or None when the chain does not
+    have the simple form below (then funsor's log-depth
     contraction of the T transition matrices is used, O(T·K³) work).
 
     With M_t(prev, curr) = C ⊗ E_t (:func:`_chain_parts`) and a_0 (:func:`_chain_start`),
@@ -253,7 +285,9 @@ def _forward_chain(graph, time, sum_op, prod_op):
     two-slice marginals. Needs history 1, one chain variable, and no enumerated latent besides
     the chain in M_t (other inputs are plates, which every factor of a_0 shares). When E_t does
     not depend on the previous state (emissions), a sum-product step is a matrix-vector product
-    (:func:`_matvec_step`).
+    (:func:`_matvec_step`). The max-product records back-pointers
+    (:func:`bayes_em.viterbi.viterbi_scan`); ``exact``: its gradient is the indicator of one
+    optimal path through the chain and its start (no latent local to a step maximised apart).
     """
     if graph.history != 1 or len(graph.init_vars[time]) != 1:
         return None
@@ -269,7 +303,9 @@ def _forward_chain(graph, time, sum_op, prod_op):
     start = _chain_start(graph, prev, curr, batch, sum_op, prod_op)
     if start is None:
         return None
-    init, rest = start
+    init, rest, exact = start
+    local = frozenset().union(*(f.inputs for f in graph.chains[time])) & graph.sum_vars
+    exact = exact and not local - graph.markov_dims[time]
     names = tuple(sorted(batch)) + (prev, curr)
     size = {n: d.size for p in parts for n, d in p.inputs.items()}
 
@@ -288,15 +324,19 @@ def _forward_chain(graph, time, sum_op, prod_op):
     a0 = jnp.broadcast_to(aligned(init, names[:-1]), tuple(size[n] for n in names[:-1]))
     a_last = _forward_scan(a0.astype(dtype), const, m, time.output.size, sum_op, dtype)
     out = OrderedDict((n, funsor.Bint[size[n]]) for n in names if n != prev)
-    a_last = jnp.broadcast_to(a_last, tuple(d.size for d in out.values()))
-    return rest + [funsor.Tensor(a_last, out)]
+    a_last = funsor.Tensor(jnp.broadcast_to(a_last, tuple(d.size for d in out.values())), out)
+    return rest + [a_last], a_last, exact
 
 
 def _forward_scan(a0, const, m, length, sum_op, dtype):
     """a_T of the recursion a_{t+1}(j) = ⊕_i a_t(i) ⊗ (C(i, j) ⊗ m_t(i, j)) by one
     ``lax.scan``. Each step returns its message less a shift, and the shift: the carried values
     stay O(1), so their round-off does not grow with log Z (a message carrying log Z itself adds
-    eps·|log Z| at each of the T steps); the shifts are summed pairwise at the end."""
+    eps·|log Z| at each of the T steps); the shifts are summed pairwise at the end. The
+    max-product keeps back-pointers: :func:`bayes_em.viterbi.viterbi_scan`."""
+    if sum_op is npi.max_op:
+        const = jnp.reshape(const, (1,) * (jnp.ndim(a0) + 1)) if jnp.ndim(const) == 0 else const
+        return viterbi_scan(a0, const, m, length)
     if sum_op is npi.logaddexp and jnp.ndim(const) >= 2 and (m is None or m.shape[-2] == 1):
         forward = _matvec_step(const, dtype)
         m = None if m is None else m[..., 0, :]
@@ -313,19 +353,31 @@ def _forward_scan(a0, const, m, length, sum_op, dtype):
     return a_last + _pairwise_sum(shifts)
 
 
-def _lazy_contraction(factors, sum_op, prod_op, parallel_time=False):
+def _lazy_contraction(factors, sum_op, prod_op, parallel_time=False, report=None):
     """The lazy funsor expression of the contraction of ``factors`` over every latent, plate
     and time dim: chains summed by :func:`_forward_chain` where it applies (not with
     ``parallel_time``), the others by NumPyro's Markov contraction, then one sum-product over
-    plates (weighted plates by :func:`_weighted_sum_product`)."""
+    plates (weighted plates by :func:`_weighted_sum_product`).
+
+    ``report`` (a dict, max-product): ``report["one_optimum"]`` is set to whether the gradient
+    is the indicator of one optimal configuration whatever the ties: every chain went through
+    the back-pointer recursion exactly, and every other factor left has no latent but a
+    chain's last state (see :func:`bayes_em.estep.posterior_weights`)."""
     graph = _graph(factors)
     chains = dict(graph.chains)
+    exact, outputs = True, []
     for time in list(chains) if not parallel_time else ():
         fused = _forward_chain(graph._replace(chains=chains), time, sum_op, prod_op)
         if fused is not None:
-            graph = graph._replace(free=fused)
+            free, a_last, fused_exact = fused
+            graph = graph._replace(free=free)
+            exact, outputs = exact and fused_exact, outputs + [a_last]
             del chains[time]
     free = list(graph.free)
+    if report is not None:
+        report["one_optimum"] = exact and not chains and not any(
+            graph.sum_vars & frozenset(f.inputs) and not any(f is o for o in outputs)
+            for f in free)
     for time, fs in chains.items():
         if not any(time.name in f.inputs for f in fs):  # constant over time: repeat it
             zeros = jnp.zeros(time.output.size, jnp.result_type(fs[0].data))
@@ -350,16 +402,18 @@ def _lazy_contraction(factors, sum_op, prod_op, parallel_time=False):
                                plates=graph.prod_vars)
 
 
-def log_partition(factors: Factors, semiring: str = "sum", parallel_time: bool = False) -> Array:
+def log_partition(factors: Factors, semiring: str = "sum", parallel_time: bool = False,
+                  report: dict | None = None) -> Array:
     """log Z: sum-product (``"sum"``) or max-product (``"max"``) of ``factors``
     (:class:`bayes_em.factors.Factors`).
 
     Markov chains are summed out by a forward recursion (O(T·K²) work, T sequential steps) where
     their structure allows, or with ``parallel_time`` by funsor's parallel-in-time contraction
-    (pairs of steps multiplied in log₂ T rounds: O(T·K³) work, log depth; for accelerators)."""
+    (pairs of steps multiplied in log₂ T rounds: O(T·K³) work, log depth; for accelerators).
+    ``report``: see :func:`_lazy_contraction`."""
     sum_op = npi.logaddexp if semiring == "sum" else npi.max_op
     result = funsor.optimizer.apply_optimizer(
-        _lazy_contraction(factors, sum_op, npi.add, parallel_time))
+        _lazy_contraction(factors, sum_op, npi.add, parallel_time, report))
     if result.inputs:
         raise ValueError(
             "The enumerated log-density did not reduce to a scalar; check the plates of sites "

@@ -4,7 +4,11 @@
 
 (one reverse-mode pass through the contraction of :mod:`bayes_em.contraction`): the posterior
 marginal of the latents in factor f's scope, or 1 for factors without any. With the max-product
-(``semiring="max"``, hard EM) the weights are the indicator of one most probable configuration.
+(``semiring="max"``, hard EM) the weights are the indicator of one most probable configuration:
+for Markov chains from the back-pointers of a Viterbi recursion (``bayes_em.viterbi``), on the
+vectorised trace (a homogeneous transition's weight is then the path's transition counts);
+elsewhere from the gradient of the max-product and a tie-breaking second pass
+(:func:`_one_optimum`), on the step-by-step trace.
 """
 
 from __future__ import annotations
@@ -21,31 +25,72 @@ from bayes_em.contraction import log_partition
 from bayes_em.factors import FactorMeta, Factors
 from bayes_em.problem import EMProblem, factors, log_prior
 
-__all__ = ["e_step", "posterior_weights", "site_marginal", "chain_marginals", "latent_posterior",
-           "most_probable", "symmetric_latents"]
+__all__ = ["e_step", "posterior_weights", "max_product_factors", "backpointers_suffice",
+           "site_marginal", "chain_marginals", "latent_posterior", "most_probable",
+           "symmetric_latents"]
 
 
 def e_step(problem: EMProblem, params: dict, data: tuple,
            semiring: str | None = None) -> tuple[Array, Array, dict]:
     """``(log Z, log p(θ), weights)`` at θ = ``params``; log Z = log p(X|θ) + log p(θ)."""
     semiring = semiring or ("max" if problem.hard else "sum")
-    fs = factors(problem, params, data, vectorized=semiring == "sum")
+    if semiring == "max":
+        fs = max_product_factors(problem, params, data)
+    else:
+        fs = factors(problem, params, data, vectorized=True)
     log_z, weights = posterior_weights(fs, semiring, problem.parallel_time)
     return log_z, log_prior(problem, fs), weights
+
+
+def max_product_factors(problem: EMProblem, params: dict, data: tuple) -> Factors:
+    """The trace the max-product E-step reads: the vectorised one (a homogeneous transition
+    evaluated once) where back-pointers give one optimum (:func:`backpointers_suffice`), else
+    the step-by-step one, whose time-resolved factors :func:`_one_optimum` needs. The choice
+    depends on the model's structure only (decided while tracing)."""
+    fs = factors(problem, params, data, vectorized=True)
+    if not _collapsed_time(fs) or backpointers_suffice(fs, problem.parallel_time):
+        return fs
+    return factors(problem, params, data, vectorized=False)
+
+
+def backpointers_suffice(factors: Factors, parallel_time: bool = False) -> bool:
+    """Whether the gradient of the max-product of ``factors`` is by itself the indicator of one
+    optimum, whatever the ties: every latent lies in a Markov chain maximised by the
+    back-pointer recursion (``bayes_em.contraction._forward_chain``). Traced only (nothing
+    runs)."""
+    report = {}
+    jax.eval_shape(lambda logs, weights: log_partition(
+        factors.replace(logs=logs, plate_weights=weights), "max", parallel_time, report),
+        factors.logs, factors.plate_weights)
+    return bool(report.get("one_optimum", False))
+
+
+def _collapsed_time(factors: Factors) -> bool:
+    """Whether some factor is constant over the steps of a vectorised ``scan`` (time dim of
+    size 1 in a longer chain)."""
+    sizes = factors.time_sizes()
+    return any(m.time is not None and m.shape[m.names[m.time]] == 1 < sizes[m.time]
+               for m in factors.metas)
 
 
 def posterior_weights(factors: Factors, semiring: str = "sum",
                       parallel_time: bool = False) -> tuple[Array, dict]:
     """``(log Z, {factor: ∂ log Z / ∂ log f})``; the weights are posterior marginals of the
-    factors' scopes (``"sum"``) or the indicator of one most probable configuration (``"max"``)."""
-    if semiring == "max":
+    factors' scopes (``"sum"``) or the indicator of one most probable configuration (``"max"``:
+    by back-pointers where they suffice, see :func:`backpointers_suffice`; else by a second,
+    tie-breaking pass, which needs the step-by-step trace)."""
+    tie_break = semiring == "max" and not backpointers_suffice(factors, parallel_time)
+    if tie_break:
+        if _collapsed_time(factors):
+            raise ValueError("The max-product weights of this model need the step-by-step trace "
+                             "(bayes_em.estep.max_product_factors), not the vectorised one.")
         factors = factors.replace(logs=_snap(factors))
 
     def log_z(logs):
         return log_partition(factors.replace(logs=logs), semiring, parallel_time)
 
     value, weights = jax.value_and_grad(log_z)(factors.logs)
-    if semiring == "max":
+    if tie_break:
         weights = _one_optimum(factors, weights, parallel_time)
     return value, weights
 
@@ -155,15 +200,23 @@ def latent_posterior(problem: EMProblem, params: dict, data: tuple) -> dict:
     fs = fs.replace(logs={k: jnp.where(a == -jnp.inf, 4 * jnp.log(jnp.finfo(a.dtype).tiny), a)
                           if jnp.issubdtype(a.dtype, jnp.floating) else a
                           for k, a in fs.logs.items()})
+    weights, metas = _probed_weights(problem, fs, "sum")
+    order = problem.sites.plate_order
+    return {n: chain_marginals(weights, metas, n, order) for n in problem.sites.latents}
+
+
+def _probed_weights(problem: EMProblem, fs: Factors, semiring: str):
+    """``(weights, metas)``: the weights of ``fs`` with, for every latent whose factor is
+    constant over time, the time-resolved weight of its probe (:func:`_time_probes`) in place of
+    its own, and the probes' metas in place of the latents'."""
     probes = _time_probes(fs, set(problem.sites.latents))
     probed = fs.extend([m._replace(name="probe:" + m.name) for m, _ in probes.values()],
                        {"probe:" + n: a for n, (_, a) in probes.items()})
-    _, weights = posterior_weights(probed, "sum", problem.parallel_time)
+    _, weights = posterior_weights(probed, semiring, problem.parallel_time)
     for name in probes:
         weights[name] = weights["probe:" + name]
     metas = tuple(probes[m.name][0] if m.name in probes else m for m in fs.metas)
-    order = problem.sites.plate_order
-    return {n: chain_marginals(weights, metas, n, order) for n in problem.sites.latents}
+    return weights, metas
 
 
 def _time_probes(fs, latents):
@@ -190,11 +243,12 @@ def _time_probes(fs, latents):
 
 def most_probable(problem: EMProblem, params: dict, data: tuple) -> dict:
     """The jointly most probable value of every latent site (max-product; among tied optima one
-    is chosen by a fixed random tie-break, see :func:`_one_optimum`)."""
-    fs = factors(problem, params, data)
-    _, weights = posterior_weights(fs, "max", problem.parallel_time)
+    is chosen: by the back-pointers' first-index rule in Markov chains, else by a fixed random
+    tie-break, see :func:`_one_optimum`)."""
+    fs = max_product_factors(problem, params, data)
+    weights, metas = _probed_weights(problem, fs, "max")
     order = problem.sites.plate_order
-    return {n: jnp.argmax(chain_marginals(weights, fs.metas, n, order), axis=-1)
+    return {n: jnp.argmax(chain_marginals(weights, metas, n, order), axis=-1)
             for n in problem.sites.latents}
 
 
@@ -204,7 +258,8 @@ def symmetric_latents(problem: EMProblem, weights: dict, params: dict, data: tup
     has mass: their parameters cannot be told apart, the symmetric point EM cannot leave (a
     saddle of the objective, e.g. two mixture components with equal parameters). Compared by
     two fixed random projections of each value's posterior weights."""
-    metas = factors(problem, params, data, vectorized=not problem.hard).metas  # shapes only
+    metas = (max_product_factors(problem, params, data) if problem.hard  # shapes only
+             else factors(problem, params, data, vectorized=True)).metas
     latents = set(problem.sites.latents)
     found = jnp.zeros((), bool)
     for m in metas:

@@ -2,6 +2,7 @@
 dynamax (``fit_em``), from the same initial parameters, in the same run.
 
     python benchmarks/hmm.py [--quick] [--f32] [--sizes 1e3,1e5] [--ks 4,16] [--emissions categorical,gaussian]
+    python benchmarks/hmm.py --hard [--sizes 1e5] [--ks 16]   # hard EM (Viterbi training) vs soft
 
 T ∈ {1e3, 1e5}, K ∈ {4, 16}, categorical (V = 8 symbols) and 1-D Gaussian emissions. Prints a
 markdown table: ms per EM iteration (compile excluded), compile time, and the final
@@ -21,6 +22,8 @@ How each number is taken (wall clock, the best of ``--repeats`` runs):
   (N - 1) on compiled objects, so that the fixed cost of a run (site discovery, checks, the
   final posterior and Viterbi pass) is left out and reported on its own; compile = first run -
   later run.
+- ``--hard``: bayes_em alone, soft (Baum-Welch) and hard EM (``hard=True``, Viterbi training)
+  per iteration and compile, measured the same way in the same process, and their ratio.
 """  # noqa: E501
 
 import os
@@ -46,6 +49,8 @@ def parse():
     ap.add_argument("--iters", type=int, default=None, help="EM iterations (default 20, quick 5)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-dynamax", action="store_true")
+    ap.add_argument("--hard", action="store_true",
+                    help="bayes_em only: hard EM (Viterbi training) against soft EM")
     return ap.parse_args()
 
 
@@ -224,23 +229,43 @@ def run_dynamax(ys, start, emissions, n_iter, repeats):
     return dict(ms=1e3 * t / n_iter, compile=first - t, ll=hmmlearn_score(ys, fitted, emissions))
 
 
-def run_bayes_em(ys, start, emissions, n_iter, repeats):
+def run_bayes_em(ys, start, emissions, n_iter, repeats, hard=False):
     K = len(start["init"])
     model = categorical_hmm if emissions == "categorical" else gaussian_hmm
     data = jnp.asarray(ys) if emissions == "categorical" else jnp.asarray(ys, DTYPE)
     init = {k: jnp.asarray(v, DTYPE) for k, v in start.items()}
-    em = EM(model, max_iter=n_iter, tol=0.0, init_values=init, progress_bar=False)
+    em = EM(model, max_iter=n_iter, tol=0.0, init_values=init, progress_bar=False, hard=hard)
     t0 = time.perf_counter()
     em.run(jax.random.PRNGKey(0), data, K=K)
     first = time.perf_counter() - t0
     t_run, result = best_of(lambda: em.run(jax.random.PRNGKey(0), data, K=K), repeats)
-    one = EM(model, max_iter=1, tol=0.0, init_values=init, progress_bar=False)
+    one = EM(model, max_iter=1, tol=0.0, init_values=init, progress_bar=False, hard=hard)
     one.run(jax.random.PRNGKey(0), data, K=K)
     t_one, _ = best_of(lambda: one.run(jax.random.PRNGKey(0), data, K=K), repeats)
     paths = sorted(set(getattr(result, "mstep_paths", {}).values())) or ["?"]
     per_iter = max(t_run - t_one, 0.0) / (n_iter - 1)
     return dict(ms=1e3 * per_iter, compile=first - t_run, fixed=t_one - per_iter,
-                ll=result.log_likelihood, paths="/".join(paths))
+                ll=result.log_likelihood, paths="/".join(paths), objective=result.objective)
+
+
+def main_hard(sizes, ks, n_iter):
+    """Hard EM (Viterbi training) against soft EM (Baum-Welch), bayes_em alone."""
+    print("| emissions | T | K | iterations | soft ms/it | hard ms/it | hard / soft"
+          " | compile s (soft / hard) | fixed cost per run s (soft / hard) | final objective"
+          " (hard) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for emissions in ARGS.emissions.split(","):
+        for T in sizes:
+            for K in ks:
+                ys, start = problem(T, K, emissions)
+                n = n_iter * (10 if T < 10_000 else 1)
+                soft = run_bayes_em(ys, start, emissions, n, ARGS.repeats)
+                hard = run_bayes_em(ys, start, emissions, n, ARGS.repeats, hard=True)
+                print(f"| {emissions} | {T:.0e} | {K} | {n} | {soft['ms']:.2f} | "
+                      f"{hard['ms']:.2f} | {hard['ms'] / max(soft['ms'], 1e-3):.2f} | "
+                      f"{soft['compile']:.1f} / {hard['compile']:.1f} | "
+                      f"{soft['fixed']:.2f} / {hard['fixed']:.2f} | {hard['objective']:.6f} |",
+                      flush=True)
 
 
 def main():
@@ -253,6 +278,8 @@ def main():
           f"{n_iter} iterations, {os.cpu_count()} CPU cores "
           f"({platform.processor() or platform.machine()}), "
           f"jax {jax.__version__} on {jax.devices()[0].platform}\n")
+    if ARGS.hard:
+        return main_hard(sizes, ks, n_iter)
     print("| emissions | T | K | iterations | hmmlearn ms/it | hmmlearn (log) ms/it | dynamax ms/it"
           " | bayes_em ms/it | bayes_em / hmmlearn | bayes_em / hmmlearn (log) | bayes_em / dynamax"
           " | compile s (bayes_em / dynamax) | bayes_em fixed cost per run s"
