@@ -16,9 +16,10 @@ from bayes_em import EM, chunked, models
 
 @pytest.fixture(autouse=True)
 def x64():
+    before = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     yield
-    jax.config.update("jax_enable_x64", False)
+    jax.config.update("jax_enable_x64", before)
 
 
 def _fit(model, args, kwargs=None, chunk_size=None, **options):
