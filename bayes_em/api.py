@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
+from bayes_em import chunked, outcome
 from bayes_em import em as core
 from bayes_em import fit as fitting
-from bayes_em import outcome
 from bayes_em.compiled import jit
 from bayes_em.lbfgs import LBFGS
 from bayes_em.missing import check_missing, marginalize_missing
@@ -101,6 +101,13 @@ class EM:
     :param parallel_time: sum Markov chains (``scan``) by funsor's parallel-in-time contraction
         (log₂ T rounds of K×K×K products, O(T·K³) work) instead of the forward recursion
         (T sequential steps, O(T·K²)): for long sequences on accelerators; slower on CPUs.
+    :param chunk_size: process the data plate (the plate shared by every observed site, the
+        leading axis of the data arrays) ``chunk_size`` rows at a time inside the compiled fit
+        (``bayes_em.chunked``): the same iterates as without it (to round-off), with the
+        E-step's intermediates O(chunk_size) instead of O(N); each iteration makes a few passes
+        over the chunks. ``None`` or a value ≥ N: unchunked. Needs every latent in the data
+        plate; refused with ``hard=True`` or ``accelerate=True``. Random starts
+        (``restarts > 1`` with ``init="anchors"`` / ``"noise"``) read the whole data once.
     """
 
     def __init__(
@@ -124,6 +131,7 @@ class EM:
         record_params: bool = False,
         missing: tuple | list = (),
         parallel_time: bool = False,
+        chunk_size: int | None = None,
     ):
         if not isinstance(restarts, (int, np.integer)) or restarts < 1:
             raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}.")
@@ -156,12 +164,15 @@ class EM:
         self.accelerate = bool(accelerate)
         self.record_params = bool(record_params)
         self.parallel_time = bool(parallel_time)
+        self.chunk_size = chunked.check_chunk_size(chunk_size)
+        if self.chunk_size is not None and (self.hard or accelerate):
+            raise ValueError("chunk_size does not combine with hard=True or accelerate=True.")
         self.options = fitting.Options(
             restarts=self.restarts, init=init, max_iter=self.max_iter, tol=self.tol,
             hard=self.hard, strict=self.strict, mstep=mstep, closed_form=self.closed_form,
             accelerate=self.accelerate, record_params=self.record_params,
             parallel_time=self.parallel_time, restart_noise=self.restart_noise,
-            memory_limit=memory_limit)
+            memory_limit=memory_limit, chunk_size=self.chunk_size)
         self._compiled = {}
         self._bar = {}  # {"bar": the running fit's tqdm bar}, shown by a host callback
 
@@ -210,7 +221,8 @@ class EM:
         sites = discover_sites(self.model, args, kwargs, init_values, rng_key, self.fixed)
         init_params = {p.name: p.init for p in sites.params}  # host arrays: no transfer
         bare = core.make_problem(self.model, sites, rebuild, self.max_iter, self.tol, self.hard)
-        check_enumeration(bare, init_params, data, self.memory_limit)
+        checked = chunked.head(chunked.configure(bare, init_params, data, self.chunk_size), data)
+        check_enumeration(bare, init_params, checked, self.memory_limit)
         problem, functions = self._functions(sites, rebuild, key, data)
         return problem, functions, init_params, data
 

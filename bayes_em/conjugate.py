@@ -43,7 +43,8 @@ from bayes_em.dependence import dependence
 from bayes_em.families import FAMILIES, _base_constraint, site_stats, unwrap
 from bayes_em.vectorized_scan import vectorize_scan
 
-__all__ = ["ClosedForm", "detect_closed_forms", "closed_form_update"]
+__all__ = ["ClosedForm", "detect_closed_forms", "closed_form_update", "plan_stats", "plan_value",
+           "plan_prior"]
 
 
 class ClosedForm(NamedTuple):
@@ -54,6 +55,7 @@ class ClosedForm(NamedTuple):
     family: str  # key of families.FAMILIES
     prior: str | None  # prior family of a MAP site, None for ML
     floor: float = 0.0  # a scale (σ ≥ c) or covariance (eigenvalues ≥ c) floor of the constraint
+    users: tuple = ()  # every site whose distribution the parameter reaches (chunked stages)
 
 
 def _trace(enum_model, params, args, kwargs):
@@ -277,7 +279,7 @@ def _plan(p, i, program):
                             f"(closed form: {conjugate})")
         prior = type(prior_fn).__name__
     floor = floor_of(p.constraint) if FAMILIES[family].floored else None
-    return ClosedForm(p.name, tuple(selecting), family, prior, floor or 0.0)
+    return ClosedForm(p.name, tuple(selecting), family, prior, floor or 0.0, tuple(user_sites))
 
 
 def _families(p, users, user_sites, program):
@@ -307,43 +309,67 @@ def closed_form_update(problem, plans, params, weights, args, kwargs):
     params = dict(params)
     for plan in plans:
         tr = _trace(problem.enum_model, params, args, kwargs)
-        family = FAMILIES[plan.family]
-        event_ndim = family.event_ndim
-        value = params[plan.param]
-        n_rows = int(np.prod(jnp.shape(value)[: jnp.ndim(value) - event_ndim]))
-        event_shape = tuple(jnp.shape(value)[jnp.ndim(value) - event_ndim:])
-        coded = [
-            _trace(problem.enum_model,
-                   {**params, plan.param: jnp.asarray(_coded(value, event_ndim, plan.family, off))},
-                   args, kwargs)
-            for off in (0, n_rows)
-        ]
-        stats = None
-        for name in plan.sites:
-            idx = _index_map(
-                *(family.argument(unwrap(t[name]["fn"])[0]) for t in coded), event_ndim, n_rows
-            )
-            st = site_stats(family, tr[name], idx, n_rows, event_shape, weights[name])
-            stats = st if stats is None else {k: stats[k] + st[k] for k in st}
-        prior_fn = unwrap(tr[plan.param]["fn"])[0] if plan.prior else None
-
-        def hyper(name):
-            return jnp.broadcast_to(getattr(prior_fn, name), jnp.shape(value)).reshape(
-                (n_rows,) + event_shape
-            )
-
-        new = family.mode(stats, prior_fn, hyper, value).astype(jnp.result_type(value))
-        if plan.floor > 0:  # the constrained maximiser: Q is unimodal in σ, and in Σ's spectrum
-            new = family.floor(new, plan.floor)
-        # per row: a row no entry selects with positive weight has no statistics (0/0 under
-        # ML) and keeps its value; under MAP the prior alone gives its mode. A row with
-        # statistics but no finite maximum (ML: all its weight on one point, a zero scatter)
-        # stays non-finite: the objective does too, and the restart stops there ("nonfinite",
-        # diagnosed as a collapse by the API) instead of silently keeping its old value.
-        old = jnp.reshape(value, new.shape)
-        empty = jnp.all(jnp.stack([jnp.all(v.reshape(n_rows, -1) == 0, axis=1)
-                                   for v in stats.values()]), axis=0)
-        ok = jnp.all(jnp.isfinite(new.reshape(n_rows, -1)), axis=1) | ~empty
-        new = jnp.where(ok.reshape((n_rows,) + (1,) * (new.ndim - 1)), new, old)
-        params[plan.param] = new.reshape(jnp.shape(value))
+        stats = plan_stats(problem, plan, params, weights, args, kwargs, tr)
+        params[plan.param] = plan_value(plan, params[plan.param], stats, plan_prior(plan, tr))
     return params
+
+
+def plan_prior(plan, tr):
+    """The prior distribution of a MAP plan's parameter in trace ``tr`` (None under ML)."""
+    return unwrap(tr[plan.param]["fn"])[0] if plan.prior else None
+
+
+def plan_stats(problem, plan, params, weights, args, kwargs, tr=None) -> dict:
+    """The plan's sufficient statistics at θ = ``params`` under ``weights``, summed over its
+    sites and scattered onto the parameter's rows: a sum over the data's rows (so over chunks
+    of them, :mod:`bayes_em.chunked`)."""
+    if tr is None:
+        tr = _trace(problem.enum_model, params, args, kwargs)
+    family = FAMILIES[plan.family]
+    event_ndim = family.event_ndim
+    value = params[plan.param]
+    n_rows = int(np.prod(jnp.shape(value)[: jnp.ndim(value) - event_ndim]))
+    event_shape = tuple(jnp.shape(value)[jnp.ndim(value) - event_ndim:])
+    coded = [
+        _trace(problem.enum_model,
+               {**params, plan.param: jnp.asarray(_coded(value, event_ndim, plan.family, off))},
+               args, kwargs)
+        for off in (0, n_rows)
+    ]
+    stats = None
+    for name in plan.sites:
+        idx = _index_map(
+            *(family.argument(unwrap(t[name]["fn"])[0]) for t in coded), event_ndim, n_rows
+        )
+        st = site_stats(family, tr[name], idx, n_rows, event_shape, weights[name])
+        stats = st if stats is None else {k: stats[k] + st[k] for k in st}
+    return stats
+
+
+def plan_value(plan, value, stats, prior_fn):
+    """The plan's parameter maximising Q from its statistics (the ML / conjugate MAP mode, a
+    floor applied), each row without statistics keeping ``value``."""
+    family = FAMILIES[plan.family]
+    event_ndim = family.event_ndim
+    n_rows = int(np.prod(jnp.shape(value)[: jnp.ndim(value) - event_ndim]))
+    event_shape = tuple(jnp.shape(value)[jnp.ndim(value) - event_ndim:])
+
+    def hyper(name):
+        return jnp.broadcast_to(getattr(prior_fn, name), jnp.shape(value)).reshape(
+            (n_rows,) + event_shape
+        )
+
+    new = family.mode(stats, prior_fn, hyper, value).astype(jnp.result_type(value))
+    if plan.floor > 0:  # the constrained maximiser: Q is unimodal in σ, and in Σ's spectrum
+        new = family.floor(new, plan.floor)
+    # per row: a row no entry selects with positive weight has no statistics (0/0 under
+    # ML) and keeps its value; under MAP the prior alone gives its mode. A row with
+    # statistics but no finite maximum (ML: all its weight on one point, a zero scatter)
+    # stays non-finite: the objective does too, and the restart stops there ("nonfinite",
+    # diagnosed as a collapse by the API) instead of silently keeping its old value.
+    old = jnp.reshape(value, new.shape)
+    empty = jnp.all(jnp.stack([jnp.all(v.reshape(n_rows, -1) == 0, axis=1)
+                               for v in stats.values()]), axis=0)
+    ok = jnp.all(jnp.isfinite(new.reshape(n_rows, -1)), axis=1) | ~empty
+    new = jnp.where(ok.reshape((n_rows,) + (1,) * (new.ndim - 1)), new, old)
+    return new.reshape(jnp.shape(value))

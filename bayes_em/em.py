@@ -140,8 +140,9 @@ def _roundoff(x):
 
 def pending(problem: EMProblem, params: dict, data: tuple) -> EMState:
     """The state at θ_0 = ``params`` before its first E-step (``fresh``): ``step`` does that
-    E-step alone (no M-step), and ``run`` always does it."""
-    shapes = jax.eval_shape(lambda: e_step(problem, params, data))  # traced only: nothing runs
+    E-step alone (no M-step), and ``run`` always does it. A chunked problem's ``weights`` are
+    the first closed-form stage's statistics (``bayes_em.chunked``), nothing N-sized."""
+    shapes = jax.eval_shape(lambda: _e_step(problem, params, data))  # traced only: nothing runs
     objective = jnp.full((), jnp.nan, shapes[0].dtype)
     weights = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[2])
     history = jnp.full((problem.max_iter + 1, 2), jnp.nan, shapes[0].dtype)
@@ -158,6 +159,15 @@ def pending(problem: EMProblem, params: dict, data: tuple) -> EMState:
 def init(problem: EMProblem, params: dict, data: tuple) -> EMState:
     """The state at θ_0 = ``params``, after its first E-step."""
     return step(problem, pending(problem, params, data), data)[0]
+
+
+def _e_step(problem, params, data):
+    """``(objective, log prior, weights)``: the E-step, or a chunked problem's E-pass."""
+    if problem.chunks is not None:
+        from bayes_em import chunked
+
+        return chunked.e_pass(problem, params, data)
+    return e_step(problem, params, data)
 
 
 def em_map(problem: EMProblem, params: dict, weights: dict, data: tuple) -> tuple:
@@ -206,6 +216,11 @@ def _propose(problem, state, data):
 
         out = lax.cond(first, first_e_step, lambda: squarem(problem, state, data))
         return (*out, 3)
+    if problem.chunks is not None:  # passes over the chunks: skipped on the fresh pass
+        params = lax.cond(first, lambda: state.params, lambda: jax.tree.map(
+            lambda old, new: new.astype(old.dtype), state.params,
+            m_step(problem, state.params, state.weights, data)))
+        return (params, *_e_step(problem, params, data), jnp.zeros((), bool), 1)
     # a select, not a lax.cond: XLA on CPU runs a conditional's branches out of line, which
     # cost ~20% per iteration of a mixture at N = 1e6; the M-step of the fresh pass (on zero
     # weights) is discarded
@@ -298,8 +313,13 @@ def run(problem: EMProblem, state: EMState, data: tuple, report: Callable | None
         return s
 
     final = lax.while_loop(lambda s: ~terminated(problem, s), body, state)
-    saddle = (final.status == CONVERGED) & symmetric_latents(problem, final.weights, final.params,
-                                                             data)
+    if problem.chunks is not None:
+        from bayes_em import chunked
+
+        symmetric = chunked.symmetric_latents(problem, final.params, data)
+    else:
+        symmetric = symmetric_latents(problem, final.weights, final.params, data)
+    saddle = (final.status == CONVERGED) & symmetric
     return final._replace(status=jnp.where(saddle, SADDLE, final.status).astype(jnp.int32))
 
 
@@ -318,7 +338,9 @@ def random_start(problem: EMProblem, params: dict, data: tuple, rng_key: Array,
                  noise: float = 1.0, init: str = "anchors") -> dict:
     """θ from one M-step under made-up posterior weights (``bayes_em.starts``): each latent
     value anchored on a data row drawn by k-means++ (``init="anchors"``), or Gumbel noise of
-    scale ``noise`` on the latent factors (``init="noise"``)."""
+    scale ``noise`` on the latent factors (``init="noise"``). The whole data at once, for a
+    chunked problem too."""
+    problem = problem._replace(chunks=None)
     args, kwargs = problem.rebuild(data)
     weights = start_weights(problem.enum_model, {k: jnp.asarray(v) for k, v in params.items()},
                             args, kwargs, set(problem.sites.latents), rng_key, init, noise,

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bayes_em import chunked
 from bayes_em import em as core
 from bayes_em.lbfgs import LBFGS
 from bayes_em.sites import discover_sites, split_data
@@ -40,6 +41,7 @@ class Options(NamedTuple):
     parallel_time: bool = False
     restart_noise: float = 1.0
     memory_limit: float = 2 * 2**30
+    chunk_size: int | None = None  # rows of the data plate per chunk (bayes_em.chunked)
 
 
 def problem_for(model: Callable, sites, rebuild: Callable, data: tuple,
@@ -51,14 +53,15 @@ def problem_for(model: Callable, sites, rebuild: Callable, data: tuple,
     problem = problem._replace(accelerate=options.accelerate,
                                record_params=options.record_params,
                                parallel_time=options.parallel_time)
+    init = {p.name: p.init for p in sites.params}
+    problem = chunked.configure(problem, init, data, options.chunk_size)
     if options.closed_form:
         from bayes_em.conjugate import detect_closed_forms
 
-        args, kwargs = rebuild(data)
-        init = {p.name: p.init for p in sites.params}
+        args, kwargs = rebuild(chunked.head(problem, data))  # chunked: its first chunk
         closed, refused = detect_closed_forms(problem, init, args, kwargs)
         problem = problem._replace(closed=closed, refused=refused)
-    return problem
+    return chunked.with_stages(problem)
 
 
 def build(model: Callable, *args, options: Options = Options(), init_values: dict | None = None,
@@ -73,8 +76,9 @@ def build(model: Callable, *args, options: Options = Options(), init_values: dic
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     sites = discover_sites(model, args, kwargs, dict(init_values or {}), rng_key, {})
     params0 = {p.name: p.init for p in sites.params}
-    check_enumeration(core.make_problem(model, sites, rebuild, options.max_iter, options.tol,
-                                        options.hard), params0, data, options.memory_limit)
+    bare = core.make_problem(model, sites, rebuild, options.max_iter, options.tol, options.hard)
+    checked = chunked.head(chunked.configure(bare, params0, data, options.chunk_size), data)
+    check_enumeration(bare, params0, checked, options.memory_limit)
     return problem_for(model, sites, rebuild, data, options), params0, data
 
 

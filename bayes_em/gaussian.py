@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from jax.scipy.linalg import solve_triangular
 
+from bayes_em._numpyro import mask_of
+
 __all__ = ["exact_distances", "broadcast_dot", "broadcast_matvec", "mvn_log_prob",
            "diag_normal_log_prob", "log_prob"]
 
@@ -110,7 +112,14 @@ def _unexpand(fn):
 
 def log_prob(fn, value):
     """``fn.log_prob(value)``, by matrix products for (plate-expanded) multivariate normals and
-    diagonal normals (``Normal(...).to_event(1)``)."""
+    diagonal normals (``Normal(...).to_event(1)``); a mask (``MaskedDistribution``, e.g. a
+    chunk's repeated rows) as NumPyro applies it, around the fast path."""
+    mask = mask_of(fn) if isinstance(fn, dist.MaskedDistribution) else None
+    if mask is not None and not isinstance(mask, bool) and jnp.ndim(value) >= 2:
+        base = fn.base_dist
+        keep = jnp.reshape(mask, jnp.shape(mask) + (1,) * base.event_dim)
+        value = jnp.where(keep, value, base.support.feasible_like(value))
+        return jnp.where(mask, log_prob(base, value), 0.0)
     base = _unexpand(fn)
     if jnp.ndim(value) >= 2:
         lp = None

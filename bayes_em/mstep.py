@@ -26,7 +26,13 @@ def q_function(problem: EMProblem, params: dict, weights: dict, data: tuple):
 
 
 def m_step(problem: EMProblem, params: dict, weights: dict, data: tuple) -> dict:
-    """θ_{t+1}: the closed-form updates, then L-BFGS on Q + log p over the other parameters."""
+    """θ_{t+1}: the closed-form updates, then L-BFGS on Q + log p over the other parameters.
+    A chunked problem (``problem.chunks``) reads ``weights`` as the first stage's statistics
+    (:func:`bayes_em.chunked.m_step`)."""
+    if problem.chunks is not None:
+        from bayes_em import chunked
+
+        return chunked.m_step(problem, params, weights, data)
     closed = {c.param for c in problem.closed}
     if closed:
         params = closed_form_step(problem, params, weights, data)
@@ -42,6 +48,11 @@ def m_step(problem: EMProblem, params: dict, weights: dict, data: tuple) -> dict
 
 
 def closed_form_step(problem: EMProblem, params: dict, weights: dict, data: tuple) -> dict:
-    """The closed-form updates alone (the first part of :func:`m_step`)."""
+    """The closed-form updates alone (the first part of :func:`m_step`); a chunked problem
+    recomputes the weights at ``params`` chunk by chunk (``weights`` unused)."""
+    if problem.chunks is not None:
+        from bayes_em import chunked
+
+        return chunked.closed_form_step(problem, params, data)
     args, kwargs = problem.rebuild(data)
     return closed_form_update(problem, problem.closed, params, weights, args, kwargs)

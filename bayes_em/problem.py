@@ -9,7 +9,7 @@ all read it.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +38,7 @@ class EMProblem(NamedTuple):
     accelerate: bool = False  # SQUAREM extrapolation with a monotonicity safeguard
     record_params: bool = False  # keep θ_t of every iteration in the state
     parallel_time: bool = False  # Markov chains by the log-depth contraction (accelerators)
+    chunks: Any = None  # chunked.Chunks: the data plate in chunks of rows (None: whole)
 
 
 def make_problem(model, sites: ModelSites, rebuild: Callable, max_iter: int, tol: float,

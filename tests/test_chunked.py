@@ -1,0 +1,140 @@
+"""Chunked exact EM (``EM(model, chunk_size=C)``): the same iterates as unchunked EM, in float64,
+for a full-covariance mixture, a MAP mixture, padded HMM sequences and a numeric M-step; and
+clear refusals."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.contrib.control_flow import scan
+from numpyro.distributions import constraints
+
+from bayes_em import EM, chunked, models
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", before)
+
+
+def _fit(model, args, kwargs=None, chunk_size=None, **options):
+    options = dict(dict(restarts=2, max_iter=12, tol=0.0, progress_bar=False), **options)
+    em = EM(model, chunk_size=chunk_size, **options)
+    return em.run(jax.random.PRNGKey(0), *args, **(kwargs or {}))
+
+
+def _same(model, args, kwargs=None, chunk_size=7, atol=1e-10, **options):
+    a = _fit(model, args, kwargs, None, **options)
+    b = _fit(model, args, kwargs, chunk_size, **options)
+    assert b.problem.chunks is not None and a.problem.chunks is None
+    np.testing.assert_array_equal(a.restart_n_iter, b.restart_n_iter)
+    np.testing.assert_allclose(b.history["objective"], a.history["objective"], rtol=0, atol=atol)
+    np.testing.assert_allclose(b.history["log_prior"], a.history["log_prior"], rtol=0, atol=atol)
+    for k in a.restart_params:
+        np.testing.assert_allclose(np.asarray(b.restart_params[k]),
+                                   np.asarray(a.restart_params[k]), rtol=0, atol=atol, err_msg=k)
+    assert list(a.restart_status) == list(b.restart_status)
+    return a, b
+
+
+def _blobs(n=53, d=2, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = np.array([[-3.0] * d, [0.5] * d, [4.0] * d])
+    z = rng.integers(0, 3, n)
+    return centres[z] + rng.normal(size=(n, d)) * np.array([1.0, 0.7, 1.3])[z, None]
+
+
+def test_full_covariance_gmm_matches_unchunked():
+    x = _blobs()  # N = 53, not a multiple of 7
+    a, b = _same(models.gmm, (x, 3))
+    # weights and locations with the objective, covariances at the new locations: 2 stages
+    assert [[p.param for p in s] for s in chunked.stages(b.problem.closed)] == [
+        ["weights", "loc"], ["cov"]]
+
+
+def test_map_gmm_matches_unchunked():
+    x = _blobs(seed=1)
+    a, b = _same(models.gmm, (x, 3), dict(prior=True), restarts=1)
+    assert a.log_prior != 0.0
+
+
+def mixture_numeric(x, K):
+    """A 1-D mixture whose scales go through exp: weights and locations in closed form, the
+    log-scales by L-BFGS."""
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    loc = numpyro.param("loc", jnp.linspace(-2.0, 2.0, K))
+    log_s = numpyro.param("log_s", jnp.zeros(K))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(loc[z], jnp.exp(log_s)[z]), obs=x)
+
+
+def test_numeric_mstep_matches_unchunked():
+    x = _blobs(n=41, d=1)[:, 0]
+    a, b = _same(mixture_numeric, (x, 3), chunk_size=10, atol=1e-9, restarts=1)
+    assert b.mstep_paths["log_s"] == "numeric"
+
+
+def padded_hmm_map(ys, mask, K, V):
+    """Padded sequences (N, T): a plate over sequences, a scan over time, masks for padding."""
+    init = numpyro.sample("init", dist.Dirichlet(jnp.full(K, 2.0)))
+    with numpyro.plate("states", K):
+        trans = numpyro.sample("trans", dist.Dirichlet(jnp.full(K, 2.0)))
+        emit = numpyro.sample("emit", dist.Dirichlet(jnp.full(V, 1.5)))
+    n_seq = ys.shape[0]
+    with numpyro.plate("sequences", n_seq, dim=-1):
+        z0 = numpyro.sample("z0", dist.Categorical(init))
+        numpyro.sample("y0", dist.Categorical(emit[z0]), obs=ys[:, 0])
+
+    def step(z_prev, y_m):
+        y, m = y_m
+        with numpyro.plate("sequences", n_seq, dim=-1), numpyro.handlers.mask(mask=m):
+            z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
+            numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
+        return z, None
+
+    scan(step, z0, (ys[:, 1:].T, mask[:, 1:].T))
+
+
+def test_padded_hmm_sequences_match_unchunked():
+    rng = np.random.default_rng(2)
+    n, t_max, K, V = 11, 9, 2, 3
+    lengths = rng.integers(3, t_max + 1, n)
+    ys = rng.integers(0, V, (n, t_max))
+    mask = np.arange(t_max)[None, :] < lengths[:, None]
+    ys = np.where(mask, ys, 0)
+    _same(padded_hmm_map, (ys, mask, K, V), chunk_size=4, restarts=1)
+
+
+def global_latent(x):
+    c = numpyro.sample("c", dist.Categorical(jnp.ones(2) / 2))
+    loc = numpyro.param("loc", jnp.array([-1.0, 1.0]))
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("x", dist.Normal(loc[c], 1.0), obs=x)
+
+
+def test_latent_outside_the_data_plate_is_refused():
+    with pytest.raises(ValueError, match=r"\['c'\] lie outside the data plate 'data'"):
+        _fit(global_latent, (np.linspace(-2, 2, 20),), chunk_size=5)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "10", True])
+def test_chunk_size_is_validated(bad):
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        EM(models.gmm, chunk_size=bad)
+
+
+@pytest.mark.parametrize("option", [dict(hard=True), dict(accelerate=True)])
+def test_hard_and_squarem_are_refused(option):
+    with pytest.raises(ValueError, match="chunk_size does not combine"):
+        EM(models.gmm, chunk_size=10, **option)
+
+
+def test_chunk_size_at_least_n_is_unchunked():
+    r = _fit(models.gmm, (_blobs(n=20), 3), chunk_size=20, restarts=1, max_iter=2)
+    assert r.problem.chunks is None
