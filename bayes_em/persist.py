@@ -93,6 +93,7 @@ def run_settings(em) -> dict:
         "accelerate": bool(em.accelerate),
         "record_params": bool(em.record_params),
         "parallel_time": bool(em.parallel_time),
+        "chunk_size": None if getattr(em, "chunk_size", None) is None else int(em.chunk_size),
         "restart_noise": _number(em.restart_noise),
         "memory_limit": _number(em.memory_limit),
         "missing": list(em.missing),
