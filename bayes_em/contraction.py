@@ -21,6 +21,7 @@ from jax import Array
 from bayes_em import _numpyro as npi
 from bayes_em._numpyro import UNITS, compute_markov_factors, partition
 from bayes_em.factors import Factors, time_sizes
+from bayes_em.forward import forward_scan
 from bayes_em.viterbi import max_first, viterbi_scan
 
 __all__ = ["log_partition", "pointwise_log_likelihood"]
@@ -80,42 +81,6 @@ def _enumerated_last(array, dim_to_name, plates):
         return array, dim_to_name
     moved = jax.lax.optimization_barrier(jnp.transpose(array, perm))
     return moved, OrderedDict((i - nd, names[ax]) for i, ax in enumerate(perm) if ax in names)
-
-
-def _pairwise_sum(x):
-    """Σ over the leading axis by pairwise (tree) summation: round-off O(log n · eps)."""
-    while x.shape[0] > 1:
-        if x.shape[0] % 2:
-            x = jnp.concatenate([x, jnp.zeros_like(x[:1])])
-        x = x[0::2] + x[1::2]
-    return x[0]
-
-
-def _matvec_step(const, dtype):
-    """Forward step a_{t+1}(j) = log Σ_i exp(a_t(i) + C(i, j)) + m_t(j) for a transition part C
-    constant over time, as a matrix-vector product: K exps and K² multiply-adds per step
-    instead of K² exps (the scaled forward pass of Baum-Welch, kept in log space).
-
-    With r_i = max_j C(i, j) and A = exp(C - r), a_{t+1} = log(exp(a_t + r - s) @ A) + s + m_t
-    for any shift s (the max of a_t + r): an entry below e^-745 of the largest underflows and
-    drops out, an error far below float64 round-off of the sum. A state no path reaches gets
-    a finite stand-in for log 0 (as masked latents do), which keeps the gradient finite.
-    """
-    r = jax.lax.stop_gradient(jnp.max(const, axis=-1))
-    r = jnp.where(jnp.isfinite(r), r, 0.0)
-    trans = jnp.exp(const - r[..., None])
-    log0 = jnp.finfo(dtype).min / 1e8
-
-    def forward(a, m_t):
-        u = a + r
-        shift = jax.lax.stop_gradient(jnp.max(u, axis=-1, keepdims=True))
-        shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-        q = jnp.einsum("...i,...ij->...j", jnp.exp(u - shift), trans)
-        reached = q > 0
-        a_next = jnp.where(reached, jnp.log(jnp.where(reached, q, 1.0)), log0)
-        return (a_next if m_t is None else a_next + m_t), shift
-
-    return forward
 
 
 class _Graph(NamedTuple):
@@ -285,7 +250,7 @@ def _forward_chain(graph, time, sum_op, prod_op):
     two-slice marginals. Needs history 1, one chain variable, and no enumerated latent besides
     the chain in M_t (other inputs are plates, which every factor of a_0 shares). When E_t does
     not depend on the previous state (emissions), a sum-product step is a matrix-vector product
-    (:func:`_matvec_step`). The max-product records back-pointers
+    (:func:`bayes_em.forward.matvec_step`). The max-product records back-pointers
     (:func:`bayes_em.viterbi.viterbi_scan`); ``exact``: its gradient is the indicator of one
     optimal path through the chain and its start (no latent local to a step maximised apart).
     """
@@ -322,35 +287,14 @@ def _forward_chain(graph, time, sum_op, prod_op):
         else:
             const = aligned(p, names)
     a0 = jnp.broadcast_to(aligned(init, names[:-1]), tuple(size[n] for n in names[:-1]))
-    a_last = _forward_scan(a0.astype(dtype), const, m, time.output.size, sum_op, dtype)
+    if sum_op is npi.max_op:  # the max-product keeps back-pointers (bayes_em.viterbi)
+        const = jnp.reshape(const, (1,) * (jnp.ndim(a0) + 1)) if jnp.ndim(const) == 0 else const
+        a_last = viterbi_scan(a0.astype(dtype), const, m, time.output.size)
+    else:
+        a_last = forward_scan(a0.astype(dtype), const, m, time.output.size)
     out = OrderedDict((n, funsor.Bint[size[n]]) for n in names if n != prev)
     a_last = funsor.Tensor(jnp.broadcast_to(a_last, tuple(d.size for d in out.values())), out)
     return rest + [a_last], a_last, exact
-
-
-def _forward_scan(a0, const, m, length, sum_op, dtype):
-    """a_T of the recursion a_{t+1}(j) = ⊕_i a_t(i) ⊗ (C(i, j) ⊗ m_t(i, j)) by one
-    ``lax.scan``. Each step returns its message less a shift, and the shift: the carried values
-    stay O(1), so their round-off does not grow with log Z (a message carrying log Z itself adds
-    eps·|log Z| at each of the T steps); the shifts are summed pairwise at the end. The
-    max-product keeps back-pointers: :func:`bayes_em.viterbi.viterbi_scan`."""
-    if sum_op is npi.max_op:
-        const = jnp.reshape(const, (1,) * (jnp.ndim(a0) + 1)) if jnp.ndim(const) == 0 else const
-        return viterbi_scan(a0, const, m, length)
-    if sum_op is npi.logaddexp and jnp.ndim(const) >= 2 and (m is None or m.shape[-2] == 1):
-        forward = _matvec_step(const, dtype)
-        m = None if m is None else m[..., 0, :]
-    else:
-        reduce_ = jax.nn.logsumexp if sum_op is npi.logaddexp else jnp.max
-
-        def forward(a, m_t):
-            m_t = const if m_t is None else const + m_t
-            shift = jax.lax.stop_gradient(jnp.max(a, axis=-1, keepdims=True))
-            shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-            return reduce_((a - shift)[..., :, None] + m_t, axis=-2), shift
-
-    a_last, shifts = jax.lax.scan(forward, a0, m, length=length)
-    return a_last + _pairwise_sum(shifts)
 
 
 def _lazy_contraction(factors, sum_op, prod_op, parallel_time=False, report=None):

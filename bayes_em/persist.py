@@ -108,16 +108,14 @@ _ARRAY_SETTINGS = ("fixed", "init_values")
 
 # -- writing --------------------------------------------------------------------------------------
 def _versions() -> dict:
-    from importlib import metadata as md
-
-    import bayes_em
-
+    """The running versions of Python and of the packages a result depends on (each package's
+    own ``__version__``; None if it cannot be imported)."""
     out = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = bayes_em.__version__ if name == "bayes_em" else None
+            out[name] = str(__import__(name).__version__)
+        except (ImportError, AttributeError):
+            out[name] = None
     return out
 
 

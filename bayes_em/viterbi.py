@@ -27,6 +27,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from bayes_em.forward import pairwise_sum
+
 __all__ = ["max_first", "viterbi_scan"]
 
 
@@ -49,15 +51,6 @@ def _max_first_bwd(res, g):
 max_first.defvjp(_max_first_fwd, _max_first_bwd)
 
 
-def _pairwise_sum(x):
-    """Σ over the leading axis by pairwise (tree) summation: round-off O(log n · eps)."""
-    while x.shape[0] > 1:
-        if x.shape[0] % 2:
-            x = jnp.concatenate([x, jnp.zeros_like(x[:1])])
-        x = x[0::2] + x[1::2]
-    return x[0]
-
-
 def _forward(a0, const, m, length):
     """a_T and the back-pointers ``(T, *batch, K)``. Each step's message is carried less its
     max (the shifts are summed pairwise at the end), as in the sum-product recursion."""
@@ -71,7 +64,7 @@ def _forward(a0, const, m, length):
         return a_next, (shift, back.astype(jnp.int32))
 
     a_last, (shifts, back) = jax.lax.scan(step, a0, m, length=length)
-    return a_last + _pairwise_sum(shifts), back
+    return a_last + pairwise_sum(shifts), back
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
