@@ -40,6 +40,13 @@ def _first_objective(states):
     return np.asarray(jax.device_get(states.history))[0, 0, 0]
 
 
+def _on_mesh(mesh, fn, *args):
+    """``fn(*args)`` under the engine's lock and the fit's mesh (global arrays: the posterior
+    of sharded data stays sharded)."""
+    with _ENGINE_LOCK, fitting.mesh_context(mesh):
+        return fn(*args)
+
+
 def _freeze(model, fixed):
     """``model`` with the sites in ``fixed`` held at the given values."""
 
@@ -202,8 +209,9 @@ class EM:
                     # compiled only where a restart stopped at a symmetric point
                     hvp=jit(lambda params, data, v: core.objective_hvp(problem, params, data, v)),
                     # compiled only if the guard rejects a closed-form M-step
-                    fallback=jit(lambda state, data: core.run(
-                        problem, core.fallback_step(problem, state, data)[0], data)),
+                    fallback=jit(functools.partial(fitting.fallback, problem)),
+                    # compiled only where a restart ended non-finite: its E-step weights
+                    weights=jit(lambda params, data: core.e_step(problem, params, data)[2]),
                     # compiled only where a restart ended non-finite: which closed form failed
                     closed=jit(lambda params, weights, data: core.closed_form_step(
                         problem, params, weights, data)),
@@ -222,7 +230,7 @@ class EM:
         init_params = {p.name: p.init for p in sites.params}  # host arrays: no transfer
         bare = core.make_problem(self.model, sites, rebuild, self.max_iter, self.tol, self.hard)
         checked = chunked.head(chunked.configure(bare, init_params, data, self.chunk_size), data)
-        check_enumeration(bare, init_params, checked, self.memory_limit)
+        check_enumeration(bare, init_params, checked, self.memory_limit, fitting.devices_of(data))
         problem, functions = self._functions(sites, rebuild, key, data)
         return problem, functions, init_params, data
 
@@ -230,7 +238,9 @@ class EM:
         """The exact E-step at ``params`` (constrained values; sites not given take their initial
         values): log p(X|θ), log p(θ), posterior marginals and the most probable latents."""
         with _ENGINE_LOCK:
-            return self._e_step(params, *args, **kwargs)
+            (params, args, kwargs), mesh = fitting.on_mesh((params, args, kwargs))
+            with fitting.mesh_context(mesh):
+                return self._e_step(params, *args, **kwargs)
 
     def _e_step(self, params, *args, **kwargs) -> EStep:
         from bayes_em.checks import check_initial_density
@@ -249,43 +259,58 @@ class EM:
 
         Thread-safe: fits from several threads run one at a time (NumPyro's effect handlers
         live on one global stack, and the vectorised scan patches NumPyro's scan module while a
-        model is traced), each with the result it would have alone."""
-        with _ENGINE_LOCK:
-            return self._run(rng_key, *args, **kwargs)
+        model is traced), each with the result it would have alone.
 
-    def _run(self, rng_key, *args, **kwargs) -> EMResult:
+        Data sharded over a mesh (``jax.sharding``, any axis types, one process or several
+        under ``jax.distributed``) is fitted data-parallel: see ``docs/distributed.md``."""
+        with _ENGINE_LOCK:
+            tree = (rng_key, self.init_values, args, kwargs)
+            (rng_key, init_values, args, kwargs), mesh = fitting.on_mesh(tree)
+            with fitting.mesh_context(mesh):
+                return self._run(rng_key, mesh, init_values, *args, **kwargs)
+
+    def _run(self, rng_key, mesh, init_values, *args, **kwargs) -> EMResult:
         from bayes_em.checks import check_initial_density
 
-        problem, functions, params0, data = self._prepare(rng_key, self.init_values, args, kwargs)
+        problem, functions, params0, data = self._prepare(rng_key, init_values, args, kwargs)
         if not self.progress_bar:
+            self._check_memory(problem, functions, params0, data, rng_key)
             states = functions["fit"](params0, data, rng_key)
             states = outcome.redo_rejected(states, functions["fallback"], data)
             check_initial_density(problem, _first_objective(states), params0, data)
-            return self._result(problem, states, data, functions)
+            return self._result(problem, states, data, functions, mesh)
         progress, result = Progress(self.restarts, self.max_iter), None
         self._bar["bar"] = progress  # read by the compiled fit's host callback
         try:
+            self._check_memory(problem, functions, params0, data, rng_key)
             states = jax.block_until_ready(functions["fit"](params0, data, rng_key))
             self._bar["bar"] = None
             states = outcome.redo_rejected(states, functions["fallback"], data)
             # a non-finite start stops its restart at once; then this names the sites
             check_initial_density(problem, _first_objective(states), params0, data)
-            result = self._result(problem, states, data, functions)
+            result = self._result(problem, states, data, functions, mesh)
         finally:
             self._bar["bar"] = None
             progress.close(result)
         return result
 
-    def _result(self, problem, states, data, functions):
-        # everything but the restarts' E-step weights (N-sized, maybe on devices this process
-        # cannot read), which only a non-finite restart's diagnosis uses
-        weights = states.weights
-        states = jax.device_get(states._replace(weights=None))
+    def _check_memory(self, problem, functions, params0, data, rng_key):
+        """Compile the fit ahead of running it (the call that follows reuses the executable)
+        and check XLA's memory analysis of it against ``memory_limit``."""
+        from bayes_em.checks import check_compiled_memory
+
+        compiled = functions["fit"].lower(params0, data, rng_key).compile()
+        check_compiled_memory(compiled, self.memory_limit, problem, params0, data)
+
+    def _result(self, problem, states, data, functions, mesh):
+        # the program's states are small (no E-step weights): parameters, statuses, histories,
+        # replicated on every device, read by every process
+        states = jax.device_get(states)
         restart_params = states.params
         param_history = states.param_history if self.record_params else None
         objective = np.asarray(states.objective)
-        status, messages, best = outcome.judge(problem, states, weights, data, functions,
-                                               self.tol, self.strict)
+        status, messages, best = outcome.judge(problem, states, data, functions, self.tol,
+                                               self.strict)
         n_decreases, n_fallbacks = np.asarray(states.n_decreases), np.asarray(states.n_fallbacks)
         # JAX arrays: NumPyro's Predictive(model, params=result.params) indexes them with traced
         # latents (loc[z]), which a NumPy array refuses
@@ -314,7 +339,7 @@ class EM:
             n_evals=np.asarray(states.n_evals),
             n_accepted=np.asarray(states.n_accepted),
             n_fallbacks=n_fallbacks,
-            latents=functools.partial(_locked, functions["latents"], params_best, data),
+            latents=functools.partial(_on_mesh, mesh, functions["latents"], params_best, data),
             sites=problem.sites,
             problem=problem,
             data=tuple(data),

@@ -41,6 +41,7 @@ from bayes_em.compiled import jit
 from bayes_em.constraints import floor_of, positive_definite_floor
 from bayes_em.dependence import dependence
 from bayes_em.families import FAMILIES, _base_constraint, site_stats, unwrap
+from bayes_em.sites import split_data
 from bayes_em.vectorized_scan import vectorize_scan
 
 __all__ = ["ClosedForm", "detect_closed_forms", "closed_form_update", "plan_stats", "plan_value",
@@ -183,6 +184,15 @@ def _selects_rows(fam, value, arg, arg_coded, arg_shifted, n_rows):
                                 rtol=1e-6, atol=1e-12))
 
 
+def _host(x):
+    """A host copy of ``x``, gathered from every process if it is sharded over several."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 class _Program(NamedTuple):
     """What detection reads off the model's program: the parameters' values, each sample
     site's distribution, which parameters reach which distribution leaves and family arguments
@@ -211,7 +221,7 @@ def _read_program(problem, params, args, kwargs) -> _Program:
                     out[name]["value"] = site["value"]
         return out
 
-    def family_args(p):
+    def family_args(p, args=args, kwargs=kwargs):
         out = {}
         for name, site in _trace(problem.enum_model, p, args, kwargs).items():
             if site["type"] == "sample" and name not in param_names:
@@ -223,10 +233,12 @@ def _read_program(problem, params, args, kwargs) -> _Program:
     params = {p.name: np.asarray(params[p.name]) for p in problem.sites.params}
     leaf_deps = dependence(leaves, params)
     arg_deps = dependence(family_args, params)
-    compiled_args = jit(family_args)
+    # the data as arguments, not constants: an array sharded over processes cannot be closed over
+    data, rebuild, _ = split_data(args, kwargs)
+    compiled_args = jit(lambda p, data: family_args(p, *rebuild(data)))
 
     def args_at(p):
-        return jax.tree.map(np.asarray, compiled_args(p))
+        return jax.tree.map(_host, compiled_args(p, data))
 
     return _Program(params, param_names, bases, leaf_deps, arg_deps, args_at,
                     functools.cache(lambda: args_at(params)))

@@ -24,10 +24,10 @@ from bayes_em.result import (
 __all__ = ["judge", "redo_rejected", "confirm_saddle", "no_finite_mode", "collapsed"]
 
 
-def judge(problem, states, weights, data, functions, tol, strict):
+def judge(problem, states, data, functions, tol, strict):
     """``(status per restart, messages, best restart)`` from the host copy of the final
-    ``states`` (``weights``: the restarts' E-step weights, read only for a non-finite restart);
-    warns (or, ``strict``, raises) as the statuses require."""
+    ``states`` (without their E-step weights); warns (or, ``strict``, raises) as the statuses
+    require."""
     objective = np.asarray(states.objective)
     finite = np.isfinite(objective)
     if not finite.any():
@@ -39,7 +39,7 @@ def judge(problem, states, weights, data, functions, tol, strict):
     for r in np.flatnonzero(np.asarray(status, dtype=str) == "saddle"):
         status[r], messages[r] = confirm_saddle(problem, functions["hvp"], states.params, r, data)
     for r in np.flatnonzero(np.asarray(status, dtype=str) == "nonfinite"):
-        found = no_finite_mode(problem, functions, states, weights, r, data)
+        found = no_finite_mode(problem, functions, states, r, data)
         if found:
             status[r], messages[r] = Status.COLLAPSED, f"{found}: {Status.COLLAPSED.message}"
     for r, found in enumerate(collapsed(problem, states.params)):
@@ -106,7 +106,7 @@ def confirm_saddle(problem, hvp, restart_params, r, data):
                               "curves upwards (a degenerate maximum, not a saddle)")
 
 
-def no_finite_mode(problem, functions, states, weights, r, data):
+def no_finite_mode(problem, functions, states, r, data):
     """For a restart that ended non-finite: the first closed-form parameter whose update from
     the last finite state has no finite value on a row with data, or makes the objective
     non-finite ("" if none). Under maximum likelihood that is a zero scatter: every point
@@ -115,8 +115,9 @@ def no_finite_mode(problem, functions, states, weights, r, data):
     if not problem.closed:
         return ""
     params = jax.tree.map(lambda x: jnp.asarray(x[r]), states.params)
-    weights = jax.tree.map(lambda x: jnp.asarray(x[r]), weights)
     with _ENGINE_LOCK:
+        # the E-step weights at the last finite state (the compiled fit does not return them)
+        weights = functions["weights"](params, data)
         new = jax.device_get(functions["closed"](params, weights, data))
         for plan in problem.closed:  # in update order, each conditional on the ones before
             v = np.asarray(new[plan.param])

@@ -33,6 +33,13 @@ __all__ = ["kmeans_plus_plus", "start_weights", "INITS"]
 INITS = ("anchors", "noise")
 
 
+def _row(x, i):
+    """Row ``i`` (traced) of ``x``, as a masked sum over rows: ``x[i]`` on rows sharded over
+    devices would gather all of ``x`` onto every device; this is a local sum and an
+    all-reduce of one row (exact: every other term is 0)."""
+    return jnp.sum(jnp.where((jnp.arange(x.shape[0]) == i)[:, None], x, 0), axis=0)
+
+
 def kmeans_plus_plus(x, k, rng_key):
     """Greedy k-means++ seeding: ``k`` rows of ``x`` (R, F), each drawn with probability ∝ its
     squared distance to the nearest one drawn before, the best of 2 + ⌊ln k⌋ candidates."""
@@ -43,7 +50,7 @@ def kmeans_plus_plus(x, k, rng_key):
         return jnp.sum(jnp.square(x - c), -1)
 
     first = jax.random.randint(keys[0], (), 0, x.shape[0], dtype=jnp.int32)
-    d2 = dist2(x[first])
+    d2 = dist2(_row(x, first))
     idx = jnp.zeros(k, jnp.int32).at[0].set(first)
 
     def body(i, carry):
@@ -51,12 +58,12 @@ def kmeans_plus_plus(x, k, rng_key):
         total = jnp.sum(d2)
         logits = jnp.where(total > 0, jnp.log(jnp.maximum(d2, 0.0)), 0.0)
         cand = jax.random.categorical(keys[i], logits, shape=(n_trials,))
-        new = jnp.minimum(d2[None, :], jax.vmap(lambda c: dist2(x[c]))(cand))
+        new = jnp.minimum(d2[None, :], jax.vmap(lambda c: dist2(_row(x, c)))(cand))
         best = jnp.argmin(jnp.sum(new, -1))
         return idx.at[i].set(cand[best].astype(jnp.int32)), new[best]
 
     idx, _ = lax.fori_loop(1, k, body, (idx, d2))
-    return x[idx]
+    return lax.map(lambda i: _row(x, i), idx)
 
 
 def _features(children, values, row_names):

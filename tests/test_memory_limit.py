@@ -26,3 +26,15 @@ def test_soft_hmm_estimate_counts_the_transition_once():
     with pytest.raises(MemoryError, match="'z'"):  # hard EM does build T×K×K
         EM(categorical_hmm, hard=True, max_iter=2, memory_limit=limit, progress_bar=False).run(
             jax.random.PRNGKey(0), ys, K=K, V=V)
+
+
+def test_compiled_fit_is_checked_by_xla_memory_analysis():
+    """Over the cheap pre-check (the log-factors once), the compiled fit's own memory by XLA's
+    analysis is checked before it runs: the error says what dominates and names the sites."""
+    from bayes_em import models
+
+    x = np.random.default_rng(0).normal(size=(2000, 2))
+    factors = 2 * 2000 * 3 * 8  # 'x' and 'z', N×K in float64: 96 kB, under the limit
+    with pytest.raises(MemoryError, match="XLA's memory analysis.*temporaries.*'x'"):
+        EM(models.gmm, max_iter=5, memory_limit=2 * factors, progress_bar=False).run(
+            jax.random.PRNGKey(0), x, K=3)
