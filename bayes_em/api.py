@@ -140,13 +140,8 @@ class EM:
         parallel_time: bool = False,
         chunk_size: int | None = None,
     ):
-        if not isinstance(restarts, (int, np.integer)) or restarts < 1:
-            raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}.")
-        if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
-        check_options(tol, memory_limit, restart_noise, init_values, fixed, missing)
-        if not isinstance(mstep, LBFGS) or mstep.max_steps < 1:
-            raise ValueError(f"mstep must be an LBFGS(...) with max_steps >= 1, got {mstep!r}.")
+        check_options(tol, memory_limit, restart_noise, init_values, fixed, missing,
+                      restarts=restarts, max_iter=max_iter, mstep=mstep, init=init, inits=INITS)
         # as JAX arrays: a NumPy array indexed by a traced latent (loc[z]) cannot be traced
         self.fixed = {k: jnp.asarray(v) for k, v in dict(fixed or {}).items()}
         self.model = _freeze(model, self.fixed) if self.fixed else model
@@ -154,8 +149,6 @@ class EM:
         if self.missing:
             self._unmarginalized = self.model
             self.model = marginalize_missing(self.model, self.missing)
-        if not (callable(init) or init in INITS):
-            raise ValueError(f"init must be one of {INITS} or a callable, got {init!r}.")
         self.init = init
         self.restarts = int(restarts)
         self.max_iter = int(max_iter)

@@ -3,6 +3,7 @@ the latent posterior) and its persistence as netCDF; re-exported by :mod:`bayes_
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
@@ -120,6 +121,27 @@ def _em_groups(result, fns, flat, by_site, chain_coord, n_chain, num_samples):
     }
 
 
+def _by_site(unravel, X, n_chain, num_samples):
+    """Flat draws ``X`` (chain × draw, v) as {site: (chain, draw, ...)}."""
+    tree = jax.vmap(unravel)(X)
+    return {k: np.asarray(v).reshape((n_chain, num_samples) + v.shape[1:])
+            for k, v in tree.items()}
+
+
+def _observed_with_dims(result, plate):
+    """``(name of the log-likelihood variable, observed values, dims)``: the log-likelihood is
+    named after the observed site when there is one, and indexed by the data plate."""
+    obs_names = result.sites.observed
+    ll_name = obs_names[0] if len(obs_names) == 1 else "log_likelihood"
+    observed = _observed_values(result)
+    dims = {ll_name: [plate or "point"]}
+    n_points = num_observations(result)
+    for k, v in observed.items():
+        if plate is not None and k != ll_name and v.ndim and v.shape[0] == n_points:
+            dims[k] = [plate]
+    return ll_name, observed, dims
+
+
 def to_inference_data(result, num_samples=1000, num_chains=4, restarts=None, rng_key=None,
                       posterior_predictive=False, num_predictive=100, align=True):
     """An ArviZ ``InferenceData`` of the fit, in the manner of ``az.from_numpyro``.
@@ -158,20 +180,8 @@ def to_inference_data(result, num_samples=1000, num_chains=4, restarts=None, rng
     n_chain = V.shape[0]
     flat = jnp.asarray(V.reshape(n_chain * num_samples, -1))
 
-    def by_site(unravel, X):
-        tree = jax.vmap(unravel)(X)
-        return {k: np.asarray(v).reshape((n_chain, num_samples) + v.shape[1:])
-                for k, v in tree.items()}
-
-    obs_names = result.sites.observed
-    ll_name = obs_names[0] if len(obs_names) == 1 else "log_likelihood"
-    point_dim = plate or "point"
-    observed = _observed_values(result)
-    dims = {ll_name: [point_dim]}
-    n_points = num_observations(result)
-    for k, v in observed.items():
-        if plate is not None and k != ll_name and v.ndim and v.shape[0] == n_points:
-            dims[k] = [plate]
+    by_site = functools.partial(_by_site, n_chain=n_chain, num_samples=num_samples)
+    ll_name, observed, dims = _observed_with_dims(result, plate)
     attrs = _attrs(result, chain_restart)
     predictive = {}
     if posterior_predictive:

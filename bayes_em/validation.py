@@ -104,8 +104,19 @@ def _real(name, value, low=None, positive=False, finite=True):
     return value
 
 
-def check_options(tol, memory_limit, restart_noise, init_values, fixed, missing):
-    """Types and ranges of the EM options that are numbers or mappings."""
+def check_options(tol, memory_limit, restart_noise, init_values, fixed, missing, *,
+                  restarts=1, max_iter=1, mstep=None, init="anchors", inits=("anchors",)):
+    """Types and ranges of the EM options."""
+    from bayes_em.lbfgs import LBFGS
+
+    if not isinstance(restarts, (int, np.integer)) or restarts < 1:
+        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}.")
+    if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
+    if mstep is not None and (not isinstance(mstep, LBFGS) or mstep.max_steps < 1):
+        raise ValueError(f"mstep must be an LBFGS(...) with max_steps >= 1, got {mstep!r}.")
+    if not (callable(init) or init in inits):
+        raise ValueError(f"init must be one of {inits} or a callable, got {init!r}.")
     _real("tol", tol, low=0.0)
     _real("memory_limit (bytes)", memory_limit, positive=True, finite=False)
     _real("restart_noise", restart_noise, positive=True)
