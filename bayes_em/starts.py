@@ -34,9 +34,12 @@ INITS = ("anchors", "noise")
 
 
 def _row(x, i):
-    """Row ``i`` (traced) of ``x``, as a masked sum over rows: ``x[i]`` on rows sharded over
-    devices would gather all of ``x`` onto every device; this is a local sum and an
-    all-reduce of one row (exact: every other term is 0)."""
+    """Row ``i`` (traced) of ``x``. Under a mesh (data sharded over devices, see
+    ``fit.mesh_context``) as a masked sum over rows: ``x[i]`` would gather all of ``x`` onto
+    every device, the sum is local plus an all-reduce of one row (exact: every other term is
+    0). On one device, the plain index (the masked sum costs a pass over ``x``)."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x[i]
     return jnp.sum(jnp.where((jnp.arange(x.shape[0]) == i)[:, None], x, 0), axis=0)
 
 

@@ -72,7 +72,7 @@ def problem(case):
         return em, (X, y), {"K": 2}
     ys = rng.integers(0, 4, (64, 30))
     ys[:32] %= 2
-    return EM(hmm, max_iter=15, tol=0, progress_bar=False), (ys,), {"K": 3, "V": 4}
+    return EM(hmm, restarts=2, max_iter=15, tol=0, progress_bar=False), (ys,), {"K": 3, "V": 4}
 
 
 def error(ref, res):
