@@ -91,15 +91,24 @@ def _match(rows_r, rows_best, scale):
     return perm
 
 
-def align_restarts(result):
+def align_restarts(result, by: str | None = None):
     """``result`` with every restart's parameters relabelled (per latent with a symmetry, see
     :func:`symmetries`) to match the best restart's labels, by the assignment that minimises the
-    scaled squared distance between parameter rows. Objectives are unchanged (checked)."""
+    scaled squared distance between parameter rows. Objectives are unchanged (checked).
+
+    ``by``: a parameter site (e.g. ``"loc"``); the best restart's values are then ordered too,
+    ascending by that site's rows (lexicographically): a canonical order that does not depend on
+    the start, applied to every restart, to ``params`` and to ``posterior`` /
+    ``most_probable``."""
     found = symmetries(result)
     if not found:
+        if by is not None:
+            raise ValueError(f"relabel(by={by!r}): the model has no latent whose values can be "
+                             "permuted with the parameter rows they select.")
         return result
     params = {k: np.array(v) for k, v in result.restart_params.items()}
     best = result.best_restart
+    orders = {}
     for latent, axes in found.items():
         names = sorted(axes)
 
@@ -109,12 +118,49 @@ def align_restarts(result):
 
         scale = [np.std(np.stack([rows(r)[i] for r in range(result.n_restarts)]), axis=(0, 1))
                  + 1e-12 for i in range(len(names))]
-        for r in range(result.n_restarts):
-            if r == best:
-                continue
-            perm = _match(rows(r), rows(best), scale)
+        canonical = _canonical(params, axes, best, by)
+        perms = [canonical if r == best else _match(rows(r), rows(best), scale)[canonical]
+                 for r in range(result.n_restarts)]  # all from the unpermuted rows
+        for r, perm in enumerate(perms):
             one = _permute({n: params[n][r] for n in names}, axes, perm)
             for n in names:
                 params[n][r] = one[n]
-    return dataclasses.replace(result, restart_params=params)
+        if not np.array_equal(canonical, np.arange(len(canonical))):
+            orders[latent] = canonical
+    best_params = {k: jnp.asarray(v[best]) for k, v in params.items()}
+    return dataclasses.replace(result, restart_params=params, params=best_params,
+                               latents=_relabelled_latents(result, orders),
+                               _cache={k: v for k, v in result._cache.items()
+                                       if k != "latents" or not orders})
 
+
+def _canonical(params, axes, best, by):
+    """The order of the best restart's values ascending by site ``by``'s rows (identity when
+    ``by`` is None)."""
+    k = np.shape(params[next(iter(axes))][best])[axes[next(iter(axes))][0]]
+    if by is None:
+        return np.arange(k)
+    if by not in axes:
+        raise ValueError(f"relabel(by={by!r}): '{by}' is not a site whose rows the latent "
+                         f"selects ({sorted(axes)}).")
+    rows = np.moveaxis(params[by][best], axes[by][0], 0).reshape(k, -1)
+    return np.lexsort(rows.T[::-1])
+
+
+def _relabelled_latents(result, orders):
+    """The result's ``latents`` with the values of each reordered latent permuted: posterior
+    columns reordered, most probable values mapped to their new labels."""
+    if not orders:
+        return result.latents
+
+    def latents():
+        posterior, mode = result.latents()
+        posterior, mode = dict(posterior), dict(mode)
+        for latent, perm in orders.items():
+            inverse = np.argsort(perm)
+            if latent in posterior:
+                posterior[latent] = np.asarray(posterior[latent])[..., perm]
+                mode[latent] = inverse[np.asarray(mode[latent])]
+        return posterior, mode
+
+    return latents

@@ -276,6 +276,14 @@ class EMResult:
         return out
 
     # -- diagnostics (thin wrappers over bayes_em.diagnostics) -----------------------------------
+    def relabel(self, by: str | None = None) -> "EMResult":
+        """Every restart relabelled to the best restart's component labels, and with ``by`` (a
+        parameter site, e.g. ``"loc"``) the components ordered by that site's rows: see
+        :func:`bayes_em.relabel.align_restarts` (only where the model has that symmetry)."""
+        from bayes_em.relabel import align_restarts
+
+        return align_restarts(self, by)
+
     def to_inference_data(self, **kwargs):
         """ArviZ ``InferenceData``: see :func:`bayes_em.diagnostics.to_inference_data`."""
         from bayes_em import diagnostics

@@ -75,3 +75,21 @@ def test_no_symmetry_no_relabelling():
         jax.random.PRNGKey(0), x)
     assert symmetries(result) == {}
     assert align_restarts(result) is result
+
+
+def test_relabel_by_location_orders_every_restart_and_the_posterior():
+    result = fit()
+    ordered = result.relabel(by="loc")
+    loc = np.asarray(ordered.params["loc"])
+    assert np.all(np.diff(loc[:, 0]) > 0)  # ascending first coordinate
+    order = np.argsort(np.asarray(result.params["loc"])[:, 0])
+    for name in ("weights", "loc", "cov"):
+        np.testing.assert_allclose(ordered.params[name], np.asarray(result.params[name])[order])
+        for r in range(result.n_restarts):  # every restart in the same canonical order
+            np.testing.assert_allclose(ordered.restart_params[name][r], ordered.params[name],
+                                       atol=1e-6)
+    np.testing.assert_allclose(ordered.posterior["z"], np.asarray(result.posterior["z"])[:, order])
+    np.testing.assert_array_equal(np.asarray(result.params["loc"])[order][
+        np.asarray(ordered.most_probable["z"])][:, 0],
+        np.asarray(result.params["loc"])[np.asarray(result.most_probable["z"])][:, 0])
+    assert ordered.objective == result.objective
