@@ -1,36 +1,39 @@
-"""One-off tool (issue 16): rewrite the reStructuredText / Sphinx docstrings of ``bayes_em`` as
-Google-style Markdown docstrings, which mkdocstrings renders natively (``docstring_style: google``
-in mkdocs.yml). Not part of the documentation build's normal path, and excluded from the site
-(``exclude_docs: *.py``).
+"""One-off tool (issue 16): rewrite reStructuredText / Sphinx docstrings of `bayes_em` as
+Google-style Markdown docstrings, which mkdocstrings renders natively (`docstring_style: google`
+in mkdocs.yml). Not used by the documentation build except for `PendingModules` below, and not a
+page of the site (mkdocs.yml's `exclude_docs: *.py`).
 
-Usage, from the repository root (the package must be importable by griffe, and mkdocs installed)::
+Usage, from the repository root (griffe must find the package, and mkdocs be installed: the tool
+builds the site once into a temporary folder to learn which identifiers it renders):
 
     python docs/convert_docstrings.py bayes_em/families.py bayes_em/chunked.py ...
 
-It edits the docstrings only (their spans are found with ``ast``; code is never touched):
+It edits docstrings only (their spans are found with `ast`; code is never touched):
 
-- ``:param x: text`` fields become an ``Args:`` section (``x: text``, continuation lines indented
-  four more), ``:returns: text`` a ``Returns:`` section, ``:raises E: text`` a ``Raises:`` one;
-- Sphinx roles (``:func:`name```, ``:class:`~bayes_em.EMResult```, ``:meth:`EM.run```, ...)
-  become mkdocs-autorefs links ``[`name`][bayes_em.module.name]``: the target is resolved in the
-  docstring's own scope, as Python would (``plot_bound`` in ``bayes_em.plots`` is
-  ``bayes_em.plots.plot_bound``; ``EM.run`` is ``bayes_em.api.EM.run``), and canonicalised
-  through aliases (``bayes_em.EMResult`` is ``bayes_em.result.EMResult``). A target that no page
-  of the site renders (a private helper) becomes plain code instead: an autorefs link to it would
-  fail ``mkdocs build --strict``. Which identifiers are rendered is read off a build of the site
-  into a temporary folder;
-- ````double backticks```` become Markdown code spans with single backticks;
-- simple reST tables (``====`` borders) become Markdown tables (rows whose first cell is empty
-  continue the row above);
-- lines pushed past 100 characters (ruff's line length) are re-wrapped.
+- `:param x: text` fields become an `Args:` section (`x: text`, continuation lines indented four
+  more), `:returns: text` a `Returns:` section, `:raises E: text` a `Raises:` one;
+- Sphinx roles (`:func:`, `:class:`, `:meth:`, `:mod:`, ... with an optional `~`) become
+  mkdocs-autorefs links ``[`name`][bayes_em.module.name]``: the target is resolved in the
+  docstring's own scope, as Python would (`plot_bound` in `bayes_em.plots` is
+  `bayes_em.plots.plot_bound`; `EM.run` is `bayes_em.api.EM.run`), and followed through griffe's
+  aliases (`bayes_em.EMResult` is `bayes_em.result.EMResult`). A target that no page of the site
+  renders (a private helper) becomes plain code instead, since an autorefs link to it would fail
+  `mkdocs build --strict`; the tool prints each such case;
+- double-backtick literals become single-backtick Markdown code spans;
+- simple reST tables (`====` borders) become Markdown tables (a row whose first cell is empty
+  continues the row above; a table without a header row gets an empty header);
+- lines pushed past 100 characters (ruff's line length) are re-wrapped; a Markdown table row stays
+  one line (shorten it by hand if ruff complains).
 
-Math and everything else are left as they are. Review the diff by eye afterwards.
+Math and everything else are left as they are. Review the diff by eye afterwards, run
+`ruff check`, and `mkdocs build --strict`.
 
-The class ``PendingModules`` is a griffe extension (configured in mkdocs.yml) that applies the
-same conversion in memory, at build time, to the docstrings of the modules in ``PENDING`` that
-still hold Sphinx markup (roles there become *optional* autorefs links: an unrendered target
-stays code). Once those files are converted with this tool, empty ``PENDING`` and drop the
-extension from mkdocs.yml.
+`PendingModules` is a griffe extension (configured in mkdocs.yml) that applies the same
+conversion in memory at build time to the docstrings of the modules in `PENDING`, which were
+being edited elsewhere while the rest of the package was converted (roles there become
+*optional* autorefs links: an unrendered target stays code). Once those files are converted with
+this tool, set `PENDING = ()` and drop the extension from mkdocs.yml (tests/test_docs_site.py
+then checks that no module keeps Sphinx markup).
 """
 
 import argparse
@@ -236,7 +239,6 @@ def _wrap(lines, first, last):
         body = _indent(line)
         stripped = line.strip()
         if i == first:  # after the opening quotes: the docstring's own indentation
-            body = _indent(line)
             cont = body
         elif re.match(r"[-*] ", stripped):
             cont = body + 2
