@@ -1,10 +1,10 @@
 """Every NumPyro and funsor internal bayes_em relies on, in one place, each with the reason.
 
-NumPyro's enumeration machinery is written for its own ``infer_discrete`` / ``TraceEnum_ELBO``;
+NumPyro's enumeration machinery is written for its own `infer_discrete` / `TraceEnum_ELBO`;
 bayes_em reuses it to build log-factor arrays it can differentiate. What is private or
 version-specific is imported or touched here only, so a NumPyro or funsor upgrade that moves
 something fails in this module, by name, instead of somewhere in the engine. The scan patch
-checks itself at every use (``vectorized_scan``).
+checks itself at every use (`vectorized_scan`).
 """
 
 from __future__ import annotations
@@ -55,32 +55,32 @@ if not hasattr(scan_module, "lax") or not hasattr(scan_module, "scan_wrapper"):
 
 
 def markov_site(name) -> tuple:
-    """``(site, shift)`` of a dim or site name under NumPyro's Markov naming: ``_PREV_z`` is the
-    value of ``z`` one step back (shift 1), ``_PREV__PREV_z`` two steps back; ``z`` has shift 0.
-    The first steps of a ``scan`` are sites named so too."""
+    """`(site, shift)` of a dim or site name under NumPyro's Markov naming: `_PREV_z` is the
+    value of `z` one step back (shift 1), `_PREV__PREV_z` two steps back; `z` has shift 0.
+    The first steps of a `scan` are sites named so too."""
     shift = get_shift(name)
     return name[len("_PREV_") * shift:], shift
 
 
 def is_time_dim(name) -> bool:
-    """Is ``name`` the time dim of a ``scan`` (NumPyro names it ``_time_<first site>``;
-    ``vectorized_scan`` follows)?"""
+    """Is `name` the time dim of a `scan` (NumPyro names it `_time_<first site>`;
+    `vectorized_scan` follows)?"""
     return name.startswith("_time")
 
 
 def mask_of(fn):
-    """The mask of a ``MaskedDistribution`` (None or True when nothing is masked)."""
+    """The mask of a `MaskedDistribution` (None or True when nothing is masked)."""
     return getattr(fn, "_mask", None)
 
 
 def covariance_was_given(fn) -> bool:
-    """Was a ``MultivariateNormal`` built from ``covariance_matrix`` (not ``scale_tril`` or a
+    """Was a `MultivariateNormal` built from `covariance_matrix` (not `scale_tril` or a
     precision)? NumPyro keeps the given argument in the instance and derives the others lazily."""
     return "covariance_matrix" in fn.__dict__
 
 
 def control_flow_done(site) -> bool:
-    """Is ``site`` a value replayed by NumPyro's ``scan`` after its body ran (not a new site)?"""
+    """Is `site` a value replayed by NumPyro's `scan` after its body ran (not a new site)?"""
     return bool(site.get("_control_flow_done", False))
 
 
@@ -90,8 +90,9 @@ def _install():
 
 
 def install_log_einsum():
-    """Route funsor's JAX log-space contractions through :mod:`bayes_em.log_einsum` (a table
-    entry of funsor's, set once at import; checked to exist)."""
+    """Route funsor's JAX log-space contractions through
+    [`bayes_em.log_einsum`][bayes_em.log_einsum] (a table entry of funsor's, set once at import;
+    checked to exist)."""
     from bayes_em import log_einsum
 
     table = getattr(funsor.cnf, "BACKEND_TO_LOGSUMEXP_BACKEND", None)

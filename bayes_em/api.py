@@ -1,4 +1,4 @@
-"""The NumPyro-style object API: ``EM(model, ...).run(rng_key, *args, **kwargs)``."""
+"""The NumPyro-style object API: `EM(model, ...).run(rng_key, *args, **kwargs)`."""
 
 from __future__ import annotations
 
@@ -41,14 +41,14 @@ def _first_objective(states):
 
 
 def _on_mesh(mesh, fn, *args):
-    """``fn(*args)`` under the engine's lock and the fit's mesh (global arrays: the posterior
+    """`fn(*args)` under the engine's lock and the fit's mesh (global arrays: the posterior
     of sharded data stays sharded)."""
     with _ENGINE_LOCK, fitting.mesh_context(mesh):
         return fn(*args)
 
 
 def _freeze(model, fixed):
-    """``model`` with the sites in ``fixed`` held at the given values."""
+    """`model` with the sites in `fixed` held at the given values."""
 
     def frozen(*args, **kwargs):
         with handlers.substitute(data=fixed), handlers.condition(data=fixed):
@@ -69,52 +69,53 @@ def _sites_key(sites):
 class EM:
     """Exact EM (maximum likelihood or MAP) for a NumPyro model with discrete latents.
 
-    :param model: a NumPyro model. ``numpyro.param`` sites are fitted by maximum likelihood,
-        continuous ``numpyro.sample`` sites without ``obs`` by MAP under their prior, and discrete
-        sample sites without ``obs`` are enumerated exactly.
-    :param restarts: number of starts. The first is the model's declared initial values
-        (``numpyro.param`` inits; for MAP sites ``init_values`` or the prior mean); the others
-        are drawn by ``init``. The best final objective wins.
-    :param init: how restarts after the first begin: ``"anchors"`` (default: one M-step under
-        posterior weights concentrated around data rows drawn by k-means++, one anchor per
-        value of each latent; see ``bayes_em.starts``), ``"noise"`` (one M-step under random
-        posterior weights, Gumbel noise of scale ``restart_noise``), or a callable
-        ``init(rng_key, params) -> dict`` of constrained values (traced: JAX operations only)
-        that override the declared ``params``.
-    :param max_iter: maximum number of EM iterations.
-    :param tol: stop when |Δ objective| ≤ tol · |objective| (at least a few ulps of the dtype);
-        ``tol=0`` runs exactly ``max_iter`` iterations.
-    :param hard: hard EM: the E-step puts all weight on the most probable configuration.
-    :param init_values: dict of constrained initial values, overriding any site's.
-    :param mstep: settings of the numeric M-step (:class:`bayes_em.LBFGS`).
-    :param strict: raise if the objective ever decreases (default: warn).
-    :param progress_bar: show a tqdm bar with the iteration and the objective of the restart
-        being fitted (updated from inside the compiled loop by a host callback).
-    :param memory_limit: bytes the enumerated tensors may take; checked before allocating.
-    :param restart_noise: scale of the Gumbel noise behind the random starts.
-    :param closed_form: update parameters that qualify by closed-form conjugate M-steps
-        (``bayes_em.conjugate``); ``False`` forces the numeric M-step everywhere.
-    :param fixed: dict of site name -> value held fixed (not fitted): ``numpyro.param`` sites
-        take the value, sample sites are conditioned on it.
-    :param record_params: keep the parameters of every iteration and restart in
-        ``result.history["params"]`` (memory: max_iter + 1 copies of θ per restart).
-    :param accelerate: SQUAREM acceleration (Varadhan & Roland 2008): each iteration is three EM
-        maps and an extrapolation, kept only when it does not lower the objective.
-    :param missing: names of observed sites whose NaN entries are marginalised out of the
-        likelihood (``bayes_em.missing``): dropped for event_dim-0 and ``.to_event`` sites, the
-        exact marginal of the observed coordinates for a ``MultivariateNormal``. NaNs at other
-        observed sites still raise. A discrete site whose value other sites use needs
-        ``obs_mask=`` instead (see ``docs/data.md``).
-    :param parallel_time: sum Markov chains (``scan``) by funsor's parallel-in-time contraction
-        (log₂ T rounds of K×K×K products, O(T·K³) work) instead of the forward recursion
-        (T sequential steps, O(T·K²)): for long sequences on accelerators; slower on CPUs.
-    :param chunk_size: process the data plate (the plate shared by every observed site, the
-        leading axis of the data arrays) ``chunk_size`` rows at a time inside the compiled fit
-        (``bayes_em.chunked``): the same iterates as without it (to round-off), with the
-        E-step's intermediates O(chunk_size) instead of O(N); each iteration makes a few passes
-        over the chunks. ``None`` or a value ≥ N: unchunked. Needs every latent in the data
-        plate; refused with ``hard=True`` or ``accelerate=True``. Random starts
-        (``restarts > 1`` with ``init="anchors"`` / ``"noise"``) read the whole data once.
+    Args:
+        model (Callable): a NumPyro model. `numpyro.param` sites are fitted by maximum likelihood,
+            continuous `numpyro.sample` sites without `obs` by MAP under their prior, and discrete
+            sample sites without `obs` are enumerated exactly.
+        restarts: number of starts. The first is the model's declared initial values
+            (`numpyro.param` inits; for MAP sites `init_values` or the prior mean); the others
+            are drawn by `init`. The best final objective wins.
+        init (str | Callable): how restarts after the first begin: `"anchors"` (default: one
+            M-step under posterior weights concentrated around data rows drawn by k-means++, one
+            anchor per value of each latent; see `bayes_em.starts`), `"noise"` (one M-step under
+            random posterior weights, Gumbel noise of scale `restart_noise`), or a callable
+            `init(rng_key, params) -> dict` of constrained values (traced: JAX operations only)
+            that override the declared `params`.
+        max_iter: maximum number of EM iterations.
+        tol: stop when |Δ objective| ≤ tol · |objective| (at least a few ulps of the dtype);
+            `tol=0` runs exactly `max_iter` iterations.
+        hard: hard EM: the E-step puts all weight on the most probable configuration.
+        init_values: dict of constrained initial values, overriding any site's.
+        mstep: settings of the numeric M-step ([`bayes_em.LBFGS`][bayes_em.lbfgs.LBFGS]).
+        strict: raise if the objective ever decreases (default: warn).
+        progress_bar: show a tqdm bar with the iteration and the objective of the restart
+            being fitted (updated from inside the compiled loop by a host callback).
+        memory_limit: bytes the enumerated tensors may take; checked before allocating.
+        restart_noise: scale of the Gumbel noise behind the random starts.
+        closed_form: update parameters that qualify by closed-form conjugate M-steps
+            (`bayes_em.conjugate`); `False` forces the numeric M-step everywhere.
+        fixed: dict of site name -> value held fixed (not fitted): `numpyro.param` sites
+            take the value, sample sites are conditioned on it.
+        record_params: keep the parameters of every iteration and restart in
+            `result.history["params"]` (memory: max_iter + 1 copies of θ per restart).
+        accelerate: SQUAREM acceleration (Varadhan & Roland 2008): each iteration is three EM
+            maps and an extrapolation, kept only when it does not lower the objective.
+        missing: names of observed sites whose NaN entries are marginalised out of the
+            likelihood (`bayes_em.missing`): dropped for event_dim-0 and `.to_event` sites, the
+            exact marginal of the observed coordinates for a `MultivariateNormal`. NaNs at other
+            observed sites still raise. A discrete site whose value other sites use needs
+            `obs_mask=` instead (see `docs/data.md`).
+        parallel_time: sum Markov chains (`scan`) by funsor's parallel-in-time contraction
+            (log₂ T rounds of K×K×K products, O(T·K³) work) instead of the forward recursion
+            (T sequential steps, O(T·K²)): for long sequences on accelerators; slower on CPUs.
+        chunk_size: process the data plate (the plate shared by every observed site, the
+            leading axis of the data arrays) `chunk_size` rows at a time inside the compiled fit
+            (`bayes_em.chunked`): the same iterates as without it (to round-off), with the
+            E-step's intermediates O(chunk_size) instead of O(N); each iteration makes a few passes
+            over the chunks. `None` or a value ≥ N: unchunked. Needs every latent in the data
+            plate; refused with `hard=True` or `accelerate=True`. Random starts
+            (`restarts > 1` with `init="anchors"` / `"noise"`) read the whole data once.
     """
 
     def __init__(
@@ -228,7 +229,7 @@ class EM:
         return problem, functions, init_params, data
 
     def e_step(self, params, *args, **kwargs) -> EStep:
-        """The exact E-step at ``params`` (constrained values; sites not given take their initial
+        """The exact E-step at `params` (constrained values; sites not given take their initial
         values): log p(X|θ), log p(θ), posterior marginals and the most probable latents."""
         with _ENGINE_LOCK:
             (params, args, kwargs), mesh = fitting.on_mesh((params, args, kwargs))
@@ -248,14 +249,14 @@ class EM:
         return EStep(float(log_z - log_prior), float(log_prior), posterior, mode)
 
     def run(self, rng_key, *args, **kwargs) -> EMResult:
-        """Fit the model to the data in ``args`` / ``kwargs`` (passed on to the model).
+        """Fit the model to the data in `args` / `kwargs` (passed on to the model).
 
         Thread-safe: fits from several threads run one at a time (NumPyro's effect handlers
         live on one global stack, and the vectorised scan patches NumPyro's scan module while a
         model is traced), each with the result it would have alone.
 
-        Data sharded over a mesh (``jax.sharding``, any axis types, one process or several
-        under ``jax.distributed``) is fitted data-parallel: see ``docs/distributed.md``."""
+        Data sharded over a mesh (`jax.sharding`, any axis types, one process or several
+        under `jax.distributed`) is fitted data-parallel: see `docs/distributed.md`."""
         with _ENGINE_LOCK:
             tree = (rng_key, self.init_values, args, kwargs)
             (rng_key, init_values, args, kwargs), mesh = fitting.on_mesh(tree)
@@ -289,7 +290,7 @@ class EM:
 
     def _check_memory(self, problem, functions, params0, data, rng_key):
         """Compile the fit ahead of running it (the call that follows reuses the executable)
-        and check XLA's memory analysis of it against ``memory_limit``."""
+        and check XLA's memory analysis of it against `memory_limit`."""
         from bayes_em.checks import check_compiled_memory
 
         compiled = functions["fit"].lower(params0, data, rng_key).compile()

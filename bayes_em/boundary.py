@@ -11,7 +11,7 @@ on their face, with their own α and normaliser,
 A component is dropped only where p_j is 0 (up to the floor of the simplex and sigmoid
 transforms: the smallest normal float, or 1 − eps for a Beta's complement) and α_j ≤ 1; with
 α_j > 1 a zero has density 0 and the log prior stays −∞. Off the boundary this is NumPyro's own
-``log_prob``.
+`log_prob`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ __all__ = ["prior_log_prob"]
 
 
 def _face(alpha, p, dropped):
-    """log Dirichlet(p_S | α_S) over the last axis, S the components not ``dropped``."""
+    """log Dirichlet(p_S | α_S) over the last axis, S the components not `dropped`."""
     keep = ~dropped
     a = jnp.where(keep, alpha, 0.0)
     log_p = jnp.log(jnp.where(keep, p, 1.0))
@@ -50,8 +50,8 @@ def _base_log_prob(fn, value):
 
 
 def prior_log_prob(fn, value):
-    """The log prior of a MAP site at ``value`` with the face convention above for Dirichlet
-    and Beta priors (also expanded by plates or ``.to_event``); ``None`` for other priors."""
+    """The log prior of a MAP site at `value` with the face convention above for Dirichlet
+    and Beta priors (also expanded by plates or `.to_event`); `None` for other priors."""
     reinterpreted = 0
     base = fn
     while isinstance(base, (dist.ExpandedDistribution, dist.Independent)):

@@ -1,10 +1,10 @@
 """Checks run once before a fit: enumeration size and structure, density at the start, and
 the memory of the compiled fit.
 
-Memory is checked twice. Before compiling, :func:`check_enumeration` refuses an enumeration
+Memory is checked twice. Before compiling, `check_enumeration` refuses an enumeration
 whose log-factors alone (one copy, from their traced shapes, shared over the devices of a
 sharded fit) exceed the limit: compiling a program of hundreds of GB can itself take long or
-fail. After compiling, :func:`check_compiled_memory` reads XLA's own memory analysis of the
+fail. After compiling, `check_compiled_memory` reads XLA's own memory analysis of the
 fit (arguments, outputs and temporaries per device: what the run will allocate) before it
 runs."""
 
@@ -45,8 +45,8 @@ def _abstract_factors(problem, params, data):
 
 
 def check_enumeration(problem, params, data, memory_limit, devices: int = 1):
-    """Refuse an enumeration whose log-factors (shared over ``devices``) exceed
-    ``memory_limit`` bytes, naming the sites that blow it up; refuse continuous sites whose
+    """Refuse an enumeration whose log-factors (shared over `devices`) exceed
+    `memory_limit` bytes, naming the sites that blow it up; refuse continuous sites whose
     density depends on an enumerated latent. Returns the estimate in bytes."""
     shapes, metas = _abstract_factors(problem, params, data)
     latents = set(problem.sites.latents)
@@ -83,8 +83,8 @@ def _largest(per_site, metas, n=3):
 
 
 def check_compiled_memory(compiled, memory_limit, problem, params, data):
-    """Refuse a compiled fit (``jit(...).lower(...).compile()``) whose memory by XLA's own
-    analysis, per device (arguments + outputs + temporaries), exceeds ``memory_limit``,
+    """Refuse a compiled fit (`jit(...).lower(...).compile()`) whose memory by XLA's own
+    analysis, per device (arguments + outputs + temporaries), exceeds `memory_limit`,
     saying which part dominates and naming the largest enumerated sites. Returns the analysis
     as a dict of bytes (empty where the backend gives none)."""
     stats = compiled.memory_analysis()
@@ -120,7 +120,7 @@ def _dims(metas, name):
 
 
 def check_initial_density(problem, objective, params, data):
-    """Raise if ``objective`` = log p(X|θ_0) + log p(θ_0) is not finite, naming the sites
+    """Raise if `objective` = log p(X|θ_0) + log p(θ_0) is not finite, naming the sites
     responsible (found by an eager evaluation of the log-factors, on this failure path only)."""
     if np.isfinite(np.asarray(objective)):
         return

@@ -1,9 +1,9 @@
-"""``jit`` with the compiler settings bayes_em's programs are measured fastest under, and JAX's
-persistent compilation cache in one call (:func:`compilation_cache`).
+"""`jit` with the compiler settings bayes_em's programs are measured fastest under, and JAX's
+persistent compilation cache in one call (`compilation_cache`).
 
-On CPU, XLA's classic loop emitters (``xla_cpu_use_fusion_emitters=False``) compile a fit's
+On CPU, XLA's classic loop emitters (`xla_cpu_use_fusion_emitters=False`) compile a fit's
 program about 40% faster than its newer MLIR fusion emitters, with equal or better run time
-(``benchmarks/README.md``). Other backends keep XLA's defaults, and so does a jaxlib that no
+(`benchmarks/README.md`). Other backends keep XLA's defaults, and so does a jaxlib that no
 longer knows the option (checked once per process on a trivial program: the option is private).
 """
 
@@ -34,7 +34,7 @@ def _accepted(options: tuple) -> bool:
 
 
 def jit(fn, **kwargs):
-    """``jax.jit(fn, **kwargs)``, plus the CPU compiler options above when JAX's default backend
+    """`jax.jit(fn, **kwargs)`, plus the CPU compiler options above when JAX's default backend
     is the CPU and the running jaxlib accepts them (a top-level jit only: JAX refuses compiler
     options on nested jits)."""
     if jax.default_backend() == "cpu" and _accepted(tuple(sorted(_CPU_OPTIONS.items()))):
@@ -47,8 +47,8 @@ def compilation_cache(path: str | os.PathLike | None = None) -> str:
     settings loads them instead of compiling (JAX's persistent compilation cache). Programs
     compiled in under a second are kept too (JAX's default keeps only slower ones).
 
-    ``path`` defaults to ``$BAYES_EM_COMPILATION_CACHE``, else ``~/.cache/bayes_em/jax``; it is
-    created if needed. Setting ``BAYES_EM_COMPILATION_CACHE`` in the environment enables the
+    `path` defaults to `$BAYES_EM_COMPILATION_CACHE`, else `~/.cache/bayes_em/jax`; it is
+    created if needed. Setting `BAYES_EM_COMPILATION_CACHE` in the environment enables the
     cache when bayes_em is imported. Returns the directory used.
     """
     path = path or os.environ.get(CACHE_ENV) or os.path.join(

@@ -1,10 +1,10 @@
 """Constraints with a floor, for maximum likelihood that cannot collapse.
 
-``positive_definite_floor(c)``: symmetric matrices whose every eigenvalue is at least ``c`` (a
+`positive_definite_floor(c)`: symmetric matrices whose every eigenvalue is at least `c` (a
 closed set). For a Gaussian covariance the constrained maximiser of the weighted likelihood
 −n/2 (log|Σ| + tr(Σ⁻¹ S)) is S's eigenvectors with eigenvalues max(λ_i, c), so the closed-form
 M-step stays exact (an ECM step) and the likelihood stays bounded. The scalar analogue, a scale
-σ ≥ c, is NumPyro's ``constraints.greater_than_eq(c)``, with the update max(σ̂, c).
+σ ≥ c, is NumPyro's `constraints.greater_than_eq(c)`, with the update max(σ̂, c).
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def _transform_to_positive_definite_floor(constraint):
 
 def floor_of(constraint) -> float | None:
     """The static lower bound a closed-form scale / covariance update must respect: 0.0 for
-    ``positive`` / ``positive_definite``, ``c`` for ``greater_than(_eq)(c)`` (c ≥ 0, a number) and
-    ``positive_definite_floor(c)``; None for any other constraint."""
+    `positive` / `positive_definite`, `c` for `greater_than(_eq)(c)` (c ≥ 0, a number) and
+    `positive_definite_floor(c)`; None for any other constraint."""
     while isinstance(constraint, constraints.independent):
         constraint = constraint.base_constraint
     if isinstance(constraint, _PositiveDefiniteFloor):
@@ -104,7 +104,7 @@ def floor_of(constraint) -> float | None:
 
 
 def clip_eigenvalues(cov, floor):
-    """The nearest-in-likelihood covariance with eigenvalues ≥ ``floor``: V max(Λ, floor) Vᵀ."""
+    """The nearest-in-likelihood covariance with eigenvalues ≥ `floor`: V max(Λ, floor) Vᵀ."""
     lam, vec = jnp.linalg.eigh(cov)
     clipped = (vec * jnp.maximum(lam, floor)[..., None, :]) @ jnp.swapaxes(vec, -1, -2)
     return 0.5 * (clipped + jnp.swapaxes(clipped, -1, -2))

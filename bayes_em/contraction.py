@@ -1,10 +1,10 @@
 """The contraction of log-factors: log Z by sum-product (or max-product) over enumerated, plate
-and Markov dims, pure array algebra over :class:`bayes_em.factors.Factors`.
+and Markov dims, pure array algebra over [`bayes_em.factors.Factors`][bayes_em.factors.Factors].
 
 Plates with per-element weights are reduced after their local latents are summed out; a Markov
-chain (``scan``) is summed by a forward recursion (O(T·K²), one ``lax.scan``) where its structure
-allows, else by funsor's contraction (parallel-in-time with ``parallel_time``).
-``tests/test_enumeration.py`` and ``tests/test_vectorized_scan.py`` check it against brute force.
+chain (`scan`) is summed by a forward recursion (O(T·K²), one `lax.scan`) where its structure
+allows, else by funsor's contraction (parallel-in-time with `parallel_time`).
+`tests/test_enumeration.py` and `tests/test_vectorized_scan.py` check it against brute force.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ __all__ = ["log_partition", "pointwise_log_likelihood"]
 
 
 def _weighted_sum_product(sum_op, prod_op, factors, eliminate, plates, plate_weights):
-    """funsor's ``sum_product`` with per-element plate weights: a factor is multiplied
-    by ``w_p`` (in log space: raised to the power w_p) just before plate ``p`` is reduced, i.e.
-    after the latents local to ``p`` are summed out; element n then counts w_n times."""
+    """funsor's `sum_product` with per-element plate weights: a factor is multiplied
+    by `w_p` (in log space: raised to the power w_p) just before plate `p` is reduced, i.e.
+    after the latents local to `p` are summed out; element n then counts w_n times."""
     plates = plates & eliminate
     sum_vars = eliminate - plates
     var_to_ordinal, ordinal_to_factors = {}, defaultdict(list)
@@ -66,7 +66,7 @@ def _weighted_sum_product(sum_op, prod_op, factors, eliminate, plates, plate_wei
 
 
 def _enumerated_last(array, dim_to_name, plates):
-    """``array`` copied with its enumerated dims innermost (and ``dim_to_name`` to match).
+    """`array` copied with its enumerated dims innermost (and `dim_to_name` to match).
 
     NumPyro puts enumerated dims on the left; a reduction over them (the sum over z_n of a
     mixture's (K, N) factor) then runs across the major axis, which XLA on CPU does several
@@ -84,11 +84,11 @@ def _enumerated_last(array, dim_to_name, plates):
 
 
 class _Graph(NamedTuple):
-    """The funsor factors of one contraction, grouped: ``free`` (no Markov chain, or already
-    summed), ``chains`` ({time Variable: its time-stacked factors}) with each chain's previous-
-    step variables ``init_vars`` and the variables of its Markov factors ``markov_dims``; the
-    variables to sum (latents) and multiply (plates, independent steps); ``history`` is the
-    longest lag; ``lag_site`` maps a previous-step variable to its site."""
+    """The funsor factors of one contraction, grouped: `free` (no Markov chain, or already
+    summed), `chains` ({time Variable: its time-stacked factors}) with each chain's previous-
+    step variables `init_vars` and the variables of its Markov factors `markov_dims`; the
+    variables to sum (latents) and multiply (plates, independent steps); `history` is the
+    longest lag; `lag_site` maps a previous-step variable to its site."""
 
     free: list
     chains: dict
@@ -102,8 +102,8 @@ class _Graph(NamedTuple):
 
 
 def _graph(factors) -> _Graph:
-    """Group the log-factors of ``factors`` (a :class:`bayes_em.factors.Factors`) for the
-    contraction, as NumPyro's ``_enum_log_density`` does; dims of factors outside chains are
+    """Group the log-factors of `factors` (a [`bayes_em.factors.Factors`][bayes_em.factors.Factors])
+    for the contraction, as NumPyro's `_enum_log_density` does; dims of factors outside chains are
     reordered so that reductions run over contiguous memory."""
     free, chains = [], defaultdict(list)
     init_vars, markov_dims = defaultdict(frozenset), defaultdict(frozenset)
@@ -185,11 +185,11 @@ _START_LIMIT = 2**22
 
 
 def _chain_start(graph, prev, curr, batch, sum_op, prod_op):
-    """``(a_0, rest, exact)``: a_0(prev), the sum-product of the chain-free factors connected to
+    """`(a_0, rest, exact)`: a_0(prev), the sum-product of the chain-free factors connected to
     the chain's first state through enumerated latents, and the factors not connected; None if
     they do not have that form. With the max-product the latents before the chain are maximised
-    out of their joint table with back-pointers (:func:`bayes_em.viterbi.max_first`) where it is
-    small and no plate is reduced there (``exact``: the gradient of a_0 is then one optimum)."""
+    out of their joint table with back-pointers (`bayes_em.viterbi.max_first`) where it is
+    small and no plate is reduced there (`exact`: the gradient of a_0 is then one optimum)."""
     chain, rest, frontier = [], list(graph.free), {prev}
     while frontier:
         linked = [f for f in rest if frontier & set(f.inputs)]
@@ -217,8 +217,8 @@ def _chain_start(graph, prev, curr, batch, sum_op, prod_op):
 
 
 def _max_start(chain, inputs, prev, batch, graph):
-    """max over the latents before the chain of the sum of the factors ``chain``, kept over
-    ``prev`` and the batch plates, by :func:`bayes_em.viterbi.max_first` on their joint table;
+    """max over the latents before the chain of the sum of the factors `chain`, kept over
+    `prev` and the batch plates, by `bayes_em.viterbi.max_first` on their joint table;
     None where a plate would be reduced or the table is large."""
     if (inputs & graph.prod_vars) - batch:
         return None
@@ -237,12 +237,12 @@ def _max_start(chain, inputs, prev, batch, graph):
 
 
 def _forward_chain(graph, time, sum_op, prod_op):
-    """``(free, a_T, exact)``: the chain-free factors with the chain along ``time`` summed out by
+    """`(free, a_T, exact)`: the chain-free factors with the chain along `time` summed out by
     a forward recursion (the last of them, a_T, its result), or None when the chain does not
     have the simple form below (then funsor's log-depth
     contraction of the T transition matrices is used, O(T·K³) work).
 
-    With M_t(prev, curr) = C ⊗ E_t (:func:`_chain_parts`) and a_0 (:func:`_chain_start`),
+    With M_t(prev, curr) = C ⊗ E_t (`_chain_parts`) and a_0 (`_chain_start`),
 
         a_{t+1}(curr) = ⊕_prev a_t(prev) ⊗ M_t(prev, curr)       (O(T·K²), one lax.scan)
 
@@ -250,8 +250,8 @@ def _forward_chain(graph, time, sum_op, prod_op):
     two-slice marginals. Needs history 1, one chain variable, and no enumerated latent besides
     the chain in M_t (other inputs are plates, which every factor of a_0 shares). When E_t does
     not depend on the previous state (emissions), a sum-product step is a matrix-vector product
-    (:func:`bayes_em.forward.matvec_step`). The max-product records back-pointers
-    (:func:`bayes_em.viterbi.viterbi_scan`); ``exact``: its gradient is the indicator of one
+    (`bayes_em.forward.matvec_step`). The max-product records back-pointers
+    (`bayes_em.viterbi.viterbi_scan`); `exact`: its gradient is the indicator of one
     optimal path through the chain and its start (no latent local to a step maximised apart).
     """
     if graph.history != 1 or len(graph.init_vars[time]) != 1:
@@ -275,7 +275,7 @@ def _forward_chain(graph, time, sum_op, prod_op):
     size = {n: d.size for p in parts for n, d in p.inputs.items()}
 
     def aligned(f, order):
-        """``f``'s data in ``order``, with size-1 dims for the inputs it lacks (no copies)."""
+        """`f`'s data in `order`, with size-1 dims for the inputs it lacks (no copies)."""
         present = tuple(n for n in order if n in f.inputs)
         return f.align(present).data.reshape(tuple(size[n] if n in f.inputs else 1 for n in order))
 
@@ -298,15 +298,16 @@ def _forward_chain(graph, time, sum_op, prod_op):
 
 
 def _lazy_contraction(factors, sum_op, prod_op, parallel_time=False, report=None):
-    """The lazy funsor expression of the contraction of ``factors`` over every latent, plate
-    and time dim: chains summed by :func:`_forward_chain` where it applies (not with
-    ``parallel_time``), the others by NumPyro's Markov contraction, then one sum-product over
-    plates (weighted plates by :func:`_weighted_sum_product`).
+    """The lazy funsor expression of the contraction of `factors` over every latent, plate
+    and time dim: chains summed by `_forward_chain` where it applies (not with
+    `parallel_time`), the others by NumPyro's Markov contraction, then one sum-product over
+    plates (weighted plates by `_weighted_sum_product`).
 
-    ``report`` (a dict, max-product): ``report["one_optimum"]`` is set to whether the gradient
+    `report` (a dict, max-product): `report["one_optimum"]` is set to whether the gradient
     is the indicator of one optimal configuration whatever the ties: every chain went through
     the back-pointer recursion exactly, and every other factor left has no latent but a
-    chain's last state (see :func:`bayes_em.estep.posterior_weights`)."""
+    chain's last state (see
+    [`bayes_em.estep.posterior_weights`][bayes_em.estep.posterior_weights])."""
     graph = _graph(factors)
     chains = dict(graph.chains)
     exact, outputs = True, []
@@ -348,13 +349,13 @@ def _lazy_contraction(factors, sum_op, prod_op, parallel_time=False, report=None
 
 def log_partition(factors: Factors, semiring: str = "sum", parallel_time: bool = False,
                   report: dict | None = None) -> Array:
-    """log Z: sum-product (``"sum"``) or max-product (``"max"``) of ``factors``
-    (:class:`bayes_em.factors.Factors`).
+    """log Z: sum-product (`"sum"`) or max-product (`"max"`) of `factors`
+    ([`bayes_em.factors.Factors`][bayes_em.factors.Factors]).
 
     Markov chains are summed out by a forward recursion (O(T·K²) work, T sequential steps) where
-    their structure allows, or with ``parallel_time`` by funsor's parallel-in-time contraction
+    their structure allows, or with `parallel_time` by funsor's parallel-in-time contraction
     (pairs of steps multiplied in log₂ T rounds: O(T·K³) work, log depth; for accelerators).
-    ``report``: see :func:`_lazy_contraction`."""
+    `report`: see `_lazy_contraction`."""
     sum_op = npi.logaddexp if semiring == "sum" else npi.max_op
     result = funsor.optimizer.apply_optimizer(
         _lazy_contraction(factors, sum_op, npi.add, parallel_time, report))
@@ -367,12 +368,13 @@ def log_partition(factors: Factors, semiring: str = "sum", parallel_time: bool =
 
 
 def pointwise_log_likelihood(factors: Factors, plate: str | None = None, drop=()) -> Array:
-    """log p(x_n | θ) for every index n of ``plate``, latents summed out (sum-product).
+    """log p(x_n | θ) for every index n of `plate`, latents summed out (sum-product).
 
-    The contraction of :func:`log_partition`, with ``plate`` left as a free (batch) input instead
-    of a product: Σ_n of the result is log Z less the dropped factors ``drop`` (e.g. the priors of
-    MAP sites). Every remaining factor must lie in ``plate``, else its points are coupled and a
-    pointwise log-likelihood is undefined. ``plate=None`` gives the whole log Z, shape ``(1,)``.
+    The contraction of [`log_partition`][bayes_em.contraction.log_partition], with `plate` left as a
+    free (batch) input instead of a product: Σ_n of the result is log Z less the dropped factors
+    `drop` (e.g. the priors of MAP sites). Every remaining factor must lie in `plate`, else its
+    points are coupled and a pointwise log-likelihood is undefined. `plate=None` gives the whole log
+    Z, shape `(1,)`.
     """
     drop = set(drop)
     kept = factors.select([m.name for m in factors.metas if m.name not in drop])

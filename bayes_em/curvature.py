@@ -16,7 +16,7 @@ __all__ = ["extreme_eigenvalues", "is_saddle"]
 
 
 def extreme_eigenvalues(hvp, n, steps=40, seed=0):
-    """(smallest, largest) eigenvalue estimates of the symmetric n×n operator ``hvp``."""
+    """(smallest, largest) eigenvalue estimates of the symmetric n×n operator `hvp`."""
     rng = np.random.default_rng(seed)
     q = rng.standard_normal(n)
     q /= np.linalg.norm(q)
@@ -41,7 +41,7 @@ def extreme_eigenvalues(hvp, n, steps=40, seed=0):
 
 
 def is_saddle(hvp, n, rtol=1e-6):
-    """Whether the Hessian has a positive eigenvalue beyond ``rtol`` of its largest magnitude
+    """Whether the Hessian has a positive eigenvalue beyond `rtol` of its largest magnitude
     (flat directions, such as a weight that two identical components share, give ≈ 0)."""
     low, high = extreme_eigenvalues(hvp, n)
     return high > rtol * max(abs(low), abs(high), 1e-300), (low, high)

@@ -3,14 +3,14 @@
 For every output array and every input group (a fitted parameter) this answers, for *all*
 values of the inputs, not at one point:
 
-- ``depends``: the output is computed from the group (any path through the program);
-- ``selects``: every path from the group to the output moves values without arithmetic
-  (gather, broadcast, reshape, slice, concatenate, ``select_n`` on a predicate that does not
+- `depends`: the output is computed from the group (any path through the program);
+- `selects`: every path from the group to the output moves values without arithmetic
+  (gather, broadcast, reshape, slice, concatenate, `select_n` on a predicate that does not
   depend on the group, ...), so each output entry is one entry of the group or a value that
   does not depend on it.
 
-``mu[k]`` selects ``mu``; ``mu[k] + beta * x`` selects ``mu`` but depends on ``beta`` too (even
-when ``beta`` is 0 now); ``2 * mu[k]`` and ``jnp.maximum(mu[k], 0)`` depend on ``mu`` without
+`mu[k]` selects `mu`; `mu[k] + beta * x` selects `mu` but depends on `beta` too (even
+when `beta` is 0 now); `2 * mu[k]` and `jnp.maximum(mu[k], 0)` depend on `mu` without
 selecting it. Primitives not listed below count as arithmetic (a conservative answer: a closed
 form refused, never a wrong one).
 """
@@ -27,7 +27,7 @@ __all__ = ["Dependence", "dependence"]
 
 
 class Dependence(NamedTuple):
-    """Bit sets over the input groups: ``depends`` ⊇ ``selects``."""
+    """Bit sets over the input groups: `depends` ⊇ `selects`."""
 
     depends: int = 0
     selects: int = 0
@@ -42,7 +42,7 @@ NONE = Dependence()
 
 
 def _join(*deps):
-    """Dependence of a value that may come from any of ``deps`` (a selection stays one only if
+    """Dependence of a value that may come from any of `deps` (a selection stays one only if
     no branch reaches that group by arithmetic)."""
     depends = 0
     other = 0
@@ -60,7 +60,7 @@ def _arith(*deps):
 
 
 def _index(data, index):
-    """Moving ``data`` at positions computed from ``index``: a group the index reads is
+    """Moving `data` at positions computed from `index`: a group the index reads is
     arithmetic."""
     d = _join(*data)
     idx = _arith(*index)
@@ -164,9 +164,10 @@ def _propagate(closed: ClosedJaxpr, ins):
 
 
 def dependence(fn, groups: dict, *args, **kwargs):
-    """Dependence of each output leaf of ``fn(groups, *args, **kwargs)`` on each key of
-    ``groups`` (a dict of arrays): a pytree like the output, of :class:`Dependence` with bit i
-    for the i-th key (in the order of ``groups``). Traces ``fn`` once (nothing runs)."""
+    """Dependence of each output leaf of `fn(groups, *args, **kwargs)` on each key of
+    `groups` (a dict of arrays): a pytree like the output, of
+    [`Dependence`][bayes_em.dependence.Dependence] with bit i for the i-th key (in the order of
+    `groups`). Traces `fn` once (nothing runs)."""
     names = list(groups)
     closed, out_shape = jax.make_jaxpr(
         lambda g: fn(g, *args, **kwargs), return_shape=True

@@ -1,12 +1,12 @@
 """Diagnostics of an EM fit: Laplace approximation, standard errors, information criteria,
 the lower-bound decomposition, ArviZ conversion and persistence.
 
-Everything is computed from the model itself (through ``result.problem``): the objective
+Everything is computed from the model itself (through `result.problem`): the objective
 
     f(v) = log p(X | θ(v)) + log p(θ(v)),     θ(v) = the constraint transforms of the flat vector v,
 
 with the latents summed out exactly, is differentiated twice by autodiff in unconstrained space
-(sites flattened with ``jax.flatten_util.ravel_pytree``). As in the fit, the prior is the density
+(sites flattened with `jax.flatten_util.ravel_pytree`). As in the fit, the prior is the density
 of the constrained value: no Jacobian of the transforms enters f.
 """
 
@@ -146,7 +146,7 @@ def _flat_u(result, restart=None):
 
 # -- the objective and its curvature -------------------------------------------------------------
 def objective_function(result):
-    """``(f, v̂)``: f(v) = log p(X|θ(v)) + log p(θ(v)) on the flat unconstrained vector v (jitted,
+    """`(f, v̂)`: f(v) = log p(X|θ(v)) + log p(θ(v)) on the flat unconstrained vector v (jitted,
     latents summed out) and v̂, the best restart's optimum; e.g. for finite-difference checks."""
     fns = _functions(result)
     def objective(v):
@@ -157,7 +157,7 @@ def objective_function(result):
 
 def observed_information(result, restart=None) -> np.ndarray:
     """I(v̂) = −∇²_v [log p(X|θ) + log p(θ)] at a restart's optimum (default: the best), by exact
-    autodiff in unconstrained space; rows follow ``ravel_pytree`` of the unconstrained sites."""
+    autodiff in unconstrained space; rows follow `ravel_pytree` of the unconstrained sites."""
     return -np.asarray(_functions(result).hessian(_flat_u(result, restart), result.data))
 
 
@@ -172,7 +172,7 @@ class Laplace(NamedTuple):
 def laplace(result, restart=None) -> Laplace:
     """The Laplace approximation at a restart's optimum: v ~ N(v̂, I(v̂)⁻¹).
 
-    Raises ``ValueError`` when I(v̂) is not positive definite (no strict local maximum: parameters
+    Raises `ValueError` when I(v̂) is not positive definite (no strict local maximum: parameters
     not identified, an optimum on the boundary, or a fit that has not converged)."""
     r = _restart(result, restart)
     info = observed_information(result, r)
@@ -200,16 +200,17 @@ def standard_errors(result, restart=None) -> dict:
 
 
 def _draws(lap, n, rng_key):
-    """``n`` draws of the flat unconstrained vector from the Laplace approximation."""
+    """`n` draws of the flat unconstrained vector from the Laplace approximation."""
     chol = np.linalg.cholesky(lap.cov)
     eps = np.asarray(jax.random.normal(rng_key, (n, lap.mean.size)), dtype=lap.cov.dtype)
     return lap.mean + eps @ chol.T
 
 
 def summary(result, prob=0.9, restart=None, num_samples=4000, rng_key=None) -> dict:
-    """Per parameter site: ``estimate`` (the EM optimum), ``std_err`` (delta method, see
-    :func:`standard_errors`) and the central ``prob`` interval ``lower`` / ``upper``: quantiles
-    of ``num_samples`` Laplace draws pushed through the constraints (inside the support)."""
+    """Per parameter site: `estimate` (the EM optimum), `std_err` (delta method, see
+    [`standard_errors`][bayes_em.diagnostics.standard_errors]) and the central `prob` interval
+    `lower` / `upper`: quantiles of `num_samples` Laplace draws pushed through the constraints
+    (inside the support)."""
     r = _restart(result, restart)
     lap = laplace(result, r)
     fns = _functions(result)
@@ -230,7 +231,8 @@ def summary(result, prob=0.9, restart=None, num_samples=4000, rng_key=None) -> d
 
 
 def format_summary(table, prob=0.9) -> str:
-    """The table of :func:`summary` as text, one row per scalar entry (like NumPyro's)."""
+    """The table of [`summary`][bayes_em.diagnostics.summary] as text, one row per scalar entry
+    (like NumPyro's)."""
     lo, hi = f"{50 * (1 - prob):.1f}%", f"{50 * (1 + prob):.1f}%"
     rows = []
     for name, cols in table.items():
@@ -248,14 +250,15 @@ def format_summary(table, prob=0.9) -> str:
 
 
 def print_summary(result, prob=0.9, restart=None, **kwargs) -> None:
-    """Print :func:`summary`: estimate, standard error and interval for every parameter entry."""
+    """Print [`summary`][bayes_em.diagnostics.summary]: estimate, standard error and interval for
+    every parameter entry."""
     print(format_summary(summary(result, prob, restart, **kwargs), prob))
 
 
 # -- data points and model selection --------------------------------------------------------------
 def data_plate(result):
     """The plate that indexes data points: the outermost plate shared by every observed site
-    (``None`` when they share none: the whole data set is then a single point)."""
+    (`None` when they share none: the whole data set is then a single point)."""
     metas = {m.name: m for m in _metas(result)}
     shared = frozenset.intersection(*(metas[n].plates for n in result.sites.observed))
     return next((n for n in result.sites.plate_order if n in shared), None)
@@ -270,7 +273,8 @@ def _plate_size(result, plate):
 
 
 def num_observations(result) -> int:
-    """n in BIC: the size of :func:`data_plate` (1 when there is none)."""
+    """n in BIC: the size of [`data_plate`][bayes_em.diagnostics.data_plate] (1 when there is
+    none)."""
     plate = data_plate(result)
     return 1 if plate is None else _plate_size(result, plate)
 
@@ -282,7 +286,8 @@ def num_free_parameters(result) -> int:
 
 
 def pointwise_log_likelihood(result, restart=None) -> np.ndarray:
-    """log p(x_n | θ̂) for every point n of :func:`data_plate`, the latents summed out exactly."""
+    """log p(x_n | θ̂) for every point n of [`data_plate`][bayes_em.diagnostics.data_plate], the
+    latents summed out exactly."""
     return np.asarray(_functions(result).pointwise(_flat_u(result, restart)[None], result.data)[0])
 
 
@@ -303,8 +308,10 @@ def posterior_entropy(result, restart=None) -> float:
 
 
 def bic(result) -> float:
-    """BIC = −2 log p(X|θ̂) + k log n (k: :func:`num_free_parameters`, n:
-    :func:`num_observations`); lower is better, as in scikit-learn."""
+    """BIC = −2 log p(X|θ̂) + k log n (k:
+    [`num_free_parameters`][bayes_em.diagnostics.num_free_parameters], n:
+    [`num_observations`][bayes_em.diagnostics.num_observations]); lower is better, as in
+    scikit-learn."""
     k, n = num_free_parameters(result), num_observations(result)
     return -2.0 * result.log_likelihood + k * float(np.log(n))
 
@@ -327,9 +334,9 @@ def lower_bound_trace(result, n_iter=None) -> dict:
         ℓ(θ_{t+1}) = L(q_t, θ_{t+1}) + KL(q_t ‖ p(Z|X,θ_{t+1})),   L(q_t, θ_t) = ℓ(θ_t),
         L(q_t, θ) = E_{q_t}[log p(X, Z | θ)] + H[q_t].
 
-    Returns ``log_likelihood`` ℓ(θ_t) and ``log_prior`` log p(θ_t) for t = 0..n, and for
-    t = 0..n−1 ``bound`` L(q_t, θ_{t+1}) and ``gap`` (the KL term, ≥ 0); n defaults to restart
-    0's iterations; ``params`` holds θ_t (constrained, leading axis t). EM guarantees
+    Returns `log_likelihood` ℓ(θ_t) and `log_prior` log p(θ_t) for t = 0..n, and for
+    t = 0..n−1 `bound` L(q_t, θ_{t+1}) and `gap` (the KL term, ≥ 0); n defaults to restart
+    0's iterations; `params` holds θ_t (constrained, leading axis t). EM guarantees
     bound_t + log p(θ_{t+1}) ≥ ℓ(θ_t) + log p(θ_t). Soft EM only."""
     _need_problem(result)
     problem = result.problem

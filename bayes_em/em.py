@@ -3,13 +3,13 @@
     E-step:  w_f = ∂ log Z(θ_t) / ∂ log f           (posterior marginals of every factor)
     M-step:  θ_{t+1} = argmax_θ Σ_f ⟨w_f, log f(θ)⟩   (= Q(θ; θ_t) + log p(θ))
 
-``init`` builds an :class:`EMState`, ``step`` does one iteration, ``run`` iterates under
-``lax.while_loop`` until the relative change of log p(X|θ) + log p(θ) drops below ``tol`` or
-``max_iter`` iterations are done; ``step`` returns the new state and a :class:`StepInfo`.
-``pending`` is a ``fresh`` state whose first E-step is left to the loop's first pass, so that a
-compiled fit holds the E-step once. The state holds θ at its constrained
-values; only the numeric M-step and SQUAREM work in unconstrained coordinates. With
-``hard=True`` the E-step is max-product: all weight on the most probable configuration
+`init` builds an `EMState`, `step` does one iteration, `run` iterates under
+`lax.while_loop` until the relative change of log p(X|θ) + log p(θ) drops below `tol` or
+`max_iter` iterations are done; `step` returns the new state and a
+[`StepInfo`][bayes_em.em.StepInfo]. `pending` is a `fresh` state whose first E-step is left to the
+loop's first pass, so that a compiled fit holds the E-step once. The state holds θ at its
+constrained values; only the numeric M-step and SQUAREM work in unconstrained coordinates. With
+`hard=True` the E-step is max-product: all weight on the most probable configuration
 (K-means, Viterbi training).
 """
 
@@ -74,9 +74,9 @@ __all__ = [
 
 
 class Status(IntEnum):
-    """Where a restart's loop stands: an int32 in :class:`EMState` (jit-able), with a message.
-    The public :class:`bayes_em.result.Status` is its lower-case name (``collapsed`` is
-    diagnosed on the host)."""
+    """Where a restart's loop stands: an int32 in `EMState` (jit-able), with a message.
+    The public [`bayes_em.result.Status`][bayes_em.result.Status] is its lower-case name
+    (`collapsed` is diagnosed on the host)."""
 
     RUNNING = 0
     CONVERGED = 1
@@ -124,8 +124,8 @@ class EMState(NamedTuple):
 
 
 class StepInfo(NamedTuple):
-    """What one :func:`step` did: the change of the objective it proposed, and whether the
-    iteration was taken (finite, not rejected by the guard, not lowering the objective)."""
+    """What one [`step`][bayes_em.em.step] did: the change of the objective it proposed, and whether
+    the iteration was taken (finite, not rejected by the guard, not lowering the objective)."""
 
     change: Any
     taken: Any
@@ -139,9 +139,9 @@ def _roundoff(x):
 
 
 def pending(problem: EMProblem, params: dict, data: tuple) -> EMState:
-    """The state at θ_0 = ``params`` before its first E-step (``fresh``): ``step`` does that
-    E-step alone (no M-step), and ``run`` always does it. A chunked problem's ``weights`` are
-    the first closed-form stage's statistics (``bayes_em.chunked``), nothing N-sized."""
+    """The state at θ_0 = `params` before its first E-step (`fresh`): `step` does that
+    E-step alone (no M-step), and `run` always does it. A chunked problem's `weights` are
+    the first closed-form stage's statistics (`bayes_em.chunked`), nothing N-sized."""
     shapes = jax.eval_shape(lambda: _e_step(problem, params, data))  # traced only: nothing runs
     objective = jnp.full((), jnp.nan, shapes[0].dtype)
     weights = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[2])
@@ -157,12 +157,12 @@ def pending(problem: EMProblem, params: dict, data: tuple) -> EMState:
 
 
 def init(problem: EMProblem, params: dict, data: tuple) -> EMState:
-    """The state at θ_0 = ``params``, after its first E-step."""
+    """The state at θ_0 = `params`, after its first E-step."""
     return step(problem, pending(problem, params, data), data)[0]
 
 
 def _e_step(problem, params, data):
-    """``(objective, log prior, weights)``: the E-step, or a chunked problem's E-pass."""
+    """`(objective, log prior, weights)`: the E-step, or a chunked problem's E-pass."""
     if problem.chunks is not None:
         from bayes_em import chunked
 
@@ -171,19 +171,19 @@ def _e_step(problem, params, data):
 
 
 def em_map(problem: EMProblem, params: dict, weights: dict, data: tuple) -> tuple:
-    """The EM map θ ↦ F(θ) with the E-step at F(θ): ``(θ, objective, log_prior, weights)``."""
+    """The EM map θ ↦ F(θ) with the E-step at F(θ): `(θ, objective, log_prior, weights)`."""
     params = m_step(problem, params, weights, data)
     return (params, *e_step(problem, params, data))
 
 
 def squarem(problem: EMProblem, state: EMState, data: tuple) -> tuple:
-    """One SQUAREM cycle (Varadhan & Roland 2008, SqS3) from ``state``:
+    """One SQUAREM cycle (Varadhan & Roland 2008, SqS3) from `state`:
 
         r = F(θ) − θ,  v = F(F(θ)) − 2F(θ) + θ,  α = −‖r‖/‖v‖ ≤ −1,
         θ' = F(θ − 2αr + α²v),
 
     in unconstrained coordinates, kept only if its objective is finite and at least that of
-    F(F(θ)) (so ascent holds). Returns ``(θ, objective, log_prior, weights, accepted)``.
+    F(F(θ)) (so ascent holds). Returns `(θ, objective, log_prior, weights, accepted)`.
     """
     one = em_map(problem, state.params, state.weights, data)
     two = em_map(problem, one[0], one[3], data)
@@ -206,8 +206,8 @@ def squarem(problem: EMProblem, state: EMState, data: tuple) -> tuple:
 
 
 def _propose(problem, state, data):
-    """``(θ, objective, log_prior, weights, accepted, evals)`` of one EM iteration from
-    ``state`` (one SQUAREM cycle with ``problem.accelerate``); a fresh state gets its first
+    """`(θ, objective, log_prior, weights, accepted, evals)` of one EM iteration from
+    `state` (one SQUAREM cycle with `problem.accelerate`); a fresh state gets its first
     E-step at its own θ."""
     first = state.fresh
     if problem.accelerate:
@@ -232,8 +232,8 @@ def _propose(problem, state, data):
 def _judge(problem, state, objective) -> StepInfo:
     """Is the proposed iteration taken, and does the restart stop? An ECM iteration never
     lowers the objective (each closed form and L-BFGS raise Q + log p, the E-step closes the
-    gap): one with closed forms that does is rejected by the guard (``fallback_step`` redoes
-    it numerically); any other that lowers it beyond round-off is not taken (``decreased``)."""
+    gap): one with closed forms that does is rejected by the guard (`fallback_step` redoes
+    it numerically); any other that lowers it beyond round-off is not taken (`decreased`)."""
     first = state.fresh
     finite = jnp.isfinite(objective)
     change = objective - state.objective
@@ -251,7 +251,7 @@ def _judge(problem, state, objective) -> StepInfo:
 
 def step(problem: EMProblem, state: EMState, data: tuple) -> tuple[EMState, StepInfo]:
     """One EM iteration: M-step from the state's weights, then the E-step at the new θ
-    (with ``problem.accelerate``: one SQUAREM cycle of three EM maps). A fresh state gets its
+    (with `problem.accelerate`: one SQUAREM cycle of three EM maps). A fresh state gets its
     first E-step only: the M-step's result is not used on that pass, so the E-step is compiled
     once. An iteration not taken (non-finite, rejected, decreasing) leaves θ_t, its E-step and
     the history as they were: no fit returns NaN, and the recorded objective is monotone."""
@@ -297,12 +297,12 @@ def terminated(problem: EMProblem, state: EMState):
 
 def run(problem: EMProblem, state: EMState, data: tuple, report: Callable | None = None,
         every: int = 1) -> EMState:
-    """Iterate ``step`` until the state stops running (``max_iter`` included); a fresh state
+    """Iterate `step` until the state stops running (`max_iter` included); a fresh state
     always gets its first E-step. A converged restart whose latent values are
-    indistinguishable ends ``saddle`` (a candidate: the host confirms it by the curvature).
+    indistinguishable ends `saddle` (a candidate: the host confirms it by the curvature).
 
-    ``report(state)``, if given, is traced into the loop and runs every ``every`` iterations and
-    when the state stops: the hook for host callbacks (``jax.debug.callback``) such as a
+    `report(state)`, if given, is traced into the loop and runs every `every` iterations and
+    when the state stops: the hook for host callbacks (`jax.debug.callback`) such as a
     progress bar, so that a fit with a bar is still one compiled loop.
     """
     def body(s):
@@ -325,7 +325,7 @@ def run(problem: EMProblem, state: EMState, data: tuple, report: Callable | None
 
 def objective_hvp(problem: EMProblem, params: dict, data: tuple, v: Array) -> Array:
     """∇²f(u) v for f(u) = log p(X|θ(u)) + log p(θ(u)) in unconstrained coordinates u, at
-    ``params``, with v flat (the layout of ``ravel_pytree`` of the unconstrained sites)."""
+    `params`, with v flat (the layout of `ravel_pytree` of the unconstrained sites)."""
     u, unravel = ravel_pytree(unconstrain(problem, params))
 
     def f(u):
@@ -336,9 +336,9 @@ def objective_hvp(problem: EMProblem, params: dict, data: tuple, v: Array) -> Ar
 
 def random_start(problem: EMProblem, params: dict, data: tuple, rng_key: Array,
                  noise: float = 1.0, init: str = "anchors") -> dict:
-    """θ from one M-step under made-up posterior weights (``bayes_em.starts``): each latent
-    value anchored on a data row drawn by k-means++ (``init="anchors"``), or Gumbel noise of
-    scale ``noise`` on the latent factors (``init="noise"``). The whole data at once, for a
+    """θ from one M-step under made-up posterior weights (`bayes_em.starts`): each latent
+    value anchored on a data row drawn by k-means++ (`init="anchors"`), or Gumbel noise of
+    scale `noise` on the latent factors (`init="noise"`). The whole data at once, for a
     chunked problem too."""
     problem = problem._replace(chunks=None)
     args, kwargs = problem.rebuild(data)

@@ -2,13 +2,13 @@
 
     w_f = ∂ log Z(θ_t) / ∂ log f
 
-(one reverse-mode pass through the contraction of :mod:`bayes_em.contraction`): the posterior
-marginal of the latents in factor f's scope, or 1 for factors without any. With the max-product
-(``semiring="max"``, hard EM) the weights are the indicator of one most probable configuration:
-for Markov chains from the back-pointers of a Viterbi recursion (``bayes_em.viterbi``), on the
-vectorised trace (a homogeneous transition's weight is then the path's transition counts);
+(one reverse-mode pass through the contraction of [`bayes_em.contraction`][bayes_em.contraction]):
+the posterior marginal of the latents in factor f's scope, or 1 for factors without any. With the
+max-product (`semiring="max"`, hard EM) the weights are the indicator of one most probable
+configuration: for Markov chains from the back-pointers of a Viterbi recursion (`bayes_em.viterbi`),
+on the vectorised trace (a homogeneous transition's weight is then the path's transition counts);
 elsewhere from the gradient of the max-product and a tie-breaking second pass
-(:func:`_one_optimum`), on the step-by-step trace.
+(`_one_optimum`), on the step-by-step trace.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ __all__ = ["e_step", "posterior_weights", "max_product_factors", "backpointers_s
 
 def e_step(problem: EMProblem, params: dict, data: tuple,
            semiring: str | None = None) -> tuple[Array, Array, dict]:
-    """``(log Z, log p(θ), weights)`` at θ = ``params``; log Z = log p(X|θ) + log p(θ)."""
+    """`(log Z, log p(θ), weights)` at θ = `params`; log Z = log p(X|θ) + log p(θ)."""
     semiring = semiring or ("max" if problem.hard else "sum")
     if semiring == "max":
         fs = max_product_factors(problem, params, data)
@@ -44,9 +44,10 @@ def e_step(problem: EMProblem, params: dict, data: tuple,
 
 def max_product_factors(problem: EMProblem, params: dict, data: tuple) -> Factors:
     """The trace the max-product E-step reads: the vectorised one (a homogeneous transition
-    evaluated once) where back-pointers give one optimum (:func:`backpointers_suffice`), else
-    the step-by-step one, whose time-resolved factors :func:`_one_optimum` needs. The choice
-    depends on the model's structure only (decided while tracing)."""
+    evaluated once) where back-pointers give one optimum
+    ([`backpointers_suffice`][bayes_em.estep.backpointers_suffice]), else the step-by-step one,
+    whose time-resolved factors `_one_optimum` needs. The choice depends on the model's structure
+    only (decided while tracing)."""
     fs = factors(problem, params, data, vectorized=True)
     if not _collapsed_time(fs) or backpointers_suffice(fs, problem.parallel_time):
         return fs
@@ -54,9 +55,9 @@ def max_product_factors(problem: EMProblem, params: dict, data: tuple) -> Factor
 
 
 def backpointers_suffice(factors: Factors, parallel_time: bool = False) -> bool:
-    """Whether the gradient of the max-product of ``factors`` is by itself the indicator of one
+    """Whether the gradient of the max-product of `factors` is by itself the indicator of one
     optimum, whatever the ties: every latent lies in a Markov chain maximised by the
-    back-pointer recursion (``bayes_em.contraction._forward_chain``). Traced only (nothing
+    back-pointer recursion (`bayes_em.contraction._forward_chain`). Traced only (nothing
     runs)."""
     report = {}
     jax.eval_shape(lambda logs, weights: log_partition(
@@ -66,7 +67,7 @@ def backpointers_suffice(factors: Factors, parallel_time: bool = False) -> bool:
 
 
 def _collapsed_time(factors: Factors) -> bool:
-    """Whether some factor is constant over the steps of a vectorised ``scan`` (time dim of
+    """Whether some factor is constant over the steps of a vectorised `scan` (time dim of
     size 1 in a longer chain)."""
     sizes = factors.time_sizes()
     return any(m.time is not None and m.shape[m.names[m.time]] == 1 < sizes[m.time]
@@ -75,10 +76,11 @@ def _collapsed_time(factors: Factors) -> bool:
 
 def posterior_weights(factors: Factors, semiring: str = "sum",
                       parallel_time: bool = False) -> tuple[Array, dict]:
-    """``(log Z, {factor: ∂ log Z / ∂ log f})``; the weights are posterior marginals of the
-    factors' scopes (``"sum"``) or the indicator of one most probable configuration (``"max"``:
-    by back-pointers where they suffice, see :func:`backpointers_suffice`; else by a second,
-    tie-breaking pass, which needs the step-by-step trace)."""
+    """`(log Z, {factor: ∂ log Z / ∂ log f})`; the weights are posterior marginals of the
+    factors' scopes (`"sum"`) or the indicator of one most probable configuration (`"max"`:
+    by back-pointers where they suffice, see
+    [`backpointers_suffice`][bayes_em.estep.backpointers_suffice]; else by a second, tie-breaking
+    pass, which needs the step-by-step trace)."""
     tie_break = semiring == "max" and not backpointers_suffice(factors, parallel_time)
     if tie_break:
         if _collapsed_time(factors):
@@ -153,11 +155,11 @@ def _snap(factors):
 
 
 def site_marginal(weight: Array, meta: FactorMeta, plate_order: tuple) -> Array:
-    """Posterior marginal of latent site ``meta.name`` from the weights of its own factor.
+    """Posterior marginal of latent site `meta.name` from the weights of its own factor.
 
     Sums out the other enumerated dims (parents) and normalises over the site's values (weights
     of weighted plates scale the factor's weights); returns an array with the site's time dim
-    (for sites inside ``scan``), then its plates in ``plate_order`` (outermost first), then its
+    (for sites inside `scan`), then its plates in `plate_order` (outermost first), then its
     values.
     """
     w = funsor.to_funsor(weight, output=funsor.Real, dim_to_name=OrderedDict(meta.dim_to_name))
@@ -172,8 +174,8 @@ def site_marginal(weight: Array, meta: FactorMeta, plate_order: tuple) -> Array:
 
 
 def chain_marginals(weights: dict, metas: tuple, name: str, plate_order: tuple) -> Array:
-    """Marginals of latent ``name`` over its whole chain: the factors of the first steps of a
-    ``scan`` (``meta.step`` > 0) are stacked before the time-stacked factor ``name``."""
+    """Marginals of latent `name` over its whole chain: the factors of the first steps of a
+    `scan` (`meta.step` > 0) are stacked before the time-stacked factor `name`."""
     by_name = {m.name: m for m in metas}
     firsts = sorted((m for m in metas if m.site == name and m.step > 0), key=lambda m: -m.step)
     parts = [site_marginal(weights[m.name], m, plate_order)[None] for m in firsts]
@@ -190,7 +192,7 @@ def chain_marginals(weights: dict, metas: tuple, name: str, plate_order: tuple) 
 def latent_posterior(problem: EMProblem, params: dict, data: tuple) -> dict:
     """Posterior marginal of every latent site: plates first, then the site's values.
 
-    A latent whose factor is constant over the steps of a vectorised ``scan`` has weights summed
+    A latent whose factor is constant over the steps of a vectorised `scan` has weights summed
     over time; its marginal at each step comes from a zero "probe" factor over (time, plates,
     latent), whose weight is exactly that marginal.
     """
@@ -206,8 +208,8 @@ def latent_posterior(problem: EMProblem, params: dict, data: tuple) -> dict:
 
 
 def _probed_weights(problem: EMProblem, fs: Factors, semiring: str):
-    """``(weights, metas)``: the weights of ``fs`` with, for every latent whose factor is
-    constant over time, the time-resolved weight of its probe (:func:`_time_probes`) in place of
+    """`(weights, metas)`: the weights of `fs` with, for every latent whose factor is
+    constant over time, the time-resolved weight of its probe (`_time_probes`) in place of
     its own, and the probes' metas in place of the latents'."""
     probes = _time_probes(fs, set(problem.sites.latents))
     probed = fs.extend([m._replace(name="probe:" + m.name) for m, _ in probes.values()],
@@ -244,7 +246,7 @@ def _time_probes(fs, latents):
 def most_probable(problem: EMProblem, params: dict, data: tuple) -> dict:
     """The jointly most probable value of every latent site (max-product; among tied optima one
     is chosen: by the back-pointers' first-index rule in Markov chains, else by a fixed random
-    tie-break, see :func:`_one_optimum`)."""
+    tie-break, see `_one_optimum`)."""
     fs = max_product_factors(problem, params, data)
     weights, metas = _probed_weights(problem, fs, "max")
     order = problem.sites.plate_order
@@ -254,7 +256,7 @@ def most_probable(problem: EMProblem, params: dict, data: tuple) -> dict:
 
 def symmetric_latents(problem: EMProblem, weights: dict, params: dict, data: tuple,
                       rtol: float = 1e-6) -> Array:
-    """Whether two values of some latent have the same posterior (within ``rtol``) wherever it
+    """Whether two values of some latent have the same posterior (within `rtol`) wherever it
     has mass: their parameters cannot be told apart, the symmetric point EM cannot leave (a
     saddle of the objective, e.g. two mixture components with equal parameters). Compared by
     two fixed random projections of each value's posterior weights."""

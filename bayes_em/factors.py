@@ -1,14 +1,14 @@
 """The one enumerated trace: a model's log-factor arrays and their static description.
 
-A model traced under NumPyro's parallel enumeration gives one log-factor array ``log f`` per
+A model traced under NumPyro's parallel enumeration gives one log-factor array `log f` per
 sample site, one entry per enumerated value and plate index; their sum-product is
 
     log Z(θ) = log Σ_Z Π_f f(Z; θ) = log p(X | θ) + log p(θ).
 
-:class:`Factors` holds the arrays (a pytree: they can be differentiated, which gives the
-E-step's weights) with one hashable :class:`FactorMeta` each, and the per-element weights of
-weighted plates as a field. NumPyro's naming of Markov dims (``_PREV_z``, ``_time_z``) is read
-here once, into the metas' ``time`` and ``lags``.
+[`Factors`][bayes_em.factors.Factors] holds the arrays (a pytree: they can be differentiated, which
+gives the E-step's weights) with one hashable [`FactorMeta`][bayes_em.factors.FactorMeta] each, and
+the per-element weights of weighted plates as a field. NumPyro's naming of Markov dims (`_PREV_z`,
+`_time_z`) is read here once, into the metas' `time` and `lags`.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ __all__ = ["FactorMeta", "Factors", "enumerated_model", "log_factors", "is_plate
 class FactorMeta(NamedTuple):
     """Static description of one log-factor array (hashable, carries no arrays).
 
-    ``dim_to_name`` maps the array's dims (negative, from the right) to funsor names: plates,
-    enumerated latents, and for a ``scan`` its time dim ``time`` and the previous-step values
-    ``lags`` (``(dim name, site, steps back)``). ``site`` is the model site (a ``scan``'s first
-    steps are separate factors of the same site, ``step`` > 0 of them before the stacked rest).
+    `dim_to_name` maps the array's dims (negative, from the right) to funsor names: plates,
+    enumerated latents, and for a `scan` its time dim `time` and the previous-step values
+    `lags` (`(dim name, site, steps back)`). `site` is the model site (a `scan`'s first
+    steps are separate factors of the same site, `step` > 0 of them before the stacked rest).
     """
 
     name: str
@@ -65,8 +65,8 @@ class FactorMeta(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Factors:
-    """Log-factor arrays ``logs`` (one per meta, by name) and plate weights ``{plate: w}``
-    (element n of the plate counts w_n times); ``metas`` is static."""
+    """Log-factor arrays `logs` (one per meta, by name) and plate weights `{plate: w}`
+    (element n of the plate counts w_n times); `metas` is static."""
 
     logs: dict
     metas: tuple
@@ -76,11 +76,11 @@ class Factors:
         return dataclasses.replace(self, **changes)
 
     def extend(self, metas, logs) -> "Factors":
-        """These factors and more (probes, evidence): ``metas`` and their ``logs``."""
+        """These factors and more (probes, evidence): `metas` and their `logs`."""
         return self.replace(metas=self.metas + tuple(metas), logs={**self.logs, **logs})
 
     def select(self, names) -> "Factors":
-        """The factors named in ``names`` only (plate weights kept)."""
+        """The factors named in `names` only (plate weights kept)."""
         names = set(names)
         keep = tuple(m for m in self.metas if m.name in names)
         return self.replace(metas=keep, logs={m.name: self.logs[m.name] for m in keep})
@@ -91,7 +91,7 @@ class Factors:
 
     def time_sizes(self) -> dict:
         """{time dim: number of steps}; a factor constant over the steps of a vectorised
-        ``scan`` has a time dim of size 1, so the size is the largest among the factors."""
+        `scan` has a time dim of size 1, so the size is the largest among the factors."""
         return time_sizes(self.metas)
 
 
@@ -109,7 +109,7 @@ def time_sizes(metas) -> dict:
 
 
 def enumerated_model(model: Callable, max_plate_nesting: int) -> Callable:
-    """``model`` with every enumerable discrete latent enumerated in parallel."""
+    """`model` with every enumerable discrete latent enumerated in parallel."""
     first_dim = -max_plate_nesting - 1
     return enum(config_enumerate(model), first_available_dim=first_dim)
 
@@ -120,24 +120,24 @@ def plates_of(site) -> set:
 
 def is_plate_weight(scale) -> bool:
     """A scale with more than one entry weights the elements of a plate (see
-    :func:`log_factors`); a single number scales one factor."""
+    [`log_factors`][bayes_em.factors.log_factors]); a single number scales one factor."""
     return scale is not None and jnp.size(scale) > 1
 
 
 def log_factors(enum_model: Callable, params: dict, args: tuple, kwargs: dict,
                 vectorized: bool = False, observed_values: bool = False):
-    """Trace ``enum_model`` at ``params`` into :class:`Factors`.
+    """Trace `enum_model` at `params` into [`Factors`][bayes_em.factors.Factors].
 
-    ``log f`` is the site's (masked) log-density; parameters are substituted at their
-    constrained values (no Jacobian enters). Scales (``numpyro.handlers.scale``): a single
-    number multiplies ``log f`` of a site without enumerated latents; per-element weights of a
-    plate (shared by every site in it) become ``plate_weights``, applied when the contraction
-    reduces the plate, after its local latents are summed out (``(Σ_z f)^w ≠ Σ_z f^w``).
+    `log f` is the site's (masked) log-density; parameters are substituted at their
+    constrained values (no Jacobian enters). Scales (`numpyro.handlers.scale`): a single
+    number multiplies `log f` of a site without enumerated latents; per-element weights of a
+    plate (shared by every site in it) become `plate_weights`, applied when the contraction
+    reduces the plate, after its local latents are summed out (`(Σ_z f)^w ≠ Σ_z f^w`).
 
-    ``vectorized``: ``scan`` bodies are evaluated for all steps at once (``vectorized_scan``);
+    `vectorized`: `scan` bodies are evaluated for all steps at once (`vectorized_scan`);
     a factor constant over time then has a time dim of size 1 (sum-product only: the
     max-product weights of one optimal path need the time-resolved factors).
-    ``observed_values``: also return ``{site: (value, event_dim)}`` of the observed sites.
+    `observed_values`: also return `{site: (value, event_dim)}` of the observed sites.
     """
     # NumPyro's argument validation only checks arguments built from constants, eagerly, one
     # small XLA compilation per check; the initial density check covers what it would catch
@@ -162,7 +162,7 @@ def log_factors(enum_model: Callable, params: dict, args: tuple, kwargs: dict,
 
 def _site_log_prob(site):
     """The site's log-density at its (enumerated) value: a MAP site's prior on its boundary
-    face where it sits there, masked latents absent (:func:`_absent_where_masked`)."""
+    face where it sits there, masked latents absent (`_absent_where_masked`)."""
     fn, value = site["fn"], site["value"]
     discrete = fn.support.is_discrete
     prior = None
@@ -200,8 +200,8 @@ def _meta(site, dim_to_name, shape) -> FactorMeta:
 
 
 def _scaled(site, log_prob, dim_to_name, weights):
-    """``log_prob`` times a scalar scale; a per-element plate scale is recorded in ``weights``
-    (``{plate: (site, w)}``) instead."""
+    """`log_prob` times a scalar scale; a per-element plate scale is recorded in `weights`
+    (`{plate: (site, w)}`) instead."""
     scale = site["scale"]
     if is_plate_weight(scale):
         plate = _weighted_plate(site, scale, dim_to_name)
@@ -229,7 +229,7 @@ def _scaled(site, log_prob, dim_to_name, weights):
 
 
 def _plate_weights(weights, metas) -> dict:
-    """``{plate: w}``, checked: every site in a weighted plate carries its weights."""
+    """`{plate: w}`, checked: every site in a weighted plate carries its weights."""
     for plate, (source, _, carriers) in weights.items():
         for meta in metas:
             if plate in meta.plates and meta.name not in carriers:
@@ -242,7 +242,7 @@ def _plate_weights(weights, metas) -> dict:
 
 
 def _weighted_plate(site, scale, dim_to_name):
-    """The plate along which ``scale`` varies: its only dim of size > 1."""
+    """The plate along which `scale` varies: its only dim of size > 1."""
     shape = jnp.shape(scale)
     varying = [d - len(shape) for d, n in enumerate(shape) if n > 1]
     names = [dim_to_name.get(d) for d in varying]
@@ -256,7 +256,7 @@ def _weighted_plate(site, scale, dim_to_name):
 
 
 def _absent_where_masked(fn, value, log_prob):
-    """Make a latent masked out by ``numpyro.handlers.mask`` absent: a factor of 1.
+    """Make a latent masked out by `numpyro.handlers.mask` absent: a factor of 1.
 
     NumPyro gives a masked site log-density 0 for every value, so summing out a masked latent
     multiplies Z by its number of values (log K per masked entry, e.g. per padded time step of a

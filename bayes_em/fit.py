@@ -1,17 +1,17 @@
 """The fit as pure functions: the problem from a model and its data, the restarts' starts, and
-the one compiled program that runs them all (``EM`` is a thin object over these).
+the one compiled program that runs them all (`EM` is a thin object over these).
 
     problem, params0, data = build(model, x, options=Options(max_iter=200))
     states = jax.jit(program(problem, options))(params0, data, jax.random.PRNGKey(0))
 
-``states`` is an :class:`bayes_em.em.EMState` with a leading restart axis and no E-step
-weights (``weights={}``: N-sized, they stay inside the program); ``em.run`` on one state is
+`states` is an `bayes_em.em.EMState` with a leading restart axis and no E-step
+weights (`weights={}`: N-sized, they stay inside the program); `em.run` on one state is
 the EM loop alone.
 
-Data sharded over a mesh (``jax.sharding``) is fitted data-parallel by XLA's partitioner: the
-engine's programs are written for automatic partitioning, so :func:`on_mesh` relabels the
-data's mesh with ``Auto`` axes (no copy) and :func:`mesh_context` runs the programs under it
-(``jax.set_mesh``). See ``docs/distributed.md``.
+Data sharded over a mesh (`jax.sharding`) is fitted data-parallel by XLA's partitioner: the
+engine's programs are written for automatic partitioning, so [`on_mesh`][bayes_em.fit.on_mesh]
+relabels the data's mesh with `Auto` axes (no copy) and [`mesh_context`][bayes_em.fit.mesh_context]
+runs the programs under it (`jax.set_mesh`). See `docs/distributed.md`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ __all__ = ["Options", "build", "problem_for", "program", "on_mesh", "mesh_contex
 
 
 class Options(NamedTuple):
-    """Settings of a fit (the static part of :class:`bayes_em.EM`'s arguments)."""
+    """Settings of a fit (the static part of [`bayes_em.EM`][bayes_em.api.EM]'s arguments)."""
 
     restarts: int = 1
     init: Any = "anchors"  # "anchors", "noise", or init(rng_key, params) -> dict
@@ -54,7 +54,7 @@ class Options(NamedTuple):
 
 
 def _auto(mesh: Mesh) -> Mesh:
-    """``mesh`` with every axis ``Auto`` (sharding propagated by XLA, not typed by JAX)."""
+    """`mesh` with every axis `Auto` (sharding propagated by XLA, not typed by JAX)."""
     if all(t == AxisType.Auto for t in mesh.axis_types):
         return mesh
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
@@ -68,7 +68,7 @@ def _mesh_of(leaf):
 
 
 def _relabel(leaf, mesh: Mesh):
-    """``leaf`` on ``mesh`` (the same devices, axes typed ``Auto``): its shards as they are,
+    """`leaf` on `mesh` (the same devices, axes typed `Auto`): its shards as they are,
     no copy, so that it works for an array whose shards live on other processes too; a leaf on
     one device (a key, an initial value) is replicated over the mesh."""
     if _mesh_of(leaf) is None:
@@ -86,12 +86,12 @@ def _relabel(leaf, mesh: Mesh):
 
 
 def on_mesh(tree) -> tuple:
-    """``(tree, mesh)``: every ``jax.Array`` in ``tree`` (the model's arguments, the key,
-    initial values) sharded over a mesh (``NamedSharding``) relabelled onto that mesh with
-    ``Auto`` axes, and that mesh (None when every array is on one device). The engine's
+    """`(tree, mesh)`: every `jax.Array` in `tree` (the model's arguments, the key,
+    initial values) sharded over a mesh (`NamedSharding`) relabelled onto that mesh with
+    `Auto` axes, and that mesh (None when every array is on one device). The engine's
     programs then run data-parallel under automatic partitioning (XLA inserts the all-reduces
-    of the statistics), whatever the axis types the data came with (``jax.make_mesh``'s default
-    ``Explicit`` included)."""
+    of the statistics), whatever the axis types the data came with (`jax.make_mesh`'s default
+    `Explicit` included)."""
     leaves, treedef = jax.tree.flatten(tree)
     meshes = {_auto(m) for m in map(_mesh_of, leaves) if m is not None}
     if not meshes:
@@ -110,9 +110,9 @@ def devices_of(data) -> int:
 
 
 def mesh_context(mesh: Mesh | None):
-    """The context the engine's programs are traced and run in: ``jax.set_mesh(mesh)`` (the
-    data's mesh with ``Auto`` axes from :func:`on_mesh`); for data on one device, no mesh (a
-    mesh the caller set with ``jax.set_mesh`` does not apply to them)."""
+    """The context the engine's programs are traced and run in: `jax.set_mesh(mesh)` (the
+    data's mesh with `Auto` axes from [`on_mesh`][bayes_em.fit.on_mesh]); for data on one device, no
+    mesh (a mesh the caller set with `jax.set_mesh` does not apply to them)."""
     if mesh is None and jax.sharding.get_abstract_mesh().empty:
         return contextlib.nullcontext()
     return jax.set_mesh(mesh)
@@ -120,7 +120,7 @@ def mesh_context(mesh: Mesh | None):
 
 def problem_for(model: Callable, sites, rebuild: Callable, data: tuple,
                 options: Options) -> core.EMProblem:
-    """The static problem of ``model`` (sites already discovered), with its closed-form plans
+    """The static problem of `model` (sites already discovered), with its closed-form plans
     (decided at the sites' initial values)."""
     problem = core.make_problem(model, sites, rebuild, options.max_iter, options.tol,
                                 options.hard, options.strict, options.mstep)
@@ -140,11 +140,11 @@ def problem_for(model: Callable, sites, rebuild: Callable, data: tuple,
 
 def build(model: Callable, *args, options: Options = Options(), init_values: dict | None = None,
           rng_key=None, **kwargs) -> tuple:
-    """``(problem, params0, data)`` for ``model(*args, **kwargs)``: the data checked and split
-    into array leaves, the sites discovered (``init_values`` override their starts), the
-    enumeration's size checked against ``options.memory_limit``. Sharded data come back on
-    their mesh with ``Auto`` axes (:func:`on_mesh`): run the program under
-    ``mesh_context(mesh)`` where a ``jax.set_mesh`` of your own is active."""
+    """`(problem, params0, data)` for `model(*args, **kwargs)`: the data checked and split
+    into array leaves, the sites discovered (`init_values` override their starts), the
+    enumeration's size checked against `options.memory_limit`. Sharded data come back on
+    their mesh with `Auto` axes ([`on_mesh`][bayes_em.fit.on_mesh]): run the program under
+    `mesh_context(mesh)` where a `jax.set_mesh` of your own is active."""
     from bayes_em.checks import check_enumeration
 
     check_arguments(args, kwargs)
@@ -162,7 +162,7 @@ def build(model: Callable, *args, options: Options = Options(), init_values: dic
 
 
 def _draw(problem, options, params0, data, key):
-    """A random start (restarts after the first): ``options.init`` applied to ``params0``."""
+    """A random start (restarts after the first): `options.init` applied to `params0`."""
     init = options.init
     if callable(init):
         drawn = init(key, params0)
@@ -178,8 +178,8 @@ def _draw(problem, options, params0, data, key):
 
 def starts(problem: core.EMProblem, options: Options, params0: dict, data: tuple,
            rng_key) -> core.EMState:
-    """Pending states of every restart (leading axis): restart 0 at ``params0``, the others
-    drawn by ``options.init``; their first E-step is the loop's."""
+    """Pending states of every restart (leading axis): restart 0 at `params0`, the others
+    drawn by `options.init`; their first E-step is the loop's."""
     if options.restarts == 1:
         return jax.tree.map(lambda x: x[None], core.pending(problem, params0, data))
     keys = jax.random.split(jax.random.fold_in(rng_key, 1), options.restarts)
@@ -194,25 +194,25 @@ def starts(problem: core.EMProblem, options: Options, params0: dict, data: tuple
 
 
 def weights_at(problem: core.EMProblem, state: core.EMState, data: tuple) -> core.EMState:
-    """``state`` with its E-step weights, recomputed at its parameters (a state from
-    :func:`program` comes without them)."""
+    """`state` with its E-step weights, recomputed at its parameters (a state from
+    [`program`][bayes_em.fit.program] comes without them)."""
     return state._replace(weights=core.e_step(problem, state.params, data)[2])
 
 
 def fallback(problem: core.EMProblem, state: core.EMState, data: tuple) -> core.EMState:
     """A restart stopped by the guard, continued: the rejected iteration numerically, then the
-    EM loop; returned without weights, as :func:`program` returns its states."""
+    EM loop; returned without weights, as [`program`][bayes_em.fit.program] returns its states."""
     state = core.fallback_step(problem, weights_at(problem, state, data), data)[0]
     return core.run(problem, state, data)._replace(weights={})
 
 
 def program(problem: core.EMProblem, options: Options,
             show: Callable | None = None) -> Callable:
-    """``fit(params0, data, rng_key) -> states``: the starts and every restart's EM loop, one
-    program to ``jax.jit``; the final states come without their E-step weights (``{}``:
-    :func:`weights_at` recomputes them where needed). ``show(restart, n_iter, objective,
-    stopped)``, if given, is called on the host about every 1% of ``max_iter`` and when a
-    restart stops (a progress bar)."""
+    """`fit(params0, data, rng_key) -> states`: the starts and every restart's EM loop, one
+    program to `jax.jit`; the final states come without their E-step weights (`{}`:
+    [`weights_at`][bayes_em.fit.weights_at] recomputes them where needed).
+    `show(restart, n_iter, objective, stopped)`, if given, is called on the host about every 1% of
+    `max_iter` and when a restart stops (a progress bar)."""
     every = max(1, options.max_iter // 100)
 
     def fit(params0, data, rng_key):

@@ -1,9 +1,9 @@
-"""The sum-product forward recursion of one Markov chain, by one ``lax.scan``:
+"""The sum-product forward recursion of one Markov chain, by one `lax.scan`:
 
     a_{t+1}(j) = log Σ_i exp(a_t(i) + C(i, j) + m_t(i, j))
 
 (its gradient is the backward pass: two-slice marginals). The max-product with back-pointers is
-:mod:`bayes_em.viterbi`.
+`bayes_em.viterbi`.
 """
 
 from __future__ import annotations
@@ -51,12 +51,12 @@ def matvec_step(const, dtype):
 
 
 def forward_scan(a0, const, m, length):
-    """a_T of the recursion above for a transition part C (``const``, constant over time) and
-    time-varying parts m_t (``m``, or None). Each step returns its message less a shift, and the
+    """a_T of the recursion above for a transition part C (`const`, constant over time) and
+    time-varying parts m_t (`m`, or None). Each step returns its message less a shift, and the
     shift: the carried values stay O(1), so their round-off does not grow with log Z (a message
     carrying log Z itself adds eps·|log Z| at each of the T steps); the shifts are summed
     pairwise at the end. Where m_t does not depend on the previous state (emissions) a step is
-    a matrix-vector product (:func:`matvec_step`)."""
+    a matrix-vector product (`matvec_step`)."""
     dtype = jnp.result_type(a0)
     if jnp.ndim(const) >= 2 and (m is None or m.shape[-2] == 1):
         forward = matvec_step(const, dtype)

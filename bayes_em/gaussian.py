@@ -4,11 +4,11 @@ For x of batch shape B_x and components of batch shape B_k (broadcasting, e.g. (
 with P = L⁻ᵀ L⁻¹:
 
 - float64: (x − μ)ᵀ P (x − μ) = ⟨x xᵀ, P⟩ − 2 ⟨x, Pμ⟩ + μᵀ P μ about the data mean, each ⟨·,·⟩
-  one ``dot_general`` (x xᵀ is loop-invariant: computed once per fit);
-- float32: ‖L⁻¹x − L⁻¹μ‖², L⁻¹x for every pair as one ``dot_general`` and the difference taken
+  one `dot_general` (x xᵀ is loop-invariant: computed once per fit);
+- float32: ‖L⁻¹x − L⁻¹μ‖², L⁻¹x for every pair as one `dot_general` and the difference taken
   before squaring. The expansion cancels catastrophically in float32 when clusters lie far apart
   relative to their spread (means ±1e3, sd 1e-2); in float64 it keeps 1e-6 relative accuracy up
-  to separation / spread ratios of 1e5 (:func:`exact_distances`).
+  to separation / spread ratios of 1e5 (`exact_distances`).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def exact_distances(dtype) -> bool:
 
 
 def mvn_log_prob(loc, scale_tril, x):
-    """log N(x | loc, L Lᵀ) for broadcasting batches (see :func:`exact_distances`)."""
+    """log N(x | loc, L Lᵀ) for broadcasting batches (see `exact_distances`)."""
     D = x.shape[-1]
     centre = jnp.mean(x.reshape(-1, D), axis=0)
     xc, mc = x - centre, loc - centre
@@ -90,7 +90,7 @@ def mvn_log_prob(loc, scale_tril, x):
 
 
 def diag_normal_log_prob(loc, scale, x):
-    """Σ_d log N(x_d | loc_d, scale_d²) over the last dim (see :func:`exact_distances`)."""
+    """Σ_d log N(x_d | loc_d, scale_d²) over the last dim (see `exact_distances`)."""
     loc, scale = jnp.broadcast_arrays(loc, scale)
     D = x.shape[-1]
     if exact_distances(jnp.result_type(x, loc)):
@@ -111,8 +111,8 @@ def _unexpand(fn):
 
 
 def log_prob(fn, value):
-    """``fn.log_prob(value)``, by matrix products for (plate-expanded) multivariate normals and
-    diagonal normals (``Normal(...).to_event(1)``); a mask (``MaskedDistribution``, e.g. a
+    """`fn.log_prob(value)`, by matrix products for (plate-expanded) multivariate normals and
+    diagonal normals (`Normal(...).to_event(1)`); a mask (`MaskedDistribution`, e.g. a
     chunk's repeated rows) as NumPyro applies it, around the fast path."""
     mask = mask_of(fn) if isinstance(fn, dist.MaskedDistribution) else None
     if mask is not None and not isinstance(mask, bool) and jnp.ndim(value) >= 2:

@@ -1,5 +1,6 @@
-"""The fit as ArviZ ``InferenceData`` (Laplace draws, pointwise log-likelihood, the EM trace,
-the latent posterior) and its persistence as netCDF; re-exported by :mod:`bayes_em.diagnostics`."""
+"""The fit as ArviZ `InferenceData` (Laplace draws, pointwise log-likelihood, the EM trace,
+the latent posterior) and its persistence as netCDF; re-exported by
+[`bayes_em.diagnostics`][bayes_em.diagnostics]."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ __all__ = ["to_inference_data", "params_from_inference_data", "save", "load"]
 
 # -- ArviZ ---------------------------------------------------------------------------------------
 def _observed_values(result):
-    """The observed sites' values, as the model's own trace has them (a ``scan`` stacks its
-    steps, as ``result.sample`` draws them); else from the enumerated model's packed trace."""
+    """The observed sites' values, as the model's own trace has them (a `scan` stacks its
+    steps, as `result.sample` draws them); else from the enumerated model's packed trace."""
     from numpyro.handlers import seed, substitute, trace
 
     from bayes_em._numpyro import packed_trace, plate_to_enum_plate
@@ -63,8 +64,8 @@ def _chosen_restarts(result, restarts):
 
 
 def _laplace_draws(result, restarts, num_chains, num_samples, rng_key):
-    """``(V, chain_restart, chain_coord)``: unconstrained Laplace draws (chain, draw, v) around
-    the best optimum (``restarts=None``) or one chain per chosen restart (those without a
+    """`(V, chain_restart, chain_coord)`: unconstrained Laplace draws (chain, draw, v) around
+    the best optimum (`restarts=None`) or one chain per chosen restart (those without a
     positive definite observed information left out, with a warning)."""
     chosen = _chosen_restarts(result, restarts)
     if chosen is None:
@@ -94,7 +95,7 @@ def _laplace_draws(result, restarts, num_chains, num_samples, rng_key):
 
 
 def _em_groups(result, fns, flat, by_site, chain_coord, n_chain, num_samples):
-    """The groups beyond ``az.from_dict``'s: unconstrained draws, log prior, the EM trace, every
+    """The groups beyond `az.from_dict`'s: unconstrained draws, log prior, the EM trace, every
     restart's estimate and the latent posterior."""
     import xarray as xr
 
@@ -122,14 +123,14 @@ def _em_groups(result, fns, flat, by_site, chain_coord, n_chain, num_samples):
 
 
 def _by_site(unravel, X, n_chain, num_samples):
-    """Flat draws ``X`` (chain × draw, v) as {site: (chain, draw, ...)}."""
+    """Flat draws `X` (chain × draw, v) as {site: (chain, draw, ...)}."""
     tree = jax.vmap(unravel)(X)
     return {k: np.asarray(v).reshape((n_chain, num_samples) + v.shape[1:])
             for k, v in tree.items()}
 
 
 def _observed_with_dims(result, plate):
-    """``(name of the log-likelihood variable, observed values, dims)``: the log-likelihood is
+    """`(name of the log-likelihood variable, observed values, dims)`: the log-likelihood is
     named after the observed site when there is one, and indexed by the data plate."""
     obs_names = result.sites.observed
     ll_name = obs_names[0] if len(obs_names) == 1 else "log_likelihood"
@@ -144,27 +145,28 @@ def _observed_with_dims(result, plate):
 
 def to_inference_data(result, num_samples=1000, num_chains=4, restarts=None, rng_key=None,
                       posterior_predictive=False, num_predictive=100, align=True):
-    """An ArviZ ``InferenceData`` of the fit, in the manner of ``az.from_numpyro``.
+    """An ArviZ `InferenceData` of the fit, in the manner of `az.from_numpyro`.
 
-    Groups: ``posterior`` — draws of the Laplace approximation N(v̂, I(v̂)⁻¹) in unconstrained space
-    pushed through the constraints (``unconstrained_posterior``: the same draws untransformed);
-    ``log_likelihood`` — log p(x_n | θ) for every draw and data point, latents summed out (for
-    ``az.loo`` / ``az.waic`` / ``az.compare``); ``log_prior``; ``observed_data``; ``em_trace`` —
+    Groups: `posterior` — draws of the Laplace approximation N(v̂, I(v̂)⁻¹) in unconstrained space
+    pushed through the constraints (`unconstrained_posterior`: the same draws untransformed);
+    `log_likelihood` — log p(x_n | θ) for every draw and data point, latents summed out (for
+    `az.loo` / `az.waic` / `az.compare`); `log_prior`; `observed_data`; `em_trace` —
     objective, log prior and log-likelihood per restart and iteration (NaN after a restart
-    stopped) and each restart's final state; ``em_estimate`` — every restart's point estimate;
-    ``latent_posterior`` — p(z | X, θ̂) and the most probable z. Settings and status: ``attrs``.
+    stopped) and each restart's final state; `em_estimate` — every restart's point estimate;
+    `latent_posterior` — p(z | X, θ̂) and the most probable z. Settings and status: `attrs`.
 
-    ``posterior_predictive=True`` adds a ``posterior_predictive`` group: ``num_predictive``
+    `posterior_predictive=True` adds a `posterior_predictive` group: `num_predictive`
     draws per chain of every observed site from the model at the chain's fitted θ̂ (the plug-in
-    predictive p(x | θ̂), latents drawn too, by ``result.sample``), dims ``(chain, draw)`` then
-    the observed site's, as in ``observed_data``: ``az.plot_ppc(idata)`` compares them.
+    predictive p(x | θ̂), latents drawn too, by `result.sample`), dims `(chain, draw)` then
+    the observed site's, as in `observed_data`: `az.plot_ppc(idata)` compares them.
 
-    ``restarts=None``: ``num_chains`` chains of independent draws around the best optimum.
-    ``restarts="all"`` or a list of indices: one chain per restart around its own optimum (the
+    `restarts=None`: `num_chains` chains of independent draws around the best optimum.
+    `restarts="all"` or a list of indices: one chain per restart around its own optimum (the
     chain coordinate is the restart index), so that different optima are never pooled. With
-    ``align`` (the default) the restarts are first relabelled to the best restart's component
-    labels where the model has that symmetry (:func:`bayes_em.relabel.align_restarts`): restarts
-    at one optimum under permuted labels then agree (R-hat ≈ 1) instead of reading as different.
+    `align` (the default) the restarts are first relabelled to the best restart's component
+    labels where the model has that symmetry
+    ([`bayes_em.relabel.align_restarts`][bayes_em.relabel.align_restarts]): restarts at one optimum
+    under permuted labels then agree (R-hat ≈ 1) instead of reading as different.
     """
     import arviz as az
 
@@ -204,8 +206,8 @@ def to_inference_data(result, num_samples=1000, num_chains=4, restarts=None, rng
 
 
 def _predictive(result, chain_restart, n, rng_key):
-    """``{observed site: (chain, n, ...)}``: draws of the observed sites at each chain's restart
-    (one ``result.sample`` call per distinct restart)."""
+    """`{observed site: (chain, n, ...)}`: draws of the observed sites at each chain's restart
+    (one `result.sample` call per distinct restart)."""
     from bayes_em.predict import _sample
 
     if n < 1:
@@ -283,19 +285,20 @@ def _latent_dataset(result):
 
 # -- persistence ----------------------------------------------------------------------------------
 def params_from_inference_data(idata, restart=None) -> dict:
-    """The point estimate stored by :func:`to_inference_data` (default: the best restart) as a
-    dict of constrained values — ready for ``EM(model, init_values=...)`` (a warm start)."""
+    """The point estimate stored by [`to_inference_data`][bayes_em.inference_data.to_inference_data]
+    (default: the best restart) as a dict of constrained values — ready for
+    `EM(model, init_values=...)` (a warm start)."""
     est = idata["em_estimate"]
     r = int(idata.posterior.attrs["best_restart"]) if restart is None else int(restart)
     return {k: jnp.asarray(est[k].values[r]) for k in est.data_vars}
 
 
 def save(result_or_idata, path, overwrite=False, **kwargs):
-    """Write a fit to netCDF (``InferenceData.to_netcdf``); an ``EMResult`` is converted first
-    with ``to_inference_data(result, **kwargs)``, which needs a Laplace approximation (a
+    """Write a fit to netCDF (`InferenceData.to_netcdf`); an `EMResult` is converted first
+    with `to_inference_data(result, **kwargs)`, which needs a Laplace approximation (a
     positive definite information matrix). To keep any fit — at a saddle or a boundary too — with
-    its settings, use ``result.save(path)`` (:mod:`bayes_em.persist`, a ``.npz`` file).
-    An existing file raises ``FileExistsError`` unless ``overwrite=True``. Returns the path
+    its settings, use `result.save(path)` ([`bayes_em.persist`][bayes_em.persist], a `.npz` file).
+    An existing file raises `FileExistsError` unless `overwrite=True`. Returns the path
     written."""
     import os
 
@@ -315,7 +318,8 @@ def save(result_or_idata, path, overwrite=False, **kwargs):
 
 
 def load(path):
-    """Read an ``InferenceData`` written by :func:`save`, every group loaded into memory."""
+    """Read an `InferenceData` written by [`save`][bayes_em.inference_data.save], every group loaded
+    into memory."""
     import arviz as az
 
     idata = az.from_netcdf(str(path))

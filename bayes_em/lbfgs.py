@@ -19,8 +19,8 @@ __all__ = ["LBFGS", "maximize"]
 
 
 class LBFGS(NamedTuple):
-    """Inner solver settings: at most ``max_steps`` L-BFGS steps per EM iteration, stopping
-    early once ``‖∇‖ ≤ gtol · max(1, |Q|)`` (``gtol=None``: ``eps ** 0.6`` of the dtype)."""
+    """Inner solver settings: at most `max_steps` L-BFGS steps per EM iteration, stopping
+    early once `‖∇‖ ≤ gtol · max(1, |Q|)` (`gtol=None`: `eps ** 0.6` of the dtype)."""
 
     max_steps: int = 100
     gtol: float | None = None
@@ -28,9 +28,9 @@ class LBFGS(NamedTuple):
 
 
 def maximize(objective, u0, solver: LBFGS = LBFGS()):
-    """Approximately maximise ``objective(u)`` from ``u0``; return ``(u, n_steps)``.
+    """Approximately maximise `objective(u)` from `u0`; return `(u, n_steps)`.
 
-    Returns ``u0`` unchanged if the solver's end point is non-finite or lowers the objective.
+    Returns `u0` unchanged if the solver's end point is non-finite or lowers the objective.
     """
     dtype = jnp.result_type(*jax.tree.leaves(u0))
     gtol = solver.gtol if solver.gtol is not None else float(jnp.finfo(dtype).eps) ** 0.6

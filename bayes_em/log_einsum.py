@@ -1,14 +1,14 @@
 """Log-space einsum for funsor's JAX contractions, with a gradient that stays finite at zeros.
 
-funsor contracts two log-factors as ``log(einsum(exp(a - max a), exp(b - max b))) + shifts``.
+funsor contracts two log-factors as `log(einsum(exp(a - max a), exp(b - max b))) + shifts`.
 Where a sum underflows to exactly 0 (a configuration no path reaches: a zero transition, a
-state one step makes impossible), the reverse pass of ``log`` divides a zero cotangent by zero,
+state one step makes impossible), the reverse pass of `log` divides a zero cotangent by zero,
 and the NaN spreads to every weight of the contraction (every posterior marginal of the chain's
-first step went NaN this way). Here the derivative of ``log`` at 0 is taken as 0: the forward
+first step went NaN this way). Here the derivative of `log` at 0 is taken as 0: the forward
 value is unchanged and exact; a zero-probability configuration gets posterior weight 0.
 
-:func:`bayes_em._numpyro.install_log_einsum` makes funsor use this module for
-``(logaddexp, add)`` contractions of JAX arrays.
+`bayes_em._numpyro.install_log_einsum` makes funsor use this module for
+`(logaddexp, add)` contractions of JAX arrays.
 """
 
 import jax

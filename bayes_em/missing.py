@@ -1,24 +1,24 @@
 """Missing values in observed sites: NaN entries marginalised out of the likelihood.
 
-``EM(model, missing=("x", ...))`` wraps the model in :class:`marginalize_missing`, a NumPyro
+`EM(model, missing=("x", ...))` wraps the model in `marginalize_missing`, a NumPyro
 effect handler. At every listed observed sample site it replaces the NaN entries of the data by a
 placeholder inside the support (so that every density stays finite) and the site's distribution
 by one whose log-density is the marginal over the missing entries:
 
-- event_dim 0 (``Normal``, ``Poisson``, ``Categorical``, ``Bernoulli``, ...): the missing entries
-  are masked (``fn.mask(observed)``); for a leaf site, marginalising an entry is dropping its
+- event_dim 0 (`Normal`, `Poisson`, `Categorical`, `Bernoulli`, ...): the missing entries
+  are masked (`fn.mask(observed)`); for a leaf site, marginalising an entry is dropping its
   factor, since Σ_x p(x | ·) = 1.
-- ``Independent`` of an event_dim-0 distribution (``Normal(loc, scale).to_event(1)``: a diagonal
+- `Independent` of an event_dim-0 distribution (`Normal(loc, scale).to_event(1)`: a diagonal
   Gaussian): the missing coordinates are masked on the base distribution, then the event dims are
   reinterpreted again: their factors drop out of the product.
-- ``MultivariateNormal`` (full covariance): :class:`MissingMultivariateNormal`, the exact
+- `MultivariateNormal` (full covariance): `MissingMultivariateNormal`, the exact
   marginal log N(x_o; μ_o, Σ_oo) of the observed coordinates of every row.
-- anything else: :class:`NotImplementedError` naming the site and the distribution.
+- anything else: `NotImplementedError` naming the site and the distribution.
 
-Dropping a missing entry is only right when no other site uses its value. :func:`check_missing`
+Dropping a missing entry is only right when no other site uses its value. `check_missing`
 traces the wrapped model twice, with two different placeholders, and refuses a site whose
 placeholder changes the log-density of another site (a Bayesian-network parent, an
-autoregressive input): a discrete one should be written with ``obs_mask=`` (NumPyro then makes
+autoregressive input): a discrete one should be written with `obs_mask=` (NumPyro then makes
 the missing entries an enumerated latent); a continuous one cannot be enumerated.
 
 NaNs at sites not listed keep raising the site check's error, so that accidental NaNs are caught.
@@ -48,7 +48,7 @@ _LOG_2PI = float(np.log(2 * np.pi))
 
 
 class MissingMultivariateNormal(dist.Distribution):
-    """The marginal of a multivariate normal over the coordinates where ``observed`` is False.
+    """The marginal of a multivariate normal over the coordinates where `observed` is False.
 
     For a row x with observed coordinates o (mask m) and missing coordinates u,
 
@@ -61,9 +61,9 @@ class MissingMultivariateNormal(dist.Distribution):
 
         log N(d; 0, Σ') = log N(x_o; μ_o, Σ_oo) − ½ · #missing · log 2π,
 
-    and ``log_prob`` adds that term back. A row with every coordinate missing contributes 0.
-    ``loc``, the covariance and ``observed`` broadcast against each other (an enumerated latent
-    may select ``loc[z]`` with z of shape (K, 1)); the value's missing coordinates are ignored.
+    and `log_prob` adds that term back. A row with every coordinate missing contributes 0.
+    `loc`, the covariance and `observed` broadcast against each other (an enumerated latent
+    may select `loc[z]` with z of shape (K, 1)); the value's missing coordinates are ignored.
     """
 
     arg_constraints = {}
@@ -104,7 +104,7 @@ class MissingMultivariateNormal(dist.Distribution):
 
 
 def _peel(fn):
-    """``(base, masks, expanded)``: the distribution below Masked / Expanded wrappers, the masks
+    """`(base, masks, expanded)`: the distribution below Masked / Expanded wrappers, the masks
     found on the way and whether a plate expanded it."""
     masks, expanded = [], False
     while isinstance(fn, (dist.MaskedDistribution, dist.ExpandedDistribution)):
@@ -117,7 +117,7 @@ def _peel(fn):
 
 
 def _support_point(fn, which):
-    """A value inside ``fn``'s support (event_dim 0 entries): ``which`` = 0 or 1 picks one of
+    """A value inside `fn`'s support (event_dim 0 entries): `which` = 0 or 1 picks one of
     two different ones (for the dependency check). Shape broadcastable to the batch shape."""
     support = fn.support
     if fn.has_enumerate_support:
@@ -137,7 +137,7 @@ def _support_point(fn, which):
 
 
 def _filled(name, scalar_dist, value, missing, which):
-    """``value`` with its NaN entries replaced by a point of ``scalar_dist``'s support."""
+    """`value` with its NaN entries replaced by a point of `scalar_dist`'s support."""
     fill = _support_point(scalar_dist, which)
     if fill is None:
         raise NotImplementedError(_unsupported(name, scalar_dist))
@@ -146,8 +146,8 @@ def _filled(name, scalar_dist, value, missing, which):
 
 
 def _marginal(name, fn, value, which):
-    """``(fn', value')``: the distribution whose log_prob marginalises the NaN entries of
-    ``value``, and ``value`` with those entries replaced by a placeholder."""
+    """`(fn', value')`: the distribution whose log_prob marginalises the NaN entries of
+    `value`, and `value` with those entries replaced by a placeholder."""
     missing = jnp.isnan(value)
     base, masks, expanded = _peel(fn)
     if fn.event_dim == 0:
@@ -167,7 +167,7 @@ def _marginal(name, fn, value, which):
 
 
 def _rewrap(new, fn, masks, expanded):
-    """Put back a plate's expansion and the masks of ``fn`` around ``new``."""
+    """Put back a plate's expansion and the masks of `fn` around `new`."""
     shape = jnp.broadcast_shapes(tuple(fn.batch_shape), tuple(new.batch_shape))
     if expanded or tuple(new.batch_shape) != shape:
         new = new.expand(shape)
@@ -186,11 +186,11 @@ def _unsupported(name, fn):
 
 
 class marginalize_missing(Messenger):
-    """Effect handler: NaN entries of the observed sites ``sites`` are marginalised out.
+    """Effect handler: NaN entries of the observed sites `sites` are marginalised out.
 
     Each listed observed sample site gets the value with NaNs replaced by a placeholder in the
     support and a distribution whose log-density is the marginal over the NaN entries (see the
-    module docstring). ``which`` (0 or 1) picks one of two placeholders; :func:`check_missing`
+    module docstring). `which` (0 or 1) picks one of two placeholders; `check_missing`
     compares them. Sites with integer data (which holds no NaN) are left alone.
     """
 
@@ -209,7 +209,7 @@ class marginalize_missing(Messenger):
 
 
 def _random_params(rng_key):
-    """A substitute_fn: ``numpyro.param`` sites at a random point near their initial value (so
+    """A substitute_fn: `numpyro.param` sites at a random point near their initial value (so
     that a child's density distinguishes its parent's values: a uniform conditional table would
     not), improper sites at a placeholder."""
 
@@ -232,10 +232,10 @@ def _random_params(rng_key):
 
 
 def check_missing(model, sites, args, kwargs):
-    """Refuse names in ``sites`` that are not observed sample sites of ``model``, and observed
+    """Refuse names in `sites` that are not observed sample sites of `model`, and observed
     sites whose missing entries another site uses (dropping their factor would be wrong there).
 
-    ``model`` is the model before :class:`marginalize_missing`; it is traced (eagerly, seeded,
+    `model` is the model before `marginalize_missing`; it is traced (eagerly, seeded,
     parameters at a random point near their initial values) with two different placeholders.
     """
     key = jax.random.PRNGKey(0)

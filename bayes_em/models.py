@@ -1,24 +1,23 @@
-"""Ready NumPyro models for the classic EM systems: call them with ``EM(model).run(...)`` or copy
+"""Ready NumPyro models for the classic EM systems: call them with `EM(model).run(...)` or copy
 them as a starting point.
 
-Every model is an ordinary NumPyro program: ``numpyro.param`` sites are fitted by maximum
-likelihood, continuous ``numpyro.sample`` sites without ``obs`` by MAP under their prior, and the
+Every model is an ordinary NumPyro program: `numpyro.param` sites are fitted by maximum
+likelihood, continuous `numpyro.sample` sites without `obs` by MAP under their prior, and the
 discrete latents are enumerated exactly. The default initial values are deterministic functions of
-the data (override them with ``EM(..., init_values=...)``, or use ``restarts=``).
+the data (override them with `EM(..., init_values=...)`, or use `restarts=`).
 
-==========================  ===================================================================
-``gmm``                     Gaussian mixture: full / diagonal / spherical / tied covariance, ML
-                            (with or without a variance floor) or MAP
-``kmeans``                  K-means: equal weights, one fixed spherical variance; use ``hard=True``
-``bernoulli_mixture``       latent class analysis on binary items
-``categorical_mixture``     latent class analysis on categorical items
-``ibm1``                    IBM Model 1 word alignment, with the NULL word (``ibm1_corpus`` pads)
-``bayesian_network``        discrete Bayesian network, missing entries summed out
-``mixture_of_regressions``  mixture of linear regressions (numeric M-step for coefficients)
-==========================  ===================================================================
+| model | |
+|---|---|
+| `gmm` | Gaussian mixture, full / diagonal / spherical / tied covariance: ML, floored ML or MAP |
+| `kmeans` | K-means: equal weights, one fixed spherical variance; use `hard=True` |
+| `bernoulli_mixture` | latent class analysis on binary items |
+| `categorical_mixture` | latent class analysis on categorical items |
+| `ibm1` | IBM Model 1 word alignment, with the NULL word (`ibm1_corpus` pads) |
+| `bayesian_network` | discrete Bayesian network, missing entries summed out |
+| `mixture_of_regressions` | mixture of linear regressions (numeric M-step for coefficients) |
 
-The sites are written so that the closed-form M-steps of :mod:`bayes_em.conjugate` apply where
-the family has one (check ``result.mstep_paths``).
+The sites are written so that the closed-form M-steps of [`bayes_em.conjugate`][bayes_em.conjugate]
+apply where the family has one (check `result.mstep_paths`).
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ COVARIANCES = ("full", "diag", "spherical", "tied")
 
 def _log_zero(dtype):
     """A finite stand-in for log 0, as bayes_em.factors uses for masked latents: far below any
-    real log-density, so that the max-product (hard EM, ``most_probable``) treats it as
+    real log-density, so that the max-product (hard EM, `most_probable`) treats it as
     impossible rather than as one more log-density to resolve (-1e30 would be)."""
     return jnp.finfo(dtype).min / 1e8
 
@@ -69,13 +68,14 @@ def _weights(K, prior, dtype):
 
 
 def gmm_prior(x, K, covariance="full", **overrides):
-    """The weak default prior of :func:`gmm` for data ``x`` (N, D), as a dict of hyperparameters.
+    """The weak default prior of [`gmm`][bayes_em.models.gmm] for data `x` (N, D), as a dict of
+    hyperparameters.
 
     Following Fraley & Raftery (2007): weights ~ Dirichlet(alpha = 2) (one pseudo-count per
     component); full / tied covariance ~ InverseWishart(df = D + 2, psi = diag(var x) / K^(2/D)),
     whose mode is psi / (df + D + 1) and mean psi; diagonal / spherical scales (standard deviations)
     ~ InverseGamma(a = 2, b = 3 s0) on the scale, s0 = sd(x) / K^(1/D) (mode s0, mean 3 s0).
-    Keyword arguments override any entry (``alpha``, ``df``, ``psi``, ``a``, ``b``).
+    Keyword arguments override any entry (`alpha`, `df`, `psi`, `a`, `b`).
     """
     x = jnp.asarray(x)
     _, D = x.shape
@@ -101,22 +101,22 @@ def gmm_prior(x, K, covariance="full", **overrides):
 def gmm(x, K, covariance="full", prior=None, variance_floor=None):
     """Gaussian mixture: z_n ~ Categorical(weights), x_n | z_n ~ Normal(loc[z_n], Σ[z_n]).
 
-    ``covariance``: ``"full"`` (``cov``, K×D×D), ``"diag"`` (``scale``, K×D standard deviations),
-    ``"spherical"`` (``scale``, K standard deviations) or ``"tied"`` (one ``cov``, D×D).
-    ``prior=None`` is maximum likelihood; ``prior=True`` puts the weak priors of :func:`gmm_prior`
-    on the weights and covariances (MAP; they keep a component from collapsing onto one point),
-    and a dict overrides some of them (``prior=dict(alpha=1.0)``). The means ``loc`` (K×D) are
-    always maximum likelihood (the flat limit of a normal-inverse-Wishart prior). Every site takes
-    a closed-form M-step, the InverseWishart-MAP covariance included (its mode,
-    (Ψ + S_k) / (ν + D + 1 + N_k)).
+    `covariance`: `"full"` (`cov`, K×D×D), `"diag"` (`scale`, K×D standard deviations),
+    `"spherical"` (`scale`, K standard deviations) or `"tied"` (one `cov`, D×D).
+    `prior=None` is maximum likelihood; `prior=True` puts the weak priors of
+    [`gmm_prior`][bayes_em.models.gmm_prior] on the weights and covariances (MAP; they keep a
+    component from collapsing onto one point), and a dict overrides some of them
+    (`prior=dict(alpha=1.0)`). The means `loc` (K×D) are always maximum likelihood (the flat limit
+    of a normal-inverse-Wishart prior). Every site takes a closed-form M-step, the
+    InverseWishart-MAP covariance included (its mode, (Ψ + S_k) / (ν + D + 1 + N_k)).
 
-    ``variance_floor=c`` (maximum likelihood only) bounds the likelihood instead: every
-    covariance eigenvalue (``"full"`` / ``"tied"``) or variance (``"diag"`` / ``"spherical"``)
-    stays at least ``c``, and the M-step is the exact constrained maximiser (eigenvalues of the
-    weighted scatter clipped at ``c``; scikit-learn's ``reg_covar`` adds ``c`` instead, which
-    maximises nothing). A component on a single point then keeps variance ``c``.
+    `variance_floor=c` (maximum likelihood only) bounds the likelihood instead: every
+    covariance eigenvalue (`"full"` / `"tied"`) or variance (`"diag"` / `"spherical"`)
+    stays at least `c`, and the M-step is the exact constrained maximiser (eigenvalues of the
+    weighted scatter clipped at `c`; scikit-learn's `reg_covar` adds `c` instead, which
+    maximises nothing). A component on a single point then keeps variance `c`.
 
-    ``x`` has shape (N, D); for 1-D data pass ``x[:, None]``.
+    `x` has shape (N, D); for 1-D data pass `x[:, None]`.
     """
     x = jnp.asarray(x)
     if x.ndim != 2:
@@ -154,9 +154,9 @@ def gmm(x, K, covariance="full", prior=None, variance_floor=None):
 
 
 def _gmm_spread(x, K, covariance, hyper, floor):
-    """The covariance site ``cov`` ("full" / "tied") or the standard deviations ``scale``
-    ("diag" / "spherical") of :func:`gmm`: a param (ML, optionally floored) or a sampled site
-    under the prior ``hyper`` (MAP)."""
+    """The covariance site `cov` ("full" / "tied") or the standard deviations `scale`
+    ("diag" / "spherical") of [`gmm`][bayes_em.models.gmm]: a param (ML, optionally floored) or a
+    sampled site under the prior `hyper` (MAP)."""
     D = x.shape[1]
     var = jnp.var(x, axis=0)
     if covariance in ("full", "tied"):
@@ -190,8 +190,8 @@ def _gmm_spread(x, K, covariance, hyper, floor):
 def kmeans(x, K, scale=1.0):
     """K-means as a mixture: z_n ~ Categorical(1/K), x_n | z_n ~ Normal(loc[z_n], scale² I).
 
-    With ``EM(kmeans, hard=True)`` each iteration assigns every point to its nearest centre and
-    moves each centre to the mean of its points: Lloyd's algorithm. ``scale`` is fixed (it does not
+    With `EM(kmeans, hard=True)` each iteration assigns every point to its nearest centre and
+    moves each centre to the mean of its points: Lloyd's algorithm. `scale` is fixed (it does not
     change the assignments); with soft EM it is the bandwidth of "soft k-means".
     """
     x = jnp.asarray(x)
@@ -206,7 +206,7 @@ def bernoulli_mixture(x, K):
     """Latent class analysis on binary items: z_n ~ Categorical(weights),
     x_nd | z_n ~ Bernoulli(probs[z_n, d]) independently over the D items.
 
-    ``x`` has shape (N, D) with entries 0 / 1; ``probs`` (K×D) starts at fixed pseudo-random
+    `x` has shape (N, D) with entries 0 / 1; `probs` (K×D) starts at fixed pseudo-random
     values in (0.25, 0.75).
     """
     x = jnp.asarray(x)
@@ -224,8 +224,8 @@ def categorical_mixture(x, K, V):
     """Latent class analysis on categorical items: z_n ~ Categorical(weights),
     x_nd | z_n ~ Categorical(probs[z_n, d]) independently over the D items.
 
-    ``x`` has shape (N, D) with integer entries in 0..V−1 (items with fewer categories simply
-    never use the last ones); ``probs`` (K×D×V) starts at fixed pseudo-random rows.
+    `x` has shape (N, D) with integer entries in 0..V−1 (items with fewer categories simply
+    never use the last ones); `probs` (K×D×V) starts at fixed pseudo-random rows.
     """
     x = jnp.asarray(x)
     N, D = x.shape
@@ -240,11 +240,12 @@ def categorical_mixture(x, K, V):
 
 # --- IBM Model 1 ---------------------------------------------------------------------------------
 def ibm1_corpus(pairs):
-    """Pad a list of ``(source_words, target_words)`` sentence pairs for :func:`ibm1`.
+    """Pad a list of `(source_words, target_words)` sentence pairs for
+    [`ibm1`][bayes_em.models.ibm1].
 
-    Returns a dict with ``src`` (S, I+1) source word ids, position 0 being the NULL word (id 0);
-    ``tgt`` (S, J) target word ids; ``src_mask`` and ``tgt_mask`` marking real positions;
-    ``src_vocab`` (``src_vocab[0] is None``, the NULL word) and ``tgt_vocab``, lists of words in
+    Returns a dict with `src` (S, I+1) source word ids, position 0 being the NULL word (id 0);
+    `tgt` (S, J) target word ids; `src_mask` and `tgt_mask` marking real positions;
+    `src_vocab` (`src_vocab[0] is None`, the NULL word) and `tgt_vocab`, lists of words in
     id order. Padding uses id 0 and is masked out.
     """
     src_vocab = [None] + sorted({w for s, _ in pairs for w in s})
@@ -270,9 +271,10 @@ def ibm1(src, tgt, src_mask, tgt_mask, n_src_words, n_tgt_words):
     """IBM Model 1: for target position j of sentence pair s, the alignment
     a_sj ~ Uniform{0 (NULL), 1..I_s} and f_sj | a_sj ~ Categorical(t[e_s,a_sj]).
 
-    ``t`` (``n_src_words`` × ``n_tgt_words``, row 0 the NULL word) is the translation table
-    t(f | e), started uniform. Arrays as built by :func:`ibm1_corpus`. The E-step gives the
-    alignment posteriors p(a_sj = i | e_s, f_s), the M-step normalised expected counts.
+    `t` (`n_src_words` × `n_tgt_words`, row 0 the NULL word) is the translation table
+    t(f | e), started uniform. Arrays as built by [`ibm1_corpus`][bayes_em.models.ibm1_corpus]. The
+    E-step gives the alignment posteriors p(a_sj = i | e_s, f_s), the M-step normalised expected
+    counts.
     """
     S, I = src.shape  # noqa: E741 (the I of IBM Model 1)
     J = tgt.shape[1]
@@ -293,18 +295,18 @@ def ibm1(src, tgt, src_mask, tgt_mask, n_src_words, n_tgt_words):
 def bayesian_network(values, observed, nodes):
     """A discrete Bayesian network, each row an independent draw; missing entries are latent.
 
-    ``nodes`` lists ``(name, cardinality, parents)`` in topological order (``parents`` a tuple of
-    earlier names); ``values`` (N, len(nodes)) holds integer states, anything (e.g. −1) where
-    ``observed`` (N, len(nodes), bool) is False. For every node,
-    x_v | parents ~ Categorical(cpt_v[x_parents]), with ``cpt_<name>`` of shape
+    `nodes` lists `(name, cardinality, parents)` in topological order (`parents` a tuple of
+    earlier names); `values` (N, len(nodes)) holds integer states, anything (e.g. −1) where
+    `observed` (N, len(nodes), bool) is False. For every node,
+    x_v | parents ~ Categorical(cpt_v[x_parents]), with `cpt_<name>` of shape
     (*parent cardinalities, cardinality), started uniform; the M-step is the classic
     normalised expected counts.
 
-    Every entry is a latent site ``<name>`` (so ``result.posterior[name]`` imputes the missing
-    ones), pinned to the data where observed by a factor ``<name>_seen`` (log 1 at the observed
+    Every entry is a latent site `<name>` (so `result.posterior[name]` imputes the missing
+    ones), pinned to the data where observed by a factor `<name>_seen` (log 1 at the observed
     state, a huge negative number elsewhere): each CPT then enters one site only, and takes the
-    closed-form categorical update. NumPyro's ``obs_mask=`` gives the same fit, but splits a node
-    into ``<name>_observed`` and ``<name>_unobserved``, and a CPT used by two sites is maximised
+    closed-form categorical update. NumPyro's `obs_mask=` gives the same fit, but splits a node
+    into `<name>_observed` and `<name>_unobserved`, and a CPT used by two sites is maximised
     numerically.
     """
     observed = jnp.asarray(observed, bool)
@@ -333,10 +335,10 @@ def mixture_of_regressions(X, y, K):
     """Mixture of linear regressions: z_n ~ Categorical(weights),
     y_n | z_n ~ Normal(X_n · coef[z_n], var[z_n]).
 
-    ``X`` (N, P) is the design matrix (add a column of ones for intercepts). The weights have a
-    closed-form update; ``coef`` (through a dot product) and the variances ``var`` (through a
+    `X` (N, P) is the design matrix (add a column of ones for intercepts). The weights have a
+    closed-form update; `coef` (through a dot product) and the variances `var` (through a
     square root) have none and are maximised numerically, jointly, at each M-step (weighted least
-    squares and the weighted residual variance, per component). ``coef`` starts at the least-squares
+    squares and the weighted residual variance, per component). `coef` starts at the least-squares
     fit plus fixed pseudo-random offsets.
     """
     X, y = jnp.asarray(X), jnp.asarray(y)

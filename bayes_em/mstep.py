@@ -1,8 +1,8 @@
 """The M-step: θ_{t+1} = argmax_θ Q(θ; θ_t) + log p(θ), with Q(θ; θ_t) + log p(θ) =
 Σ_f ⟨w_f, log f(θ)⟩ for the E-step's weights w_f held fixed.
 
-Closed-form updates for the planned parameters (``bayes_em.conjugate``), in order, each
-conditional on the ones before, then L-BFGS (``bayes_em.lbfgs``) on the rest in unconstrained
+Closed-form updates for the planned parameters (`bayes_em.conjugate`), in order, each
+conditional on the ones before, then L-BFGS (`bayes_em.lbfgs`) on the rest in unconstrained
 space with the closed-form ones fixed (ECM: each update maximises Q given the others' values).
 """
 
@@ -27,8 +27,8 @@ def q_function(problem: EMProblem, params: dict, weights: dict, data: tuple):
 
 def m_step(problem: EMProblem, params: dict, weights: dict, data: tuple) -> dict:
     """θ_{t+1}: the closed-form updates, then L-BFGS on Q + log p over the other parameters.
-    A chunked problem (``problem.chunks``) reads ``weights`` as the first stage's statistics
-    (:func:`bayes_em.chunked.m_step`)."""
+    A chunked problem (`problem.chunks`) reads `weights` as the first stage's statistics
+    (`bayes_em.chunked.m_step`)."""
     if problem.chunks is not None:
         from bayes_em import chunked
 
@@ -48,8 +48,8 @@ def m_step(problem: EMProblem, params: dict, weights: dict, data: tuple) -> dict
 
 
 def closed_form_step(problem: EMProblem, params: dict, weights: dict, data: tuple) -> dict:
-    """The closed-form updates alone (the first part of :func:`m_step`); a chunked problem
-    recomputes the weights at ``params`` chunk by chunk (``weights`` unused)."""
+    """The closed-form updates alone (the first part of [`m_step`][bayes_em.mstep.m_step]); a
+    chunked problem recomputes the weights at `params` chunk by chunk (`weights` unused)."""
     if problem.chunks is not None:
         from bayes_em import chunked
 

@@ -25,8 +25,8 @@ __all__ = ["judge", "redo_rejected", "confirm_saddle", "no_finite_mode", "collap
 
 
 def judge(problem, states, data, functions, tol, strict):
-    """``(status per restart, messages, best restart)`` from the host copy of the final
-    ``states`` (without their E-step weights); warns (or, ``strict``, raises) as the statuses
+    """`(status per restart, messages, best restart)` from the host copy of the final
+    `states` (without their E-step weights); warns (or, `strict`, raises) as the statuses
     require."""
     objective = np.asarray(states.objective)
     finite = np.isfinite(objective)
@@ -145,9 +145,9 @@ def no_finite_mode(problem, functions, states, r, data):
 
 def collapsed(problem, restart_params, ratio=1e-4):
     """Per restart, a description of the first maximum-likelihood scale or covariance that
-    shrank towards 0 ("" if none): a covariance eigenvalue below ``ratio``² of the site's largest
+    shrank towards 0 ("" if none): a covariance eigenvalue below `ratio`² of the site's largest
     (a flat component, or one shrinking onto a point), or a closed-form Normal scale below
-    ``ratio`` of the site's largest."""
+    `ratio` of the site's largest."""
     scales = {c.param for c in problem.closed if c.family == "normal_scale"}
     out = [""] * len(next(iter(restart_params.values()))) if restart_params else []
     for p in problem.sites.params:

@@ -1,28 +1,28 @@
-"""An :class:`~bayes_em.EMResult` on disk: ``result.save(path)`` and ``EMResult.load(path)``.
+"""An [`EMResult`][bayes_em.result.EMResult] on disk: `result.save(path)` and `EMResult.load(path)`.
 
-The file is one NumPy ``.npz`` archive (a zip of ``.npy`` arrays) with a JSON metadata entry.
+The file is one NumPy `.npz` archive (a zip of `.npy` arrays) with a JSON metadata entry.
 Why this format:
 
 - **nothing to install**: NumPy alone writes and reads it (netCDF needs an HDF5 engine), and
-  any language with a zip and ``.npy`` reader can open it;
+  any language with a zip and `.npy` reader can open it;
 - **exact**: every array keeps its dtype and bits (NaN tails of the histories included), so a
   reloaded result equals the saved one entry for entry;
-- **no Laplace approximation**: unlike :func:`bayes_em.diagnostics.save` (netCDF of the ArviZ
-  ``InferenceData``, whose ``posterior`` group is Laplace draws), it needs no positive definite
-  information matrix, so a fit at a saddle or on a boundary saves like any other;
-- **safe to open**: no pickle inside; it is read with ``allow_pickle=False``, so loading an
+- **no Laplace approximation**: unlike [`bayes_em.diagnostics.save`][bayes_em.inference_data.save]
+  (netCDF of the ArviZ `InferenceData`, whose `posterior` group is Laplace draws), it needs no
+  positive definite information matrix, so a fit at a saddle or on a boundary saves like any other;
+- **safe to open**: no pickle inside; it is read with `allow_pickle=False`, so loading an
   untrusted file runs no code.
 
 What it holds: every site's fitted value, every restart's values, objective, iterations, status
-and message, the histories (and ``history["params"]`` if recorded), the latent posterior and
+and message, the histories (and `history["params"]` if recorded), the latent posterior and
 most probable latents (computed before writing when the result still has its model), the sites,
-the fit's settings (``result.settings``: restarts, max_iter, tol, hard, closed_form, ...), the
+the fit's settings (`result.settings`: restarts, max_iter, tol, hard, closed_form, ...), the
 versions of bayes_em and its stack, and the date. A file records its format version; a file
 from a newer format loads with a warning (fields this version does not know are ignored).
 
 A loaded result is like an unpickled one: all the numbers are there; what needs the model or
-the data (``predict*``, ``score*``, ``sample``, the diagnostics) says so. Refit from
-``EM(model, init_values=loaded.params)`` to get them back.
+the data (`predict*`, `score*`, `sample`, the diagnostics) says so. Refit from
+`EM(model, init_values=loaded.params)` to get them back.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _number(x):
 
 
 def _model_name(model) -> str:
-    """The user's model function, seen through EM's ``fixed=`` wrapper (a closure over it)."""
+    """The user's model function, seen through EM's `fixed=` wrapper (a closure over it)."""
     for _ in range(3):
         if not getattr(model, "__qualname__", "").endswith("<locals>.frozen"):
             break
@@ -74,8 +74,8 @@ def _model_name(model) -> str:
 
 
 def run_settings(em) -> dict:
-    """The settings of ``em`` (an :class:`bayes_em.EM`) as plain data: numbers, strings, lists,
-    and NumPy arrays for ``fixed`` / ``init_values`` (a callable ``init`` is kept by name)."""
+    """The settings of `em` (an [`bayes_em.EM`][bayes_em.api.EM]) as plain data: numbers, strings,
+    lists, and NumPy arrays for `fixed` / `init_values` (a callable `init` is kept by name)."""
     mstep = em.mstep
     return {
         "model": _model_name(getattr(em, "_unmarginalized", em.model)),
@@ -109,7 +109,7 @@ _ARRAY_SETTINGS = ("fixed", "init_values")
 # -- writing --------------------------------------------------------------------------------------
 def _versions() -> dict:
     """The running versions of Python and of the packages a result depends on (each package's
-    own ``__version__``; None if it cannot be imported)."""
+    own `__version__`; None if it cannot be imported)."""
     out = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:
@@ -120,7 +120,7 @@ def _versions() -> dict:
 
 
 class _Arrays:
-    """Collects arrays under short keys (``a0``, ``a1``, ...); the metadata maps names to keys,
+    """Collects arrays under short keys (`a0`, `a1`, ...); the metadata maps names to keys,
     so that any site name (slashes, dots, unicode) is stored as it is."""
 
     def __init__(self):
@@ -143,7 +143,7 @@ def _constraint_name(constraint) -> str:
 
 
 def _posterior(result):
-    """``(posterior, most_probable)`` if the result has them or can compute them, else None."""
+    """`(posterior, most_probable)` if the result has them or can compute them, else None."""
     try:
         return result.posterior, result.most_probable
     except ValueError:  # unpickled or loaded without them, and no model to compute them
@@ -204,12 +204,12 @@ def _contents(result) -> tuple[dict, dict]:
 
 
 def save(result, path, overwrite: bool = False) -> pathlib.Path:
-    """Write ``result`` (an :class:`~bayes_em.EMResult`) to ``path``, a ``.npz`` archive with a
+    """Write `result` (an [`EMResult`][bayes_em.result.EMResult]) to `path`, a `.npz` archive with a
     JSON metadata entry (see the module's documentation). The name is used as given (no suffix
-    is added; ``.npz`` is the convention).
+    is added; `.npz` is the convention).
 
-    An existing file is left alone and :class:`FileExistsError` raised, unless
-    ``overwrite=True``; then it is replaced atomically (a failed write leaves the old file).
+    An existing file is left alone and `FileExistsError` raised, unless
+    `overwrite=True`; then it is replaced atomically (a failed write leaves the old file).
     Returns the path written."""
     path = pathlib.Path(os.fspath(path))
     meta, arrays = _contents(result)
@@ -272,15 +272,15 @@ def _read(path):
 
 
 def metadata(path) -> dict:
-    """The JSON metadata of a file written by :func:`save` (format version, date, versions of
-    bayes_em / jax / numpyro / ... and Python, the fit's settings, statuses), without building
-    the result. Array entries appear as their keys in the archive."""
+    """The JSON metadata of a file written by [`save`][bayes_em.persist.save] (format version, date,
+    versions of bayes_em / jax / numpyro / ... and Python, the fit's settings, statuses), without
+    building the result. Array entries appear as their keys in the archive."""
     return _read(path)[1]
 
 
 def _constraint(name: str):
-    """The NumPyro constraint whose repr is ``name`` (the module's named constraints), else the
-    description itself (a parametrised constraint such as ``Interval(lower_bound=..., ...)``)."""
+    """The NumPyro constraint whose repr is `name` (the module's named constraints), else the
+    description itself (a parametrised constraint such as `Interval(lower_bound=..., ...)`)."""
     from numpyro.distributions import constraints
 
     for value in vars(constraints).values():
@@ -300,7 +300,7 @@ def _loaded_latents(path):
 
 
 def _sites(s, arrays):
-    """The :class:`~bayes_em.sites.ModelSites` stored by :func:`save`."""
+    """The `ModelSites` stored by [`save`][bayes_em.persist.save]."""
     from bayes_em.sites import ModelSites, ParamSite
 
     return ModelSites(
@@ -314,8 +314,9 @@ def _sites(s, arrays):
 
 
 def load(path):
-    """Read a result written by :func:`save`: an :class:`~bayes_em.EMResult` with every number
-    of the saved one, and no model, data or compiled functions (like an unpickled result)."""
+    """Read a result written by [`save`][bayes_em.persist.save]: an
+    [`EMResult`][bayes_em.result.EMResult] with every number of the saved one, and no model, data or
+    compiled functions (like an unpickled result)."""
     from bayes_em.result import EMResult, Status
 
     path, meta, arrays = _read(path)

@@ -1,20 +1,21 @@
 """Plots of an EM fit (matplotlib). Headless-safe: new figures are built with
-``matplotlib.figure.Figure`` (no pyplot, no GUI backend).
+`matplotlib.figure.Figure` (no pyplot, no GUI backend).
 
-Every function takes ``ax=``: ``None`` (default) makes a new figure; an ``Axes`` (or, for the
-two-panel plots, a pair of them) draws into a figure of yours, e.g. a ``plt.subplots`` grid.
-Every function returns the ``Figure`` it drew in (the given axes' figure), and saves it as a PNG
-when given ``path=``.
+Every function takes `ax=`: `None` (default) makes a new figure; an `Axes` (or, for the
+two-panel plots, a pair of them) draws into a figure of yours, e.g. a `plt.subplots` grid.
+Every function returns the `Figure` it drew in (the given axes' figure), and saves it as a PNG
+when given `path=`.
 
-- :func:`plot_convergence` — objective of every restart against the iteration, and its distance
-  to the best final objective on a log scale.
-- :func:`plot_bound` — the lower-bound decomposition ℓ(θ_{t+1}) = L(q_t, θ_{t+1}) + KL.
-- :func:`plot_mixture` — a 1-D Gaussian mixture: histogram of the data, each weighted component
-  density, the mixture density, and p(z = k | x) on a second axis.
-- :func:`plot_hmm` — a hidden Markov model: the observations with the most probable state path,
-  and the state posterior p(z_t = k | y) over time (stacked).
-- :func:`plot_responsibilities` — 1-D or 2-D data coloured by p(z_n = k | x_n, θ̂), with the
-  components' locations (and covariance ellipses in 2-D).
+- [`plot_convergence`][bayes_em.plots.plot_convergence] — objective of every restart against the
+  iteration, and its distance to the best final objective on a log scale.
+- [`plot_bound`][bayes_em.plots.plot_bound] — the lower-bound decomposition
+  ℓ(θ_{t+1}) = L(q_t, θ_{t+1}) + KL.
+- [`plot_mixture`][bayes_em.plots.plot_mixture] — a 1-D Gaussian mixture: histogram of the data,
+  each weighted component density, the mixture density, and p(z = k | x) on a second axis.
+- [`plot_hmm`][bayes_em.plots.plot_hmm] — a hidden Markov model: the observations with the most
+  probable state path, and the state posterior p(z_t = k | y) over time (stacked).
+- [`plot_responsibilities`][bayes_em.plots.plot_responsibilities] — 1-D or 2-D data coloured by
+  p(z_n = k | x_n, θ̂), with the components' locations (and covariance ellipses in 2-D).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ OBJECTIVE = r"$\log p(X \mid \theta) + \log p(\theta)$"
 
 
 def _axes(ax, n, width=5.0, height=3.6, sharex=False):
-    """``n`` axes: new ones side by side (or stacked when ``sharex``), or the given ones. A single
-    given Axes where two are drawable gets the first panel only (the others are ``None``)."""
+    """`n` axes: new ones side by side (or stacked when `sharex`), or the given ones. A single
+    given Axes where two are drawable gets the first panel only (the others are `None`)."""
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
@@ -73,7 +74,7 @@ def plot_convergence(result, path=None, ax=None):
     """Objective log p(X|θ_t) + log p(θ_t) of every restart per iteration (left; the best
     restart bold) and best final objective − objective on a log scale (right).
 
-    ``ax``: a pair of Axes for both panels, or one Axes for the objective alone."""
+    `ax`: a pair of Axes for both panels, or one Axes for the objective alone."""
     fig, (ax, gap_ax) = _axes(ax, 2)
     history = np.asarray(result.history["objective"])
     best = float(np.nanmax(result.restart_objective))
@@ -100,10 +101,11 @@ def plot_convergence(result, path=None, ax=None):
 
 
 def plot_bound(trace, path=None, ax=None):
-    """The decomposition of :func:`bayes_em.diagnostics.lower_bound_trace`: ℓ(θ_t) and
+    """The decomposition of
+    [`bayes_em.diagnostics.lower_bound_trace`][bayes_em.diagnostics.lower_bound_trace]: ℓ(θ_t) and
     L(q_t, θ_{t+1}) per iteration (left), and the KL gap ℓ(θ_{t+1}) − L(q_t, θ_{t+1}) (right).
 
-    ``ax``: a pair of Axes for both panels, or one Axes for the left panel alone."""
+    `ax`: a pair of Axes for both panels, or one Axes for the left panel alone."""
     fig, (ax, gap_ax) = _axes(ax, 2)
     ll, bound, gap = (np.asarray(trace[k]) for k in ("log_likelihood", "bound", "gap"))
     t = np.arange(len(ll))
@@ -131,12 +133,12 @@ def _site(params, names):
 
 
 def mixture_components(result=None, *, loc=None, scale=None, weights=None):
-    """``(weights, loc, scale)`` of a 1-D Gaussian mixture as three arrays of shape (K,).
+    """`(weights, loc, scale)` of a 1-D Gaussian mixture as three arrays of shape (K,).
 
-    Given arrays win; the others are read from ``result.params``: weights from a site ``weights``
-    or ``w``; locations from ``loc`` (K,) or (K, 1); standard deviations from ``scale`` (K,) or
-    (K, 1), or from a covariance ``cov`` (K, 1, 1), or one tied (1, 1) — the sites of
-    :func:`bayes_em.models.gmm` on data of shape (N, 1) with any ``covariance=``."""
+    Given arrays win; the others are read from `result.params`: weights from a site `weights`
+    or `w`; locations from `loc` (K,) or (K, 1); standard deviations from `scale` (K,) or
+    (K, 1), or from a covariance `cov` (K, 1, 1), or one tied (1, 1) — the sites of
+    [`bayes_em.models.gmm`][bayes_em.models.gmm] on data of shape (N, 1) with any `covariance=`."""
     params = {} if result is None else result.params
     w = _site(params, ("weights", "w")) if weights is None else np.asarray(weights, float)
     mu = _site(params, ("loc",)) if loc is None else np.asarray(loc, float)
@@ -171,17 +173,17 @@ def _normal_pdf(x, loc, scale):
 
 def plot_mixture(result=None, x=None, *, loc=None, scale=None, weights=None, bins=30,
                  grid=None, responsibilities=True, path=None, ax=None):
-    """A 1-D Gaussian mixture over its data: a histogram of ``x`` (``density=True``), each
+    """A 1-D Gaussian mixture over its data: a histogram of `x` (`density=True`), each
     weighted component density w_k N(x; μ_k, σ_k), the mixture density Σ_k w_k N(x; μ_k, σ_k)
-    (black) and, on a second y-axis (``ax.twinx()``, 0 to 1), the posterior p(z = k | x) of each
+    (black) and, on a second y-axis (`ax.twinx()`, 0 to 1), the posterior p(z = k | x) of each
     component along the grid (dotted).
 
-    ``result``: an ``EMResult`` of :func:`bayes_em.models.gmm` (data (N, 1), any covariance) or
-    of a mixture of your own with sites ``weights`` / ``w``, ``loc`` and ``scale`` / ``cov``;
-    or ``None`` with ``loc=``, ``scale=`` (standard deviations) and ``weights=`` as arrays, which
-    also override the fit's. ``x``: the data, (N,) or (N, 1). ``grid``: where the curves are
+    `result`: an `EMResult` of [`bayes_em.models.gmm`][bayes_em.models.gmm] (data (N, 1), any
+    covariance) or of a mixture of your own with sites `weights` / `w`, `loc` and `scale` / `cov`;
+    or `None` with `loc=`, `scale=` (standard deviations) and `weights=` as arrays, which
+    also override the fit's. `x`: the data, (N,) or (N, 1). `grid`: where the curves are
     evaluated (default: 400 points over the data's range, padded). The lines carry ids for
-    checking: ``line.get_gid()`` is ``"component k"``, ``"mixture"`` or ``"posterior k"``.
+    checking: `line.get_gid()` is `"component k"`, `"mixture"` or `"posterior k"`.
     """
     if x is None:
         raise ValueError("plot_mixture needs the data x.")
@@ -241,18 +243,18 @@ def _chain(values, names, what):
 
 def plot_hmm(result=None, y=None, latents=None, *, posterior=None, path_states=None, levels=None,
              times=None, path=None, ax=None):
-    """A hidden Markov model's fit over time: the observations ``y`` with the most probable state
-    of each step (top, points coloured by state, and ``levels[state]`` as a step line when
-    ``levels`` is given, e.g. the fitted rates or means) and the posterior p(z_t = k | y) of the
+    """A hidden Markov model's fit over time: the observations `y` with the most probable state
+    of each step (top, points coloured by state, and `levels[state]` as a step line when
+    `levels` is given, e.g. the fitted rates or means) and the posterior p(z_t = k | y) of the
     states, stacked (bottom).
 
-    The states come from ``result.posterior`` and ``result.most_probable`` (the jointly most
-    probable path, Viterbi) of the latent sites ``latents`` concatenated along time (default:
-    every latent of the fit in order, e.g. ``("z0", "z")`` for a chain whose first state sits
-    before the ``scan``), or from arrays: ``posterior`` (T, K) and ``path_states`` (T,), e.g.
-    ``result.predict_proba(y_new)`` / ``result.predict(y_new)`` on new data. ``levels``: an array
-    (K,) or the name of a parameter site. ``times``: the x values (default 0 .. T-1).
-    ``ax``: a pair of Axes (observations, posterior), or one Axes for the posterior alone.
+    The states come from `result.posterior` and `result.most_probable` (the jointly most
+    probable path, Viterbi) of the latent sites `latents` concatenated along time (default:
+    every latent of the fit in order, e.g. `("z0", "z")` for a chain whose first state sits
+    before the `scan`), or from arrays: `posterior` (T, K) and `path_states` (T,), e.g.
+    `result.predict_proba(y_new)` / `result.predict(y_new)` on new data. `levels`: an array
+    (K,) or the name of a parameter site. `times`: the x values (default 0 .. T-1).
+    `ax`: a pair of Axes (observations, posterior), or one Axes for the posterior alone.
     """
     if posterior is None or path_states is None:
         if result is None:
@@ -313,9 +315,9 @@ def _ellipse(ax, mean, cov, colour, n_std):
 def plot_responsibilities(result, x, latent=None, loc="loc", cov="cov", path=None, ax=None):
     """Data coloured by responsibility: each point's colour is Σ_k p(z_n = k | x_n) · colour_k.
 
-    ``x``: the data, shape (N,) or (N, 1) for a strip plot, or (N, 2) for a scatter plot.
-    ``latent``: the latent site (default: the first). If the fit has a site named ``loc`` it is
-    drawn as the component locations, and in 2-D a site ``cov`` (K, 2, 2) as 1- and 2-sd ellipses.
+    `x`: the data, shape (N,) or (N, 1) for a strip plot, or (N, 2) for a scatter plot.
+    `latent`: the latent site (default: the first). If the fit has a site named `loc` it is
+    drawn as the component locations, and in 2-D a site `cov` (K, 2, 2) as 1- and 2-sd ellipses.
     """
     x = np.asarray(x)
     latent = result.sites.latents[0] if latent is None else latent

@@ -6,7 +6,7 @@ observed site) a batch of N rows is padded to a bucket, the next power of two �
 repeating its last row, and the padded rows are masked out of every site in the plate (masked
 latents are pinned, masked observations count 0): a stream of batch sizes compiles once per
 bucket, and the first N rows of every output are exact. Models without a data plate (one long
-``scan``) compile once per shape.
+`scan`) compile once per shape.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ MIN_BUCKET = 64
 
 
 def bucket(n: int) -> int:
-    """The padded size of a batch of ``n`` rows: the next power of two, at least 64."""
+    """The padded size of a batch of `n` rows: the next power of two, at least 64."""
     return max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
 
 
 class _RowMask(Messenger):
-    """Masks rows ``n ≥ n_rows`` of plate ``plate`` at every sample site inside it."""
+    """Masks rows `n ≥ n_rows` of plate `plate` at every sample site inside it."""
 
     def __init__(self, fn, plate, n_rows):
         self.plate, self.n_rows = plate, n_rows
@@ -74,7 +74,7 @@ def _plate_size(metas, plate):
 
 
 def _prepared(result, args, kwargs):
-    """``(functions, data, n_rows, layout)`` for new data: compiled once per (structure, bucket)."""
+    """`(functions, data, n_rows, layout)` for new data: compiled once per (structure, bucket)."""
     if result.problem is None:
         raise ValueError("This result was unpickled or loaded from a file: it keeps the fitted "
                          "numbers but not the model it needs for new data. Refit (EM(model, "
@@ -126,7 +126,7 @@ def _prepared(result, args, kwargs):
 
 
 def _layout(problem, params, data, plate, sites):
-    """For every latent: the axis of its marginal that indexes ``plate`` (None if not in it)."""
+    """For every latent: the axis of its marginal that indexes `plate` (None if not in it)."""
     axes = {}
     for m in _metas(problem, params, data):
         if m.name not in sites.latents:
@@ -149,7 +149,7 @@ def _rows(n):
 
 
 def predict_proba(result, *args, **kwargs) -> dict:
-    """p(z | x_new, θ̂) for every latent site: plates first (time first in a ``scan``), then the
+    """p(z | x_new, θ̂) for every latent site: plates first (time first in a `scan`), then the
     site's values."""
     fns, params, data, n, layout = _prepared(result, args, kwargs)
     return _cut(fns["posterior"](params, data, _rows(n)), n, layout)
@@ -171,19 +171,19 @@ def score_samples(result, *args, **kwargs) -> np.ndarray:
 
 
 def score(result, *args, **kwargs) -> float:
-    """log p(X_new | θ̂), the total log-likelihood of the new data (scikit-learn's ``score`` is
+    """log p(X_new | θ̂), the total log-likelihood of the new data (scikit-learn's `score` is
     its mean over rows; hmmlearn's is this total)."""
     return float(np.sum(score_samples(result, *args, **kwargs)))
 
 
 def sample(result, rng_key, *args, num_samples=1, **kwargs) -> dict:
-    """Draws of every sample site from the model at θ̂ (``numpyro.infer.Predictive``): pass
-    ``None`` for an observation to draw it. MAP sites are held at their fitted values."""
+    """Draws of every sample site from the model at θ̂ (`numpyro.infer.Predictive`): pass
+    `None` for an observation to draw it. MAP sites are held at their fitted values."""
     return _sample(result, result.params, rng_key, args, kwargs, num_samples)
 
 
 class _Unobserve(Messenger):
-    """Turns the observed sites ``names`` into draws (their ``obs`` values are ignored)."""
+    """Turns the observed sites `names` into draws (their `obs` values are ignored)."""
 
     def __init__(self, fn, names):
         self.names = frozenset(names)
@@ -195,8 +195,8 @@ class _Unobserve(Messenger):
 
 
 def _sample(result, params, rng_key, args, kwargs, num_samples, redraw=()):
-    """:func:`sample` at ``params`` (constrained values of every fitted site), the observed
-    sites in ``redraw`` drawn instead of taken from the data."""
+    """[`sample`][bayes_em.predict.sample] at `params` (constrained values of every fitted site),
+    the observed sites in `redraw` drawn instead of taken from the data."""
     from numpyro.infer import Predictive
 
     if result.model is None:

@@ -1,10 +1,10 @@
 """The static problem of a fit and the one enumerated trace of its model.
 
-An :class:`EMProblem` holds everything about a fit that does not change while it runs: the
-enumerated model, the roles of its sites, how to rebuild the model's arguments from data leaves,
-the settings and the closed-form plans. :func:`factors` is the single place the model is traced
-(``bayes_em.factors.log_factors``); the E-step, the M-step, the diagnostics and the predictions
-all read it.
+An [`EMProblem`][bayes_em.problem.EMProblem] holds everything about a fit that does not change while
+it runs: the enumerated model, the roles of its sites, how to rebuild the model's arguments from
+data leaves, the settings and the closed-form plans. [`factors`][bayes_em.problem.factors] is the
+single place the model is traced (`bayes_em.factors.log_factors`); the E-step, the M-step, the
+diagnostics and the predictions all read it.
 """
 
 from __future__ import annotations
@@ -43,13 +43,13 @@ class EMProblem(NamedTuple):
 
 def make_problem(model, sites: ModelSites, rebuild: Callable, max_iter: int, tol: float,
                  hard: bool = False, strict: bool = False, solver: LBFGS = LBFGS()) -> EMProblem:
-    """The static problem; closed-form plans are added with ``problem._replace(closed=...)``."""
+    """The static problem; closed-form plans are added with `problem._replace(closed=...)`."""
     return EMProblem(enumerated_model(model, sites.max_plate_nesting), sites, rebuild, max_iter,
                      tol, hard, strict, solver)
 
 
 def factors(problem: EMProblem, params: dict, data: tuple, vectorized: bool = False) -> Factors:
-    """The model's log-factors at θ = ``params`` (constrained values) on ``data`` (leaves)."""
+    """The model's log-factors at θ = `params` (constrained values) on `data` (leaves)."""
     args, kwargs = problem.rebuild(data)
     params = {k: jnp.asarray(v) for k, v in params.items()}  # host arrays index like the model's
     return log_factors(problem.enum_model, params, args, kwargs, vectorized)
@@ -62,12 +62,12 @@ def log_prior(problem: EMProblem, factors: Factors):
 
 
 def constrain(problem: EMProblem, u: dict) -> dict:
-    """Constrained values of the sites in ``u`` (unconstrained)."""
+    """Constrained values of the sites in `u` (unconstrained)."""
     return {p.name: biject_to(p.constraint)(u[p.name]) for p in problem.sites.params if p.name in u}
 
 
 def unconstrain(problem: EMProblem, params: dict) -> dict:
-    """Unconstrained values of the sites in ``params``; a value on the boundary (a zero
+    """Unconstrained values of the sites in `params`; a value on the boundary (a zero
     probability from a closed-form update) maps to a large finite number whose constrained
     image is that boundary value."""
     out = {}

@@ -13,7 +13,7 @@ __all__ = ["Progress"]
 
 
 class Progress:
-    """A tqdm bar over ``restarts × max_iter`` iterations."""
+    """A tqdm bar over `restarts × max_iter` iterations."""
 
     def __init__(self, restarts: int, max_iter: int, **tqdm_kwargs):
         from tqdm.auto import tqdm
@@ -34,7 +34,7 @@ class Progress:
         self.bar.update(max(done - self.bar.n, 0))
 
     def close(self, result=None):
-        """Fill the bar to 100% and say how the fit ended (``result=None``: it failed)."""
+        """Fill the bar to 100% and say how the fit ended (`result=None`: it failed)."""
         self.bar.update(self.bar.total - self.bar.n)
         self.bar.set_description("EM", refresh=False)
         if result is not None:

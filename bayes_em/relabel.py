@@ -1,7 +1,8 @@
 """Label switching: the values of a latent (mixture components, HMM states) can be permuted
 together with the parameter rows they select, leaving the fit unchanged; restarts then reach
 the same optimum under different labels, and pooled summaries (R-hat across restarts) read them
-as different. :func:`align_restarts` relabels every restart to match the best one.
+as different. [`align_restarts`][bayes_em.relabel.align_restarts] relabels every restart to match
+the best one.
 
 A relabelling is only applied where it is a symmetry of this model: a permutation of the
 latent's K values applied to the candidate parameter axes must leave log p(X|θ) + log p(θ)
@@ -33,7 +34,7 @@ def _latent_sizes(result) -> dict:
 
 
 def _permute(params, axes, perm):
-    """``params`` with every axis in ``axes`` ({site: axes}) reordered by ``perm``."""
+    """`params` with every axis in `axes` ({site: axes}) reordered by `perm`."""
     out = dict(params)
     for name, ax in axes.items():
         v = np.asarray(out[name])
@@ -92,14 +93,15 @@ def _match(rows_r, rows_best, scale):
 
 
 def align_restarts(result, by: str | None = None):
-    """``result`` with every restart's parameters relabelled (per latent with a symmetry, see
-    :func:`symmetries`) to match the best restart's labels, by the assignment that minimises the
-    scaled squared distance between parameter rows. Objectives are unchanged (checked).
+    """`result` with every restart's parameters relabelled (per latent with a symmetry, see
+    [`symmetries`][bayes_em.relabel.symmetries]) to match the best restart's labels, by the
+    assignment that minimises the scaled squared distance between parameter rows. Objectives are
+    unchanged (checked).
 
-    ``by``: a parameter site (e.g. ``"loc"``); the best restart's values are then ordered too,
+    `by`: a parameter site (e.g. `"loc"`); the best restart's values are then ordered too,
     ascending by that site's rows (lexicographically): a canonical order that does not depend on
-    the start, applied to every restart, to ``params`` and to ``posterior`` /
-    ``most_probable``."""
+    the start, applied to every restart, to `params` and to `posterior` /
+    `most_probable`."""
     found = symmetries(result)
     if not found:
         if by is not None:
@@ -135,8 +137,8 @@ def align_restarts(result, by: str | None = None):
 
 
 def _canonical(params, axes, best, by):
-    """The order of the best restart's values ascending by site ``by``'s rows (identity when
-    ``by`` is None)."""
+    """The order of the best restart's values ascending by site `by`'s rows (identity when
+    `by` is None)."""
     k = np.shape(params[next(iter(axes))][best])[axes[next(iter(axes))][0]]
     if by is None:
         return np.arange(k)
@@ -148,7 +150,7 @@ def _canonical(params, axes, best, by):
 
 
 def _relabelled_latents(result, orders):
-    """The result's ``latents`` with the values of each reordered latent permuted: posterior
+    """The result's `latents` with the values of each reordered latent permuted: posterior
     columns reordered, most probable values mapped to their new labels."""
     if not orders:
         return result.latents

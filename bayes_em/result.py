@@ -1,5 +1,6 @@
-"""The outcome of a fit: :class:`EMResult` (the fitted model), the :class:`Status` of each
-restart with what it means, and the warnings a fit raises."""
+"""The outcome of a fit: [`EMResult`][bayes_em.result.EMResult] (the fitted model), the
+[`Status`][bayes_em.result.Status] of each restart with what it means, and the warnings a fit
+raises."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ class EStep(NamedTuple):
 
 
 class MStepPaths(dict):
-    """``{site: path}``; called with ``explain=True`` it adds, for each numeric site, why it was
-    refused a closed form (``"numeric: <reason>"``)."""
+    """`{site: path}`; called with `explain=True` it adds, for each numeric site, why it was
+    refused a closed form (`"numeric: <reason>"`)."""
 
     def __init__(self, paths, reasons):
         super().__init__(paths)
@@ -48,12 +49,12 @@ class AscentWarning(UserWarning):
 
 
 class ConvergenceWarning(UserWarning):
-    """The best restart did not converge: it hit ``max_iter``, stopped at a saddle, collapsed
-    or went non-finite (``result.status`` and ``result.message`` say which and what to do)."""
+    """The best restart did not converge: it hit `max_iter`, stopped at a saddle, collapsed
+    or went non-finite (`result.status` and `result.message` say which and what to do)."""
 
 
 class Status(StrEnum):
-    """How a restart ended; compares equal to its name (``result.status == "converged"``)."""
+    """How a restart ended; compares equal to its name (`result.status == "converged"`)."""
 
     CONVERGED = "converged"
     MAX_ITER = "max_iter"
@@ -94,26 +95,28 @@ class ClosedFormWarning(UserWarning):
 
 @dataclass(frozen=True)
 class EMResult:
-    """The outcome of :meth:`EM.run`: the best restart, and every restart's trajectory.
+    """The outcome of [`EM.run`][bayes_em.api.EM.run]: the best restart, and every restart's
+    trajectory.
 
-    Fields (R restarts; T = ``max_iter`` + 1 iterations, iteration 0 the start):
+    Fields (R restarts; T = `max_iter` + 1 iterations, iteration 0 the start):
 
-    - ``params``: {site: JAX array of the site's shape}, θ̂ of the best restart at its
-      constrained values (ready for NumPyro's ``Predictive(model, params=result.params)``);
-    - ``objective``, ``log_likelihood``, ``log_prior``: floats, log p(X|θ̂) + log p(θ̂) and its
+    - `params`: {site: JAX array of the site's shape}, θ̂ of the best restart at its
+      constrained values (ready for NumPyro's `Predictive(model, params=result.params)`);
+    - `objective`, `log_likelihood`, `log_prior`: floats, log p(X|θ̂) + log p(θ̂) and its
       two terms (log p(θ̂) = 0 for maximum likelihood);
-    - ``n_iter`` (int), ``status`` (:class:`Status`, with ``message``), ``best_restart`` (int);
-    - ``restart_params``: {site: (R, ...) array}, every restart's final θ;
-    - ``restart_objective``, ``restart_n_iter``: (R,) arrays; ``restart_status``,
-      ``restart_messages``: R-tuples;
-    - ``history``: {"objective", "log_prior", "log_likelihood": (R, T) arrays, NaN after a
-      restart stopped; "params": {site: (R, T, ...)} with ``record_params=True``};
-    - ``n_decreases`` (iterations refused for lowering the objective), ``n_evals`` (EM maps: 3
-      per SQUAREM cycle), ``n_accepted`` (SQUAREM extrapolations kept), ``n_fallbacks``
+    - `n_iter` (int), `status` ([`Status`][bayes_em.result.Status], with `message`), `best_restart`
+      (int);
+    - `restart_params`: {site: (R, ...) array}, every restart's final θ;
+    - `restart_objective`, `restart_n_iter`: (R,) arrays; `restart_status`,
+      `restart_messages`: R-tuples;
+    - `history`: {"objective", "log_prior", "log_likelihood": (R, T) arrays, NaN after a
+      restart stopped; "params": {site: (R, T, ...)} with `record_params=True`};
+    - `n_decreases` (iterations refused for lowering the objective), `n_evals` (EM maps: 3
+      per SQUAREM cycle), `n_accepted` (SQUAREM extrapolations kept), `n_fallbacks`
       (closed-form M-steps the guard redid numerically): (R,) arrays;
-    - ``sites``: the roles of the model's sites; ``settings``: EM's settings as plain data;
-    - ``posterior``: {latent: array}, p(z | X, θ̂) with the latent's time dim (scan), its plates,
-      then its values; ``most_probable``: {latent: int array}, the jointly most probable
+    - `sites`: the roles of the model's sites; `settings`: EM's settings as plain data;
+    - `posterior`: {latent: array}, p(z | X, θ̂) with the latent's time dim (scan), its plates,
+      then its values; `most_probable`: {latent: int array}, the jointly most probable
       latents (both computed on first use).
 
     `latents`, `problem`, `data` and `model` are what the diagnostics and predictions need
@@ -163,11 +166,11 @@ class EMResult:
         return _locked(predict_mod.score_samples, self, *args, **kwargs)
 
     def score(self, *args, **kwargs) -> float:
-        """Total log-likelihood log p(X_new | θ̂) (scikit-learn's ``score`` is the mean)."""
+        """Total log-likelihood log p(X_new | θ̂) (scikit-learn's `score` is the mean)."""
         return _locked(predict_mod.score, self, *args, **kwargs)
 
     def sample(self, rng_key, *args, num_samples=1, **kwargs) -> dict:
-        """Draws of every sample site at θ̂ (``numpyro.infer.Predictive``; pass ``None`` for an
+        """Draws of every sample site at θ̂ (`numpyro.infer.Predictive`; pass `None` for an
         observation to draw it)."""
         return _locked(predict_mod.sample, self, rng_key, *args, num_samples=num_samples,
                        **kwargs)
@@ -230,16 +233,18 @@ class EMResult:
 
     # -- on disk (bayes_em.persist) ---------------------------------------------------------------
     def save(self, path, overwrite: bool = False):
-        """Write the fit to one ``.npz`` file, read back by :meth:`EMResult.load` (no Laplace
-        approximation: a fit at a saddle or a boundary saves too); an existing file raises
-        ``FileExistsError`` unless ``overwrite=True``. See :mod:`bayes_em.persist`."""
+        """Write the fit to one `.npz` file, read back by
+        [`EMResult.load`][bayes_em.result.EMResult.load] (no Laplace approximation: a fit at a
+        saddle or a boundary saves too); an existing file raises `FileExistsError` unless
+        `overwrite=True`. See [`bayes_em.persist`][bayes_em.persist]."""
         from bayes_em import persist
 
         return persist.save(self, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path) -> "EMResult":
-        """A result written by :meth:`save`: every number, no model (like an unpickled one)."""
+        """A result written by [`save`][bayes_em.result.EMResult.save]: every number, no model (like
+        an unpickled one)."""
         from bayes_em import persist
 
         return persist.load(path)
@@ -252,8 +257,8 @@ class EMResult:
 
     @property
     def mstep_paths(self) -> "MStepPaths":
-        """How each parameter site was updated: ``"closed-form <family>"`` or ``"numeric"``;
-        ``result.mstep_paths(explain=True)`` also says why a site was refused a closed form."""
+        """How each parameter site was updated: `"closed-form <family>"` or `"numeric"`;
+        `result.mstep_paths(explain=True)` also says why a site was refused a closed form."""
         problem = self.problem
         if problem is None and "mstep_paths" in self._cache:  # unpickled or loaded
             return MStepPaths(self._cache["mstep_paths"], {})
@@ -277,21 +282,24 @@ class EMResult:
 
     # -- diagnostics (thin wrappers over bayes_em.diagnostics) -----------------------------------
     def relabel(self, by: str | None = None) -> "EMResult":
-        """Every restart relabelled to the best restart's component labels, and with ``by`` (a
-        parameter site, e.g. ``"loc"``) the components ordered by that site's rows: see
-        :func:`bayes_em.relabel.align_restarts` (only where the model has that symmetry)."""
+        """Every restart relabelled to the best restart's component labels, and with `by` (a
+        parameter site, e.g. `"loc"`) the components ordered by that site's rows: see
+        [`bayes_em.relabel.align_restarts`][bayes_em.relabel.align_restarts] (only where the model
+        has that symmetry)."""
         from bayes_em.relabel import align_restarts
 
         return align_restarts(self, by)
 
     def to_inference_data(self, **kwargs):
-        """ArviZ ``InferenceData``: see :func:`bayes_em.diagnostics.to_inference_data`."""
+        """ArviZ `InferenceData`: see
+        [`bayes_em.diagnostics.to_inference_data`][bayes_em.inference_data.to_inference_data]."""
         from bayes_em import diagnostics
 
         return _locked(diagnostics.to_inference_data, self, **kwargs)
 
     def standard_errors(self, restart: int | None = None) -> dict:
-        """Delta-method standard errors: see :func:`bayes_em.diagnostics.standard_errors`."""
+        """Delta-method standard errors: see
+        [`bayes_em.diagnostics.standard_errors`][bayes_em.diagnostics.standard_errors]."""
         from bayes_em import diagnostics
 
         return _locked(diagnostics.standard_errors, self, restart)
@@ -303,19 +311,19 @@ class EMResult:
         _locked(diagnostics.print_summary, self, prob, **kwargs)
 
     def bic(self) -> float:
-        """−2 log p(X|θ̂) + k log n: see :func:`bayes_em.diagnostics.bic`."""
+        """−2 log p(X|θ̂) + k log n: see [`bayes_em.diagnostics.bic`][bayes_em.diagnostics.bic]."""
         from bayes_em import diagnostics
 
         return _locked(diagnostics.bic, self)
 
     def aic(self) -> float:
-        """−2 log p(X|θ̂) + 2k: see :func:`bayes_em.diagnostics.aic`."""
+        """−2 log p(X|θ̂) + 2k: see [`bayes_em.diagnostics.aic`][bayes_em.diagnostics.aic]."""
         from bayes_em import diagnostics
 
         return _locked(diagnostics.aic, self)
 
     def icl(self) -> float:
-        """BIC + 2 H[p(Z|X,θ̂)]: see :func:`bayes_em.diagnostics.icl`."""
+        """BIC + 2 H[p(Z|X,θ̂)]: see [`bayes_em.diagnostics.icl`][bayes_em.diagnostics.icl]."""
         from bayes_em import diagnostics
 
         return _locked(diagnostics.icl, self)

@@ -1,9 +1,9 @@
 """Site roles: trace the model once and sort its sites into parameters, latents and data.
 
-- ``numpyro.param``                                  → ML parameter (no prior)
-- continuous ``numpyro.sample`` without ``obs``      → MAP parameter (its prior enters the M-step)
-- discrete ``numpyro.sample`` without ``obs``        → latent, enumerated exactly
-- ``numpyro.sample`` with ``obs``                    → data
+- `numpyro.param`                                  → ML parameter (no prior)
+- continuous `numpyro.sample` without `obs`      → MAP parameter (its prior enters the M-step)
+- discrete `numpyro.sample` without `obs`        → latent, enumerated exactly
+- `numpyro.sample` with `obs`                    → data
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _placeholder(msg):
 def split_data(args, kwargs):
     """Array leaves of (args, kwargs) are data (jit arguments); everything else is static.
 
-    Returns ``(data, rebuild, key)``: ``rebuild(data) -> (args, kwargs)`` and a hashable key of
+    Returns `(data, rebuild, key)`: `rebuild(data) -> (args, kwargs)` and a hashable key of
     the static part (a fresh object when it is unhashable).
     """
     leaves, treedef = jax.tree.flatten((args, kwargs))
@@ -102,7 +102,7 @@ _TRACERS = weakref.WeakKeyDictionary()
 def _traced_values(model, data, rebuild, key, init_values, rng_key, fixed):
     """Trace the model once under jit; return (trace with static site info, numbers).
 
-    numbers[name] = (value, in_support) for parameters (``init_values`` or the declared init;
+    numbers[name] = (value, in_support) for parameters (`init_values` or the declared init;
     the prior mean or median for MAP sites) and (number of non-finite entries,) for observed
     float sites. One compilation instead of many eager operations.
     """
@@ -145,7 +145,7 @@ def _traced_values(model, data, rebuild, key, init_values, rng_key, fixed):
 
 
 def _numbers(tr, init_values, fixed, key):
-    """The numbers ``_traced_values`` returns, computed inside its compiled trace."""
+    """The numbers `_traced_values` returns, computed inside its compiled trace."""
     out = {}
     for name, site in tr.items():
         if site["type"] == "param" and name not in fixed:
@@ -182,7 +182,7 @@ SUPPORT = "@support:"
 
 
 def _concrete_support(name, constraint):
-    """A constraint with array arguments (``Uniform(low, high)``'s interval) is traced inside the
+    """A constraint with array arguments (`Uniform(low, high)`'s interval) is traced inside the
     compiled trace: returned as an output of it, so the site records concrete values (a tracer
     must never reach a public result). Parameter-free constraints stay the singletons they are."""
     return {SUPPORT + name: constraint} if jax.tree.leaves(constraint) else {}
@@ -239,9 +239,10 @@ def _check_value(name, constraint, value, ok):
 
 
 def discover_sites(model, args, kwargs, init_values=None, rng_key=None, fixed=()):
-    """Trace ``model`` once (seeded, no enumeration) and return its :class:`ModelSites`.
+    """Trace `model` once (seeded, no enumeration) and return its `ModelSites`.
 
-    Raises :class:`ModelError` on non-finite data, an unusable site or an invalid initial value.
+    Raises [`ModelError`][bayes_em.validation.ModelError] on non-finite data, an unusable site or an
+    invalid initial value.
     """
     init_values = {k: jnp.asarray(v) for k, v in dict(init_values or {}).items()}
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
@@ -282,8 +283,9 @@ def discover_sites(model, args, kwargs, init_values=None, rng_key=None, fixed=()
 
 
 def _role(name, site, numbers, fixed):
-    """A site's role: its :class:`ParamSite`, ``"latent"``, ``"observed"`` or None (held
-    fixed, or not a sample or param site); raises :class:`ModelError` on what EM cannot fit."""
+    """A site's role: its `ParamSite`, `"latent"`, `"observed"` or None (held
+    fixed, or not a sample or param site); raises [`ModelError`][bayes_em.validation.ModelError] on
+    what EM cannot fit."""
     if site["type"] == "param" and name in fixed:
         if name in numbers:
             value, ok = numbers[name]

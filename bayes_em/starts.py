@@ -12,7 +12,7 @@ saddle. The default start anchors each latent value on a data row instead:
   marginals of one joint distribution (the model's latent factors times the evidence, the
   likelihood switched off), so they are consistent for any structure: mixtures, nested plates,
   Markov chains. Latents without observed children in a plate get Gumbel noise.
-- **noise**: Gumbel noise of scale ``noise`` on every latent factor (the likelihood switched off).
+- **noise**: Gumbel noise of scale `noise` on every latent factor (the likelihood switched off).
 
 Either way the start is one M-step from the declared values under those weights.
 """
@@ -34,17 +34,17 @@ INITS = ("anchors", "noise")
 
 
 def _row(x, i):
-    """Row ``i`` (traced) of ``x``. Under a mesh (data sharded over devices, see
-    ``fit.mesh_context``) as a masked sum over rows: ``x[i]`` would gather all of ``x`` onto
+    """Row `i` (traced) of `x`. Under a mesh (data sharded over devices, see
+    `fit.mesh_context`) as a masked sum over rows: `x[i]` would gather all of `x` onto
     every device, the sum is local plus an all-reduce of one row (exact: every other term is
-    0). On one device, the plain index (the masked sum costs a pass over ``x``)."""
+    0). On one device, the plain index (the masked sum costs a pass over `x`)."""
     if jax.sharding.get_abstract_mesh().empty:
         return x[i]
     return jnp.sum(jnp.where((jnp.arange(x.shape[0]) == i)[:, None], x, 0), axis=0)
 
 
 def kmeans_plus_plus(x, k, rng_key):
-    """Greedy k-means++ seeding: ``k`` rows of ``x`` (R, F), each drawn with probability ∝ its
+    """Greedy k-means++ seeding: `k` rows of `x` (R, F), each drawn with probability ∝ its
     squared distance to the nearest one drawn before, the best of 2 + ⌊ln k⌋ candidates."""
     n_trials = 2 + int(math.log(k))
     keys = jax.random.split(rng_key, k)
@@ -70,7 +70,7 @@ def kmeans_plus_plus(x, k, rng_key):
 
 
 def _features(children, values, row_names):
-    """(R, F) features of the rows of ``row_names`` from the observed children's values, and the
+    """(R, F) features of the rows of `row_names` from the observed children's values, and the
     rows' sizes; None if a child does not carry every row dim."""
     blocks, sizes = [], None
     for child in children:
@@ -100,7 +100,7 @@ def _features(children, values, row_names):
 
 
 def _evidence(meta, metas, values, rng_key, dtype):
-    """The anchor evidence factor for latent factor ``meta``: ``(FactorMeta, array)`` or None."""
+    """The anchor evidence factor for latent factor `meta`: `(FactorMeta, array)` or None."""
     own = {n: d for d, n in meta.dim_to_name}
     if meta.name not in own:
         return None
@@ -140,7 +140,7 @@ def _evidence(meta, metas, values, rng_key, dtype):
 def start_weights(enum_model, params, args, kwargs, latents, rng_key, init="anchors",
                   noise=1.0, parallel_time=False):
     """Posterior weights for a random start (see the module docstring): the likelihood switched
-    off, anchor evidence (``init="anchors"``) or Gumbel noise on the latent factors."""
+    off, anchor evidence (`init="anchors"`) or Gumbel noise on the latent factors."""
     fs, values = log_factors(enum_model, params, args, kwargs, vectorized=True,
                              observed_values=True)
     metas = fs.metas

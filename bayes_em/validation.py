@@ -1,9 +1,9 @@
 """Input validation done by bayes_em itself, before a fit, naming the argument or site.
 
-NumPyro's own checks are ``assert`` statements (gone under ``python -O``) or broadcasting errors
+NumPyro's own checks are `assert` statements (gone under `python -O`) or broadcasting errors
 that name no site; JAX's tracer errors point into bayes_em's code. Everything here raises a
-:class:`ModelError` (a ``ValueError``) or ``TypeError`` that says what is wrong
-and where.
+[`ModelError`][bayes_em.validation.ModelError] (a `ValueError`) or `TypeError` that says what is
+wrong and where.
 """
 
 from __future__ import annotations

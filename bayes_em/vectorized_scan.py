@@ -1,16 +1,16 @@
-"""NumPyro ``scan`` bodies evaluated for all time steps at once, under enumeration.
+"""NumPyro `scan` bodies evaluated for all time steps at once, under enumeration.
 
-Under parallel enumeration the carry of an HMM's ``scan`` is not a value but the enumerated
+Under parallel enumeration the carry of an HMM's `scan` is not a value but the enumerated
 support of the previous state, the same tensor at every step. The T - 1 steps after the first
-are then independent given the inputs ``xs``, and NumPyro's sequential ``lax.scan`` can be
-replaced by one ``vmap`` of the body over ``xs``. Outputs that do not depend on the step (the
-transition distribution ``Categorical(trans[z_prev])`` of a homogeneous chain) keep a time dim
+are then independent given the inputs `xs`, and NumPyro's sequential `lax.scan` can be
+replaced by one `vmap` of the body over `xs`. Outputs that do not depend on the step (the
+transition distribution `Categorical(trans[z_prev])` of a homogeneous chain) keep a time dim
 of size 1 instead of T: the transition log-factor is (1, K, K), not (T, K, K), and its posterior
 weight is the two-slice marginal summed over time, which is what the M-step needs.
 
 The rewrite is exact when the body's new carry depends neither on the step's input, its index,
 nor the carry it receives (checked on the body's jaxpr); otherwise, and whenever a random key
-is threaded through the scan, NumPyro's ``lax.scan`` runs as usual.
+is threaded through the scan, NumPyro's `lax.scan` runs as usual.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ __all__ = ["TIME_NAME", "vectorize_scan"]
 TIME_NAME = "_bayes_em_time"
 
 def _depends(jaxpr, seeds):
-    """For every output of ``jaxpr``: does it depend on one of the input variables ``seeds``?
+    """For every output of `jaxpr`: does it depend on one of the input variables `seeds`?
     (An equation's outputs depend on all of its inputs: a conservative answer.)"""
     dep = set(seeds)
     for eqn in jaxpr.eqns:
@@ -40,13 +40,13 @@ def _depends(jaxpr, seeds):
 
 
 def _sequential(body, init, xs, length=None, reverse=False, unroll=1):
-    """``lax.scan`` with the stacked trace in the order the steps run.
+    """`lax.scan` with the stacked trace in the order the steps run.
 
-    With ``reverse=True`` ``lax.scan`` aligns its outputs with ``xs``, so the time-stacked
+    With `reverse=True` `lax.scan` aligns its outputs with `xs`, so the time-stacked
     factors of NumPyro's enumerated trace come last step first, and the contraction over time
     (which takes index t as step t) chains them backwards: a wrong log-likelihood (numpyro
     0.22). Flipped here, the chain is in step order; the body's own outputs stay aligned with
-    ``xs``.
+    `xs`.
     """
     carry, (trace, ys) = jax.lax.scan(body, init, xs, length, reverse, unroll)
     if reverse:
@@ -55,9 +55,9 @@ def _sequential(body, init, xs, length=None, reverse=False, unroll=1):
 
 
 def _scan_all_at_once(body, init, xs, length=None, reverse=False, unroll=1):
-    """``lax.scan(body, init, xs, length, reverse)`` for NumPyro's enumerated scan body, as one
-    ``vmap`` over the steps when the carry is the same at every step (see the module doc); the
-    stacked trace is in step order, as in :func:`_sequential`."""
+    """`lax.scan(body, init, xs, length, reverse)` for NumPyro's enumerated scan body, as one
+    `vmap` over the steps when the carry is the same at every step (see the module doc); the
+    stacked trace is in step order, as in `_sequential`."""
     i0, key, carry = init
     x_leaves = jax.tree.leaves(xs)
     if key is not None or not x_leaves or length is None or length < 1:
@@ -111,7 +111,7 @@ def _scan_all_at_once(body, init, xs, length=None, reverse=False, unroll=1):
 
 
 class _Lax:
-    """``jax.lax`` as NumPyro's scan module sees it while :class:`vectorize_scan` is active."""
+    """`jax.lax` as NumPyro's scan module sees it while `vectorize_scan` is active."""
 
     def __init__(self, scan):
         self.scan = scan
@@ -131,14 +131,14 @@ def _scan_by(scan):
 
 
 class PatchNotInEffect(RuntimeError):
-    """NumPyro's enumerated scan ran without calling the ``lax.scan`` bayes_em put in place."""
+    """NumPyro's enumerated scan ran without calling the `lax.scan` bayes_em put in place."""
 
 
 def _checked(wrapped, scan, args, kwargs):
-    """Run NumPyro's ``scan_wrapper`` with ``scan`` as its ``lax.scan``, and check that it was
-    used: NumPyro unrolls the first 2·history − 1 steps and calls ``lax.scan`` for the rest. If a
-    NumPyro version calls ``jax.lax.scan`` directly, the patch would do nothing, silently, and
-    both the speed-up and the ``reverse=True`` fix would vanish: raise instead."""
+    """Run NumPyro's `scan_wrapper` with `scan` as its `lax.scan`, and check that it was
+    used: NumPyro unrolls the first 2·history − 1 steps and calls `lax.scan` for the rest. If a
+    NumPyro version calls `jax.lax.scan` directly, the patch would do nothing, silently, and
+    both the speed-up and the `reverse=True` fix would vanish: raise instead."""
     calls = []
 
     def recorded(*a, **k):
@@ -163,9 +163,9 @@ def _checked(wrapped, scan, args, kwargs):
 
 
 class vectorize_scan(Messenger):
-    """Evaluate the enumerated ``scan`` bodies of a model all steps at once (module doc); with
-    ``vectorized=False`` step by step. Either way a ``reverse=True`` scan's trace is put in step
-    order (see :func:`_sequential`); NumPyro's use of the patch is checked at every scan."""
+    """Evaluate the enumerated `scan` bodies of a model all steps at once (module doc); with
+    `vectorized=False` step by step. Either way a `reverse=True` scan's trace is put in step
+    order (see `_sequential`); NumPyro's use of the patch is checked at every scan."""
 
     def __init__(self, fn=None, vectorized=True):
         self.vectorized = vectorized

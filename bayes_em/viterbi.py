@@ -6,12 +6,12 @@ value and its recomputation in the reverse pass round alike. Here the maximisati
 argmax (the first index on ties: a deterministic tie-break) in the forward pass, and the reverse
 pass sends the whole cotangent along the recorded choices:
 
-- :func:`max_first`: ``max(x, axis=-1)`` whose cotangent goes to the first maximiser only;
-- :func:`viterbi_scan`: a_T of the chain recursion
+- `max_first`: `max(x, axis=-1)` whose cotangent goes to the first maximiser only;
+- `viterbi_scan`: a_T of the chain recursion
 
       a_{t+1}(j) = max_i a_t(i) + C(i, j) + m_t(i, j)
 
-  (one ``lax.scan`` forward, keeping the back-pointers argmax_i), whose reverse pass backtracks
+  (one `lax.scan` forward, keeping the back-pointers argmax_i), whose reverse pass backtracks
   from the end state that receives the cotangent and gives every input the indicator of the one
   path: a one-hot per step for m_t, and for a part C constant over time the path's transition
   counts (summed one-hots, never a T×K×K array).
@@ -34,7 +34,7 @@ __all__ = ["max_first", "viterbi_scan"]
 
 @jax.custom_vjp
 def max_first(x):
-    """``max(x, axis=-1)``; its gradient is the one-hot of the first maximiser."""
+    """`max(x, axis=-1)`; its gradient is the one-hot of the first maximiser."""
     return jnp.max(x, axis=-1)
 
 
@@ -52,7 +52,7 @@ max_first.defvjp(_max_first_fwd, _max_first_bwd)
 
 
 def _forward(a0, const, m, length):
-    """a_T and the back-pointers ``(T, *batch, K)``. Each step's message is carried less its
+    """a_T and the back-pointers `(T, *batch, K)`. Each step's message is carried less its
     max (the shifts are summed pairwise at the end), as in the sum-product recursion."""
 
     def step(a, m_t):
@@ -71,8 +71,8 @@ def _forward(a0, const, m, length):
 def viterbi_scan(a0, const, m, length):
     """a_T(j) = max over paths ending in j of a_0(z_0) + Σ_t C(z_t, z_{t+1}) + m_t(z_t, z_{t+1}).
 
-    ``a0``: ``(*batch, K)``; ``const``: ``(*batch', K | 1, K | 1)`` (size-1 dims broadcast);
-    ``m``: ``(T, *batch', K | 1, K | 1)`` or None; ``length`` = T. The gradient with respect
+    `a0`: `(*batch, K)`; `const`: `(*batch', K | 1, K | 1)` (size-1 dims broadcast);
+    `m`: `(T, *batch', K | 1, K | 1)` or None; `length` = T. The gradient with respect
     to every input is the indicator of one optimal path (see the module doc), scaled by the
     cotangent's total over the end states of each batch element.
     """
@@ -85,7 +85,7 @@ def _viterbi_fwd(a0, const, m, length):
 
 
 def _fit(ct, shape):
-    """``ct`` summed over the dims where ``shape`` (right-aligned) broadcasts (size 1)."""
+    """`ct` summed over the dims where `shape` (right-aligned) broadcasts (size 1)."""
     lead = ct.ndim - len(shape)
     ct = jnp.sum(ct, axis=tuple(range(lead))) if lead else ct
     axes = tuple(i for i, (c, s) in enumerate(zip(ct.shape, shape)) if s == 1 and c != 1)
@@ -107,8 +107,8 @@ def _viterbi_bwd(length, res, g):
     ct_a0 = _fit(mass[..., None] * jax.nn.one_hot(start, k, dtype=dtype), a0.shape)
 
     def one_hots(shape):
-        """The path's one-hots along the prev and curr dims of an input of ``shape``
-        (``None`` where that dim broadcasts), the mass folded into the curr ones."""
+        """The path's one-hots along the prev and curr dims of an input of `shape`
+        (`None` where that dim broadcasts), the mass folded into the curr ones."""
         oh_prev = jax.nn.one_hot(prevs, k, dtype=dtype) if shape[-2] != 1 else None
         oh_curr = (jax.nn.one_hot(currs, k, dtype=dtype) if shape[-1] != 1
                    else jnp.ones(currs.shape + (1,), dtype)) * mass[..., None]
