@@ -44,8 +44,8 @@ from bayes_em.families import FAMILIES, _base_constraint, site_stats, unwrap
 from bayes_em.sites import split_data
 from bayes_em.vectorized_scan import vectorize_scan
 
-__all__ = ["ClosedForm", "detect_closed_forms", "closed_form_update", "plan_stats", "plan_value",
-           "plan_prior"]
+__all__ = ["ClosedForm", "detect_closed_forms", "closed_form_update", "plan_stats", "plan_index",
+           "plan_value", "plan_prior"]
 
 
 class ClosedForm(NamedTuple):
@@ -331,7 +331,7 @@ def plan_prior(plan, tr):
     return unwrap(tr[plan.param]["fn"])[0] if plan.prior else None
 
 
-def plan_stats(problem, plan, params, weights, args, kwargs, tr=None) -> dict:
+def plan_stats(problem, plan, params, weights, args, kwargs, tr=None, raw=False) -> dict:
     """The plan's sufficient statistics at θ = ``params`` under ``weights``, summed over its
     sites and scattered onto the parameter's rows: a sum over the data's rows (so over chunks
     of them, :mod:`bayes_em.chunked`)."""
@@ -353,9 +353,26 @@ def plan_stats(problem, plan, params, weights, args, kwargs, tr=None) -> dict:
         idx = _index_map(
             *(family.argument(unwrap(t[name]["fn"])[0]) for t in coded), event_ndim, n_rows
         )
-        st = site_stats(family, tr[name], idx, n_rows, event_shape, weights[name])
+        st = site_stats(family, tr[name], idx, n_rows, event_shape, weights[name], raw)
         stats = st if stats is None else {k: stats[k] + st[k] for k in st}
     return stats
+
+
+def plan_index(problem, plan, params, args, kwargs, site):
+    """The index map of ``plan``'s parameter at site ``site``: the row each argument entry
+    selects (``n_rows`` where none), decoded from two coded traces."""
+    family = FAMILIES[plan.family]
+    value = params[plan.param]
+    n_rows = int(np.prod(jnp.shape(value)[: jnp.ndim(value) - family.event_ndim]))
+    coded = [
+        _trace(problem.enum_model,
+               {**params, plan.param: jnp.asarray(_coded(value, family.event_ndim, plan.family,
+                                                         off))},
+               args, kwargs)[site]
+        for off in (0, n_rows)
+    ]
+    return _index_map(*(family.argument(unwrap(t["fn"])[0]) for t in coded),
+                      family.event_ndim, n_rows), n_rows
 
 
 def plan_value(plan, value, stats, prior_fn):

@@ -18,7 +18,7 @@ from bayes_em.constraints import clip_eigenvalues
 from bayes_em.factors import is_plate_weight
 from bayes_em.gaussian import exact_distances
 
-__all__ = ["Family", "FAMILIES", "site_stats", "unwrap"]
+__all__ = ["Family", "FAMILIES", "GaussianPair", "site_stats", "site_weight", "unwrap"]
 
 
 def unwrap(fn):
@@ -168,6 +168,22 @@ class Family:
         """The constrained maximiser under a floor c (scales: σ ≥ c; covariances: λ ≥ c)."""
         return new
 
+    # ``stats`` reads no θ: they are the family's expected complete-data sufficient statistics,
+    # additive over batches computed at different θ (online EM, ``bayes_em.online``). Gaussian
+    # locations and scales read the current θ; their raw form is :class:`GaussianPair`.
+    raw = True
+
+    def raw_stats(self, base, x, w, batch, event_shape, scatter) -> dict:
+        """Parameter-free sufficient statistics (weighted sums of functions of x alone, put on
+        the parameter's rows), additive over batches; only where ``raw`` is True."""
+        if not self.raw:
+            raise ValueError(f"{self.name}: its statistics read θ; use GaussianPair")
+        return self.stats(base, x, w, batch, event_shape, scatter)
+
+    def raw_mode(self, st, prior, hyper, value):
+        """The ML / conjugate MAP mode from (running) raw statistics."""
+        return self.mode(st, prior, hyper, value)
+
 
 class Counts(Family):
     """Categorical / Multinomial probabilities: p_j ∝ Σ w c_j (+ α_j − 1 under a Dirichlet)."""
@@ -231,6 +247,7 @@ class NormalLoc(Family):
     """Normal location: m + (Σ w P (x − m) + P₀ (μ₀ − m)) / (Σ w P + P₀), stepped from the
     current m (float32: distances entry by entry, see ``gaussian.exact_distances``)."""
 
+    raw = False
     arg, event_ndim, constraint, priors = "loc", 0, constraints.real, (dist.Normal,)
 
     def stats(self, base, x, w, batch, event_shape, scatter):
@@ -253,6 +270,7 @@ class NormalScale(Family):
     """Normal scale: σ = √(Σ w (x − μ)² / Σ w); under InverseGamma(a, b) on σ the mode of
     n(−log σ) − ss/2σ² − (a+1) log σ − b/σ."""
 
+    raw = False
     arg, event_ndim, constraint = "scale", 0, constraints.positive
     priors, floored = (dist.InverseGamma,), True
 
@@ -289,6 +307,7 @@ class MvnLoc(Family):
     """Multivariate normal location μ_j = m_j + (Σ_e w_e P_e)⁻¹ Σ_e w_e P_e (x_e − m_j):
     entries selecting one row may differ in covariance."""
 
+    raw = False
     arg, event_ndim, constraint = "loc", 1, constraints.real_vector
     accepts = (constraints.real, constraints.real_vector)
 
@@ -313,6 +332,7 @@ class MvnCovariance(Family):
     """Multivariate normal covariance Σ = S / n (the weighted scatter about the locations), or
     its Cholesky factor; inverse-Wishart mode (Ψ + S) / (ν + n + D + 1)."""
 
+    raw = False
     event_ndim, matrix = 2, True
 
     def __init__(self, name, types, arg, constraint, priors, floored, reads=()):
@@ -357,6 +377,80 @@ class MvnCovariance(Family):
         return clip_eigenvalues(new, c)
 
 
+class GaussianPair:
+    """The exponential-family statistics of a Normal (``multivariate=False``) or
+    MultivariateNormal site whose location rows i and scale / covariance rows j are selected
+    (by any index maps, the same one or not): per pair (i, j)
+
+        s0 = Σ w,   s1 = Σ w (x − c_i),   s2 = Σ w (x − c_i)²   (x xᵀ for a MultivariateNormal),
+
+    about a fixed reference c_i per location row (the location where the statistics started:
+    no cancellation of moments about a far-away origin). They read no θ, so they add over
+    batches computed at different θ (online EM). At the current θ they give the statistics of
+    :class:`NormalLoc` / :class:`MvnLoc` (a, b) and :class:`NormalScale` /
+    :class:`MvnCovariance` (n, ss) exactly as the batch M-step computes them, hence the same
+    modes. A location not fitted (``n_loc=0``) is one pseudo row (x − loc its data, c = 0); a
+    Normal scale not fitted (``n_spread=0``) is one pseudo row with each entry's precision
+    folded into its weight."""
+
+    def __init__(self, multivariate: bool):
+        self.multivariate = multivariate
+
+    def raw_stats(self, base, x, w, idx_loc, n_loc, ref, idx_spread, n_spread) -> dict:
+        """``{"s0", "s1", "s2"}`` of shape (rows_loc, rows_spread) + event (pseudo rows: 1)."""
+        mv = self.multivariate
+        joint = (_mvn_joint(base) if mv
+                 else jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale)))
+        nl, ns = max(n_loc, 1), max(n_spread, 1)
+        if n_loc:
+            il = jnp.broadcast_to(idx_loc, joint)
+            d = x - ref[jnp.clip(il, 0, n_loc - 1)]
+        else:
+            il, d = jnp.zeros(joint, jnp.int32), x - base.loc
+        if n_spread:
+            js = jnp.broadcast_to(idx_spread, joint)
+        elif mv:
+            raise ValueError("a MultivariateNormal location needs its covariance fitted too")
+        else:
+            js, w = jnp.zeros(joint, jnp.int32), w / jnp.square(base.scale)
+        pair = jnp.where((il < nl) & (js < ns), il * ns + js, nl * ns)
+        if mv:
+            D = jnp.shape(x)[-1]
+            sums = {"s0": (_weighted_sum(w, jnp.ones(d.shape[:-1], w.dtype), joint), ()),
+                    "s1": (_weighted_sum(w, d, joint, 1), (D,)),
+                    "s2": (_weighted_outer(w, d, joint), (D, D))}
+        else:
+            sums = {"s0": (_weighted_sum(w, jnp.ones_like(d, w.dtype), joint), ()),
+                    "s1": (_weighted_sum(w, d, joint), ()),
+                    "s2": (_weighted_sum(w, jnp.square(d), joint), ())}
+        return {k: _scatter(v, pair, nl * ns, ev).reshape((nl, ns) + ev)
+                for k, (v, ev) in sums.items()}
+
+    def loc_stats(self, st, ref, loc, prec) -> dict:
+        """NormalLoc / MvnLoc's ``{"a", "b"}`` at locations ``loc`` (rows) and the spread rows'
+        precisions ``prec`` (a pseudo row: 1)."""
+        s0, s1, dl = st["s0"], st["s1"], loc - ref
+        if self.multivariate:
+            r = s1 - s0[..., None] * dl[:, None, :]
+            return {"a": jnp.einsum("ij,jab->iab", s0, prec),
+                    "b": jnp.einsum("jab,ijb->ia", prec, r)}
+        return {"a": s0 @ prec, "b": (s1 - s0 * dl[:, None]) @ prec}
+
+    def spread_stats(self, st, ref, loc) -> dict:
+        """NormalScale / MvnCovariance's ``{"n", "ss"}`` about locations ``loc`` (rows; a
+        pseudo row: ``loc = ref = 0``)."""
+        s0, s1, s2, dl = st["s0"], st["s1"], st["s2"], loc - ref
+        if self.multivariate:
+            cross = s1[..., :, None] * dl[:, None, None, :]
+            outer = dl[:, :, None] * dl[:, None, :]
+            ss = jnp.sum(s2 - cross - jnp.swapaxes(cross, -1, -2)
+                         + s0[..., None, None] * outer[:, None], axis=0)
+            return {"ss": 0.5 * (ss + jnp.swapaxes(ss, -1, -2)), "n": jnp.sum(s0, axis=0)}
+        d = dl[:, None]
+        ss = jnp.sum(s2 - 2.0 * d * s1 + jnp.square(d) * s0, axis=0)
+        return {"n": jnp.sum(s0, axis=0), "ss": jnp.maximum(ss, 0.0)}
+
+
 # every family, in the order of updates inside one M-step (conditional maximisation: locations
 # before scales)
 FAMILIES = {f.name: f for f in (
@@ -377,21 +471,29 @@ FAMILIES = {f.name: f for f in (
 )}
 
 
-def site_stats(family: Family, site, idx, n_rows, event_shape, weight) -> dict:
-    """Sufficient statistics of one site under ``family``, scattered onto the parameter's
-    ``n_rows`` rows along the index map ``idx`` (summed over sites by the caller)."""
+def site_weight(site, weight):
+    """``(base, w)``: the site's base distribution and the weight of each of its entries (the
+    E-step weight, a ``scale`` handler's factor, the ``to_event`` dims appended, the mask)."""
     base, mask, reinterpreted = unwrap(site["fn"])
-    arg = family.argument(base)
-    arg_batch = jnp.shape(arg)[: jnp.ndim(arg) - family.event_ndim]
     w = weight
     if site["scale"] is not None and not is_plate_weight(site["scale"]):
         w = w * site["scale"]  # plate weights are in the posterior weights already
     w = w.reshape(jnp.shape(w) + (1,) * reinterpreted)  # to_event dims appended
     if mask is not None:
         w = w * mask
+    return base, w
+
+
+def site_stats(family: Family, site, idx, n_rows, event_shape, weight, raw=False) -> dict:
+    """Sufficient statistics of one site under ``family``, scattered onto the parameter's
+    ``n_rows`` rows along the index map ``idx`` (summed over sites by the caller)."""
+    base, w = site_weight(site, weight)
+    arg = family.argument(base)
+    arg_batch = jnp.shape(arg)[: jnp.ndim(arg) - family.event_ndim]
 
     def scatter(stat, n_event=0):
         ev = tuple(stat.shape[stat.ndim - n_event:])
         return _scatter(_reduce_to(stat, arg_batch + ev), idx, n_rows, ev)
 
-    return family.stats(base, site["value"], w, arg_batch, event_shape, scatter)
+    stats = family.raw_stats if raw else family.stats
+    return stats(base, site["value"], w, arg_batch, event_shape, scatter)
