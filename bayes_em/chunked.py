@@ -1,4 +1,4 @@
-"""Chunked exact EM: the data plate processed C rows at a time (``EM(model, chunk_size=C)``).
+"""Chunked exact EM: the data plate processed C rows at a time (`EM(model, chunk_size=C)`).
 
 When every latent lies in the data plate, the rows are independent given θ and
 
@@ -7,7 +7,7 @@ When every latent lies in the data plate, the rows are independent given θ and
     Q(θ; θ_t) = Σ_chunks Q_chunk(θ; θ_t) + log p(θ)   (numeric M-step),
 
 where w_t are the E-step weights at θ_t of the chunk's rows. Nothing N-sized is stored: each
-pass over the chunks (a ``fori_loop``, sums carried) recomputes the chunk's E-step weights at
+pass over the chunks (a `fori_loop`, sums carried) recomputes the chunk's E-step weights at
 θ_t. The priors of MAP sites (outside the plate) are counted once, from a trace of the whole
 data of which XLA keeps only those factors.
 
@@ -26,7 +26,7 @@ updated earlier in the current stage, so the statistics of a stage can all be co
 
 A full-covariance Gaussian mixture takes 2 passes per iteration (weights and locations with the
 objective; covariances at the new locations). The last chunk is the last C rows, its rows
-already in the previous chunk masked out (``numpyro.handlers.mask`` semantics: latents pinned,
+already in the previous chunk masked out (`numpyro.handlers.mask` semantics: latents pinned,
 observations count 0), so every chunk has the same shape and one compiled body.
 
 Refused: hard EM (max-product tie-breaks and its rounding grid depend on the whole data),
@@ -67,7 +67,7 @@ class Chunks(NamedTuple):
 
 
 class _Skip(Messenger):
-    """Masks rows ``n < lo`` of plate ``plate`` at every sample site inside it (the rows of
+    """Masks rows `n < lo` of plate `plate` at every sample site inside it (the rows of
     the last chunk that the previous chunk already counted)."""
 
     def __init__(self, fn, plate, lo):
@@ -85,7 +85,7 @@ class _Skip(Messenger):
 
 
 def check_chunk_size(chunk_size):
-    """``chunk_size`` is None or a positive integer."""
+    """`chunk_size` is None or a positive integer."""
     if chunk_size is None:
         return None
     integral = isinstance(chunk_size, (int, np.integer)) or (
@@ -100,7 +100,7 @@ def _map_sites(problem):
 
 
 def _slice(problem: EMProblem, data: tuple, i):
-    """The problem (rows of earlier chunks masked) and data of chunk ``i`` (traced)."""
+    """The problem (rows of earlier chunks masked) and data of chunk `i` (traced)."""
     spec = problem.chunks
     start = jnp.minimum(i * spec.size, spec.n_rows - spec.size)
     lo = i * spec.size - start
@@ -119,8 +119,8 @@ def head(problem: EMProblem, data: tuple) -> tuple:
 
 
 def configure(problem: EMProblem, params: dict, data: tuple, chunk_size) -> EMProblem:
-    """``problem`` chunked along its data plate in chunks of ``chunk_size`` rows (unchanged if
-    ``chunk_size`` is None or at least the plate's size); refuses what chunking cannot do
+    """`problem` chunked along its data plate in chunks of `chunk_size` rows (unchanged if
+    `chunk_size` is None or at least the plate's size); refuses what chunking cannot do
     exactly, naming the sites."""
     from bayes_em.predict import _data_plate, _plate_size
 
@@ -182,7 +182,7 @@ def stages(plans: tuple) -> tuple:
 
 
 def with_stages(problem: EMProblem) -> EMProblem:
-    """Record the first stage of ``problem.closed`` (its statistics ride on the E-pass)."""
+    """Record the first stage of `problem.closed` (its statistics ride on the E-pass)."""
     if problem.chunks is None:
         return problem
     first = stages(problem.closed)[0] if problem.closed else ()
@@ -225,8 +225,8 @@ def _log_prior(problem, params, data):
 
 
 def e_pass(problem: EMProblem, params: dict, data: tuple) -> tuple:
-    """``(log Z, log p(θ), stats)`` at θ = ``params``: one pass over the chunks; ``stats`` are
-    the first stage's closed-form statistics at θ (the state's ``weights``)."""
+    """`(log Z, log p(θ), stats)` at θ = `params`: one pass over the chunks; `stats` are
+    the first stage's closed-form statistics at θ (the state's `weights`)."""
     first = problem.chunks.first_stage
 
     def one(i):
@@ -251,7 +251,7 @@ def _apply(problem, plans, params, stats, data):
 
 
 def closed_form_step(problem: EMProblem, params: dict, data: tuple, carried=None) -> dict:
-    """The closed-form updates from θ_t = ``params``, stage by stage (``carried``: the first
+    """The closed-form updates from θ_t = `params`, stage by stage (`carried`: the first
     stage's statistics at θ_t, else a pass computes them)."""
     theta_t = params
     for k, stage in enumerate(stages(problem.closed)):
@@ -315,9 +315,10 @@ def m_step(problem: EMProblem, params: dict, carried: dict, data: tuple) -> dict
 
 
 def symmetric_latents(problem: EMProblem, params: dict, data: tuple, rtol: float = 1e-6):
-    """:func:`bayes_em.estep.symmetric_latents` summed over the chunks (one pass): whether two
-    values of a latent have the same posterior wherever it has mass, compared by two random
-    projections (drawn per chunk) of each value's weights; repeated rows masked out."""
+    """[`bayes_em.estep.symmetric_latents`][bayes_em.estep.symmetric_latents] summed over the chunks
+    (one pass): whether two values of a latent have the same posterior wherever it has mass,
+    compared by two random projections (drawn per chunk) of each value's weights; repeated rows
+    masked out."""
     latents, plate = set(problem.sites.latents), problem.chunks.plate
 
     def one(i):

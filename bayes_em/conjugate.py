@@ -1,23 +1,23 @@
 """Closed-form M-steps from expected sufficient statistics.
 
 A parameter θ qualifies when its only use in the model is one distribution argument of one
-observed or latent site, and that argument is a *selection* of θ (``loc[z]``, ``trans[z_prev]``,
-``probs``, broadcasts): every entry of the argument is one entry (or one row / matrix) of θ. Then
+observed or latent site, and that argument is a *selection* of θ (`loc[z]`, `trans[z_prev]`,
+`probs`, broadcasts): every entry of the argument is one entry (or one row / matrix) of θ. Then
 
     Q(θ) = Σ_e w_e log p(x_e | θ[idx_e])
       ⇒  θ_j = argmax Σ_{e: idx_e = j} w_e log p(x_e | θ_j) + log p(θ_j)
 
 is the weighted ML / conjugate-MAP update of the family, from sufficient statistics reduced over
-the broadcast dims and scattered onto θ along the index map ``idx``. The index map is found by
+the broadcast dims and scattered onto θ along the index map `idx`. The index map is found by
 evaluating the argument at *coded* parameter values (row j set to j + 1), so it follows latent
 and data indices without pattern-matching the model's source.
 
 Supported (argument ← parameter constraint, prior for MAP):
-    Categorical / Multinomial ``probs`` ← simplex rows, Dirichlet
-    Bernoulli / Binomial ``probs`` ← unit interval, Beta
-    Poisson ``rate`` / Exponential ``rate`` ← positive, Gamma
-    Normal ``loc`` ← real, Normal;  Normal ``scale`` ← positive, InverseGamma (on the scale)
-    MultivariateNormal ``loc`` ← real vectors;  ``covariance_matrix`` / ``scale_tril`` ← matrices
+    Categorical / Multinomial `probs` ← simplex rows, Dirichlet
+    Bernoulli / Binomial `probs` ← unit interval, Beta
+    Poisson `rate` / Exponential `rate` ← positive, Gamma
+    Normal `loc` ← real, Normal;  Normal `scale` ← positive, InverseGamma (on the scale)
+    MultivariateNormal `loc` ← real vectors;  `covariance_matrix` / `scale_tril` ← matrices
 Everything else keeps the numeric M-step.
 """
 
@@ -66,7 +66,7 @@ def _trace(enum_model, params, args, kwargs):
 
 
 def _coded(value, event_ndim, family, offset=0):
-    """θ with row j (trailing ``event_ndim`` dims) set to j + 1 + offset; SPD-coded (that
+    """θ with row j (trailing `event_ndim` dims) set to j + 1 + offset; SPD-coded (that
     multiple of the identity) for covariances."""
     shape = jnp.shape(value)
     batch = shape[: len(shape) - event_ndim]
@@ -80,7 +80,7 @@ def _coded(value, event_ndim, family, offset=0):
 
 def _index_map(arg_coded, arg_shifted, event_ndim, n_rows):
     """Row index of θ selected by each argument entry, decoded from two coded evaluations (codes
-    j + 1 and j + 1 + n_rows); entries that do not depend on θ (``where(z, p, q)``) get n_rows."""
+    j + 1 and j + 1 + n_rows); entries that do not depend on θ (`where(z, p, q)`) get n_rows."""
     first = arg_coded[(...,) + (0,) * event_ndim] if event_ndim else arg_coded
     second = arg_shifted[(...,) + (0,) * event_ndim] if event_ndim else arg_shifted
     idx = jnp.round(first).astype(jnp.int32) - 1
@@ -107,9 +107,9 @@ def _constraint_fits(family, constraint):
 
 
 def _site_candidates(p, value, site_name, base, used, args_now, args_at, params, coded_args, deps):
-    """Families under which ``site_name``'s argument is a pure selection of parameter ``p``,
-    the reason for each family refused (for ``mstep_paths(explain=True)``), and whether the
-    site never selects an entry of ``p`` (it then does not use ``p`` at any value)."""
+    """Families under which `site_name`'s argument is a pure selection of parameter `p`,
+    the reason for each family refused (for `mstep_paths(explain=True)`), and whether the
+    site never selects an entry of `p` (it then does not use `p` at any value)."""
     candidates, reasons = [], []
     for family, fam in FAMILIES.items():
         attr, event_ndim = fam.arg, fam.event_ndim
@@ -159,7 +159,7 @@ def _site_candidates(p, value, site_name, base, used, args_now, args_at, params,
 
 
 def _selects_rows(fam, value, arg, arg_coded, arg_shifted, n_rows):
-    """Is the argument ``arg`` θ's rows gathered along the index map that the coded
+    """Is the argument `arg` θ's rows gathered along the index map that the coded
     evaluations decode to (every code a valid row)? None if no entry selects a row of θ."""
     event_ndim = fam.event_ndim
     first = arg_coded[(...,) + (0,) * event_ndim] if event_ndim else arg_coded
@@ -185,7 +185,7 @@ def _selects_rows(fam, value, arg, arg_coded, arg_shifted, n_rows):
 
 
 def _host(x):
-    """A host copy of ``x``, gathered from every process if it is sharded over several."""
+    """A host copy of `x`, gathered from every process if it is sharded over several."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
 
@@ -196,7 +196,8 @@ def _host(x):
 class _Program(NamedTuple):
     """What detection reads off the model's program: the parameters' values, each sample
     site's distribution, which parameters reach which distribution leaves and family arguments
-    (:mod:`bayes_em.dependence`), and the family arguments at any θ (one compiled program)."""
+    ([`bayes_em.dependence`][bayes_em.dependence]), and the family arguments at any θ (one compiled
+    program)."""
 
     params: dict
     param_names: set
@@ -245,13 +246,13 @@ def _read_program(problem, params, args, kwargs) -> _Program:
 
 
 def detect_closed_forms(problem, params, args, kwargs):
-    """Which parameters take a closed-form update: ``(plans, refused)``, a tuple of
-    :class:`ClosedForm` and a tuple of ``(site, reason)`` for the parameters left to the
-    numeric M-step.
+    """Which parameters take a closed-form update: `(plans, refused)`, a tuple of
+    [`ClosedForm`][bayes_em.conjugate.ClosedForm] and a tuple of `(site, reason)` for the parameters
+    left to the numeric M-step.
 
     Where a parameter enters the model, and whether it enters as a selection, is read from the
-    program (:mod:`bayes_em.dependence`), so the answer holds at every θ, not only at
-    ``params``; the index map is decoded from coded evaluations.
+    program ([`bayes_em.dependence`][bayes_em.dependence]), so the answer holds at every θ, not only
+    at `params`; the index map is decoded from coded evaluations.
     """
     program = _read_program(problem, params, args, kwargs)
     plans, refused = [], []
@@ -262,7 +263,8 @@ def detect_closed_forms(problem, params, args, kwargs):
 
 
 def _plan(p, i, program):
-    """The :class:`ClosedForm` of parameter ``p`` (the i-th), or ``(name, why not)``."""
+    """The [`ClosedForm`][bayes_em.conjugate.ClosedForm] of parameter `p` (the i-th), or
+    `(name, why not)`."""
     users = {(s, leaf) for s, ls in program.leaf_deps.items() for leaf, d in ls.items()
              if d.depends >> i & 1}
     user_sites = sorted({s for s, _ in users})
@@ -295,8 +297,8 @@ def _plan(p, i, program):
 
 
 def _families(p, users, user_sites, program):
-    """``(families, reasons, selecting)``: the family each site selecting ``p`` needs (None if
-    it has none), why others were refused, and the sites that select an entry of ``p``."""
+    """`(families, reasons, selecting)`: the family each site selecting `p` needs (None if
+    it has none), why others were refused, and the sites that select an entry of `p`."""
     families, coded_args, reasons, selecting = set(), {}, [], []
     for site_name in user_sites:
         candidates, why, unused = _site_candidates(
@@ -327,14 +329,14 @@ def closed_form_update(problem, plans, params, weights, args, kwargs):
 
 
 def plan_prior(plan, tr):
-    """The prior distribution of a MAP plan's parameter in trace ``tr`` (None under ML)."""
+    """The prior distribution of a MAP plan's parameter in trace `tr` (None under ML)."""
     return unwrap(tr[plan.param]["fn"])[0] if plan.prior else None
 
 
 def plan_stats(problem, plan, params, weights, args, kwargs, tr=None, raw=False) -> dict:
-    """The plan's sufficient statistics at θ = ``params`` under ``weights``, summed over its
+    """The plan's sufficient statistics at θ = `params` under `weights`, summed over its
     sites and scattered onto the parameter's rows: a sum over the data's rows (so over chunks
-    of them, :mod:`bayes_em.chunked`)."""
+    of them, [`bayes_em.chunked`][bayes_em.chunked])."""
     if tr is None:
         tr = _trace(problem.enum_model, params, args, kwargs)
     family = FAMILIES[plan.family]
@@ -359,8 +361,8 @@ def plan_stats(problem, plan, params, weights, args, kwargs, tr=None, raw=False)
 
 
 def plan_index(problem, plan, params, args, kwargs, site):
-    """The index map of ``plan``'s parameter at site ``site``: the row each argument entry
-    selects (``n_rows`` where none), decoded from two coded traces."""
+    """The index map of `plan`'s parameter at site `site`: the row each argument entry
+    selects (`n_rows` where none), decoded from two coded traces."""
     family = FAMILIES[plan.family]
     value = params[plan.param]
     n_rows = int(np.prod(jnp.shape(value)[: jnp.ndim(value) - family.event_ndim]))
@@ -377,7 +379,7 @@ def plan_index(problem, plan, params, args, kwargs, site):
 
 def plan_value(plan, value, stats, prior_fn):
     """The plan's parameter maximising Q from its statistics (the ML / conjugate MAP mode, a
-    floor applied), each row without statistics keeping ``value``."""
+    floor applied), each row without statistics keeping `value`."""
     family = FAMILIES[plan.family]
     event_ndim = family.event_ndim
     n_rows = int(np.prod(jnp.shape(value)[: jnp.ndim(value) - event_ndim]))

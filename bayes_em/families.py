@@ -1,7 +1,8 @@
 """The conjugate families of the closed-form M-step, one object each: which distribution
 argument it updates, its sufficient statistics (weighted, reduced over broadcast dims and
 scattered onto the parameter's rows), its conjugate priors and its ML / MAP mode. Adding a family
-is one class and one entry of :data:`FAMILIES`. Detection lives in :mod:`bayes_em.conjugate`.
+is one class and one entry of `FAMILIES`. Detection lives in
+[`bayes_em.conjugate`][bayes_em.conjugate].
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ __all__ = ["Family", "FAMILIES", "GaussianPair", "site_stats", "site_weight", "u
 
 
 def unwrap(fn):
-    """Base distribution, mask and number of event dims reinterpreted by ``to_event``.
+    """Base distribution, mask and number of event dims reinterpreted by `to_event`.
 
-    The mask is aligned with the base distribution's batch shape: a mask above a ``to_event``
+    The mask is aligned with the base distribution's batch shape: a mask above a `to_event`
     gets trailing 1s for the reinterpreted dims; one below it (missing coordinates of a
     diagonal Gaussian) already covers them.
     """
@@ -49,7 +50,7 @@ def unwrap(fn):
 
 
 def _base_constraint(c):
-    """The constraint of one entry: ``independent(positive, 1)`` (a ``.to_event`` prior) →
+    """The constraint of one entry: `independent(positive, 1)` (a `.to_event` prior) →
     positive."""
     while isinstance(c, constraints.independent):
         c = c.base_constraint
@@ -57,7 +58,7 @@ def _base_constraint(c):
 
 
 def _reduce_to(x, shape):
-    """Sum ``x`` over the leading dims and the dims where ``shape`` is 1."""
+    """Sum `x` over the leading dims and the dims where `shape` is 1."""
     lead = x.ndim - len(shape)
     x = jnp.sum(x, axis=tuple(range(lead))) if lead > 0 else x
     axes = tuple(i for i, (a, b) in enumerate(zip(shape, x.shape)) if a == 1 and b != 1)
@@ -65,8 +66,8 @@ def _reduce_to(x, shape):
 
 
 def _weighted_sum(w, t, out_batch, n_event=0):
-    """Σ of w·t over the broadcast batch entries that ``out_batch`` does not keep, as one einsum
-    (a matrix product: no entries × event intermediate). ``t`` has ``n_event`` trailing dims."""
+    """Σ of w·t over the broadcast batch entries that `out_batch` does not keep, as one einsum
+    (a matrix product: no entries × event intermediate). `t` has `n_event` trailing dims."""
     event = t.shape[t.ndim - n_event:]
     t_batch = t.shape[: t.ndim - n_event]
     nd = max(w.ndim, len(t_batch), len(out_batch))
@@ -108,7 +109,7 @@ def _dirichlet_mode(counts, alpha):
 
 
 def _weighted_outer(w, d, out_batch):
-    """Σ of w · d dᵀ over the broadcast batch entries that ``out_batch`` does not keep (one
+    """Σ of w · d dᵀ over the broadcast batch entries that `out_batch` does not keep (one
     batched matrix product; the distances d are formed before the product, so no moments
     about a far-away centre cancel)."""
     D = d.shape[-1]
@@ -129,8 +130,8 @@ def _weighted_outer(w, d, out_batch):
 
 
 class Family:
-    """A conjugate family: the argument ``arg`` of distributions ``types`` that a parameter
-    (constraint ``constraint``, ``event_ndim`` dims per row) may fill, the priors with a closed
+    """A conjugate family: the argument `arg` of distributions `types` that a parameter
+    (constraint `constraint`, `event_ndim` dims per row) may fill, the priors with a closed
     form mode, its statistics and its mode."""
 
     name: str
@@ -151,17 +152,17 @@ class Family:
         return f"{type(self).__name__}({self.name!r})"
 
     def argument(self, base):
-        """The argument of distribution ``base`` this family updates (None if not given)."""
+        """The argument of distribution `base` this family updates (None if not given)."""
         return getattr(base, self.arg)
 
     def stats(self, base, x, w, batch, event_shape, scatter) -> dict:
-        """Statistics of values ``x`` under weights ``w`` (argument batch shape ``batch``),
-        each put on the parameter's rows by ``scatter(stat, n_event)``."""
+        """Statistics of values `x` under weights `w` (argument batch shape `batch`),
+        each put on the parameter's rows by `scatter(stat, n_event)`."""
         raise NotImplementedError
 
     def mode(self, st, prior, hyper, value):
-        """The ML mode (``prior`` None) or conjugate MAP mode from the summed statistics, per
-        row; ``hyper(name)`` is the prior's argument per row."""
+        """The ML mode (`prior` None) or conjugate MAP mode from the summed statistics, per
+        row; `hyper(name)` is the prior's argument per row."""
         raise NotImplementedError
 
     def floor(self, new, c):
@@ -175,7 +176,7 @@ class Family:
 
     def raw_stats(self, base, x, w, batch, event_shape, scatter) -> dict:
         """Parameter-free sufficient statistics (weighted sums of functions of x alone, put on
-        the parameter's rows), additive over batches; only where ``raw`` is True."""
+        the parameter's rows), additive over batches; only where `raw` is True."""
         if not self.raw:
             raise ValueError(f"{self.name}: its statistics read θ; use GaussianPair")
         return self.stats(base, x, w, batch, event_shape, scatter)
@@ -245,7 +246,7 @@ def _rows(st, value, event_ndim):
 
 class NormalLoc(Family):
     """Normal location: m + (Σ w P (x − m) + P₀ (μ₀ − m)) / (Σ w P + P₀), stepped from the
-    current m (float32: distances entry by entry, see ``gaussian.exact_distances``)."""
+    current m (float32: distances entry by entry, see `gaussian.exact_distances`)."""
 
     raw = False
     arg, event_ndim, constraint, priors = "loc", 0, constraints.real, (dist.Normal,)
@@ -378,7 +379,7 @@ class MvnCovariance(Family):
 
 
 class GaussianPair:
-    """The exponential-family statistics of a Normal (``multivariate=False``) or
+    """The exponential-family statistics of a Normal (`multivariate=False`) or
     MultivariateNormal site whose location rows i and scale / covariance rows j are selected
     (by any index maps, the same one or not): per pair (i, j)
 
@@ -387,17 +388,18 @@ class GaussianPair:
     about a fixed reference c_i per location row (the location where the statistics started:
     no cancellation of moments about a far-away origin). They read no θ, so they add over
     batches computed at different θ (online EM). At the current θ they give the statistics of
-    :class:`NormalLoc` / :class:`MvnLoc` (a, b) and :class:`NormalScale` /
-    :class:`MvnCovariance` (n, ss) exactly as the batch M-step computes them, hence the same
-    modes. A location not fitted (``n_loc=0``) is one pseudo row (x − loc its data, c = 0); a
-    Normal scale not fitted (``n_spread=0``) is one pseudo row with each entry's precision
-    folded into its weight."""
+    [`NormalLoc`][bayes_em.families.NormalLoc] / [`MvnLoc`][bayes_em.families.MvnLoc] (a, b) and
+    [`NormalScale`][bayes_em.families.NormalScale] /
+    [`MvnCovariance`][bayes_em.families.MvnCovariance] (n, ss) exactly as the batch M-step computes
+    them, hence the same modes. A location not fitted (`n_loc=0`) is one pseudo row (x − loc its
+    data, c = 0); a Normal scale not fitted (`n_spread=0`) is one pseudo row with each entry's
+    precision folded into its weight."""
 
     def __init__(self, multivariate: bool):
         self.multivariate = multivariate
 
     def raw_stats(self, base, x, w, idx_loc, n_loc, ref, idx_spread, n_spread) -> dict:
-        """``{"s0", "s1", "s2"}`` of shape (rows_loc, rows_spread) + event (pseudo rows: 1)."""
+        """`{"s0", "s1", "s2"}` of shape (rows_loc, rows_spread) + event (pseudo rows: 1)."""
         mv = self.multivariate
         joint = (_mvn_joint(base) if mv
                  else jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale)))
@@ -427,8 +429,8 @@ class GaussianPair:
                 for k, (v, ev) in sums.items()}
 
     def loc_stats(self, st, ref, loc, prec) -> dict:
-        """NormalLoc / MvnLoc's ``{"a", "b"}`` at locations ``loc`` (rows) and the spread rows'
-        precisions ``prec`` (a pseudo row: 1)."""
+        """NormalLoc / MvnLoc's `{"a", "b"}` at locations `loc` (rows) and the spread rows'
+        precisions `prec` (a pseudo row: 1)."""
         s0, s1, dl = st["s0"], st["s1"], loc - ref
         if self.multivariate:
             r = s1 - s0[..., None] * dl[:, None, :]
@@ -437,8 +439,8 @@ class GaussianPair:
         return {"a": s0 @ prec, "b": (s1 - s0 * dl[:, None]) @ prec}
 
     def spread_stats(self, st, ref, loc) -> dict:
-        """NormalScale / MvnCovariance's ``{"n", "ss"}`` about locations ``loc`` (rows; a
-        pseudo row: ``loc = ref = 0``)."""
+        """NormalScale / MvnCovariance's `{"n", "ss"}` about locations `loc` (rows; a
+        pseudo row: `loc = ref = 0`)."""
         s0, s1, s2, dl = st["s0"], st["s1"], st["s2"], loc - ref
         if self.multivariate:
             cross = s1[..., :, None] * dl[:, None, None, :]
@@ -472,8 +474,8 @@ FAMILIES = {f.name: f for f in (
 
 
 def site_weight(site, weight):
-    """``(base, w)``: the site's base distribution and the weight of each of its entries (the
-    E-step weight, a ``scale`` handler's factor, the ``to_event`` dims appended, the mask)."""
+    """`(base, w)`: the site's base distribution and the weight of each of its entries (the
+    E-step weight, a `scale` handler's factor, the `to_event` dims appended, the mask)."""
     base, mask, reinterpreted = unwrap(site["fn"])
     w = weight
     if site["scale"] is not None and not is_plate_weight(site["scale"]):
@@ -485,8 +487,8 @@ def site_weight(site, weight):
 
 
 def site_stats(family: Family, site, idx, n_rows, event_shape, weight, raw=False) -> dict:
-    """Sufficient statistics of one site under ``family``, scattered onto the parameter's
-    ``n_rows`` rows along the index map ``idx`` (summed over sites by the caller)."""
+    """Sufficient statistics of one site under `family`, scattered onto the parameter's
+    `n_rows` rows along the index map `idx` (summed over sites by the caller)."""
     base, w = site_weight(site, weight)
     arg = family.argument(base)
     arg_batch = jnp.shape(arg)[: jnp.ndim(arg) - family.event_ndim]

@@ -7,21 +7,22 @@ Each update takes a batch of rows at the current θ_t:
     s_{t+1} = (1 − ρ_t) s_t + ρ_t ŝ_t                       (running statistics)
     θ_{t+1} = argmax_θ ⟨s_{t+1}, η(θ)⟩ − A(θ) + log p(θ)    (the M-step of the statistics)
 
-with N the full data's rows (``n_total``) and n the batch's. The statistics are the families'
-*parameter-free* expected complete-data sufficient statistics (``Family.raw_stats``: counts,
-Σ w x, Σ w n, ...; for Gaussian locations and scales :class:`bayes_em.families.GaussianPair`:
-Σ w, Σ w x, Σ w x xᵀ per pair of rows, about fixed reference locations), so statistics computed
-at different θ can be averaged. The M-step maps them to the batch M-step's own statistics at
-the current θ and takes the same closed-form modes, in the same order (ECM: a covariance at the
-new location), so with ρ ≡ 1 and the whole data as the batch the iterates are batch EM's.
+with N the full data's rows (`n_total`) and n the batch's. The statistics are the families'
+*parameter-free* expected complete-data sufficient statistics (`Family.raw_stats`: counts,
+Σ w x, Σ w n, ...; for Gaussian locations and scales
+[`bayes_em.families.GaussianPair`][bayes_em.families.GaussianPair]: Σ w, Σ w x, Σ w x xᵀ per pair of
+rows, about fixed reference locations), so statistics computed at different θ can be averaged. The
+M-step maps them to the batch M-step's own statistics at the current θ and takes the same
+closed-form modes, in the same order (ECM: a covariance at the new location), so with ρ ≡ 1 and the
+whole data as the batch the iterates are batch EM's.
 
-Step sizes ρ_t = (t + 2)^(−κ), κ ∈ (0.5, 1] (``kappa``, 0.6 by default; t = 0 for the first
-update), a callable ``t -> ρ_t``, or a constant. The running statistics start as the statistics
-of the ``init`` batch at θ_0. The priors of MAP sites are read once, from the ``init`` batch.
+Step sizes ρ_t = (t + 2)^(−κ), κ ∈ (0.5, 1] (`kappa`, 0.6 by default; t = 0 for the first
+update), a callable `t -> ρ_t`, or a constant. The running statistics start as the statistics
+of the `init` batch at θ_0. The priors of MAP sites are read once, from the `init` batch.
 
-Supported: every fitted site takes a closed-form M-step (``result.mstep_paths``), every latent
-lies in the data plate (the rows are independent given θ, as for ``chunk_size``); a
-MultivariateNormal location needs its covariance fitted too. Otherwise ``init`` raises, naming
+Supported: every fitted site takes a closed-form M-step (`result.mstep_paths`), every latent
+lies in the data plate (the rows are independent given θ, as for `chunk_size`); a
+MultivariateNormal location needs its covariance fitted too. Otherwise `init` raises, naming
 the sites.
 """
 
@@ -53,7 +54,7 @@ _SPREADS = ("normal_scale", "mvn_cov", "mvn_tril")
 
 
 class OnlineState(NamedTuple):
-    """Where online EM stands after ``t`` updates."""
+    """Where online EM stands after `t` updates."""
 
     params: dict  # θ_t (constrained values)
     stats: dict  # running statistics s_t (scaled to n_total rows): plan -> {name: array}
@@ -87,8 +88,8 @@ class _Setup(NamedTuple):
 
 
 def step_sizes(step_size=None, kappa: float = 0.6) -> Callable:
-    """``t -> ρ_t``: (t + 2)^(−κ) for ``step_size=None``, ``step_size`` itself if callable, else
-    the constant ``step_size`` in (0, 1] (1: batch EM on each batch)."""
+    """`t -> ρ_t`: (t + 2)^(−κ) for `step_size=None`, `step_size` itself if callable, else
+    the constant `step_size` in (0, 1] (1: batch EM on each batch)."""
     if step_size is None:
         if not isinstance(kappa, (int, float)) or not 0.5 < kappa <= 1:
             raise ValueError(f"kappa must be in (0.5, 1] (Robbins-Monro), got {kappa!r}.")
@@ -109,7 +110,7 @@ def _rows(value, event_ndim):
 
 
 def _setup(problem, params, data, static) -> _Setup:
-    """Check that ``problem`` fits online and lay out its statistics."""
+    """Check that `problem` fits online and lay out its statistics."""
     from bayes_em.predict import _data_plate, _plate_size
 
     if problem.refused:
@@ -155,7 +156,7 @@ def _setup(problem, params, data, static) -> _Setup:
 
 
 def _batch(setup: _Setup, params, reference, data):
-    """``(statistics, log p(batch | θ), rows)``: the batch's E-step at θ = ``params``."""
+    """`(statistics, log p(batch | θ), rows)`: the batch's E-step at θ = `params`."""
     from bayes_em.predict import _plate_size
 
     problem = setup.problem
@@ -184,7 +185,7 @@ def _batch(setup: _Setup, params, reference, data):
 
 
 def _precision(g: _Group, params):
-    """The precision of each scale / covariance row of group ``g`` (a pseudo row: 1)."""
+    """The precision of each scale / covariance row of group `g` (a pseudo row: 1)."""
     if g.spread is None:
         return jnp.ones((1,), jnp.result_type(params[g.loc.param]))
     value = params[g.spread.param]
@@ -249,24 +250,25 @@ def _score(setup: _Setup, params, data):
 class OnlineEM:
     """Online (stepwise) EM over batches of the data plate's rows.
 
-    :param model: a NumPyro model whose fitted sites all take closed-form M-steps and whose
-        latents lie in the data plate (the rows of every data array are the batch unit).
-    :param step_size: None for ρ_t = (t + 2)^(−kappa), a callable ``t -> ρ_t`` (traced by
-        JAX), or a constant in (0, 1]; ``step_size=1`` with the whole data as the batch is
-        batch EM, iterate by iterate.
-    :param kappa: the decay exponent of the default schedule, in (0.5, 1].
-    :param n_total: rows of the full data (the batch statistics are scaled to it: it weighs
-        the data against the priors of MAP sites); None: the ``init`` batch's rows.
-    :param init_values: initial values of fitted sites (as for :class:`bayes_em.EM`).
+    Args:
+        model: a NumPyro model whose fitted sites all take closed-form M-steps and whose
+            latents lie in the data plate (the rows of every data array are the batch unit).
+        step_size: None for ρ_t = (t + 2)^(−kappa), a callable `t -> ρ_t` (traced by
+            JAX), or a constant in (0, 1]; `step_size=1` with the whole data as the batch is
+            batch EM, iterate by iterate.
+        kappa: the decay exponent of the default schedule, in (0.5, 1].
+        n_total: rows of the full data (the batch statistics are scaled to it: it weighs
+            the data against the priors of MAP sites); None: the `init` batch's rows.
+        init_values: initial values of fitted sites (as for [`bayes_em.EM`][bayes_em.api.EM]).
 
-    ``state = online.init(key, x_first_batch, K)``, then ``state = online.update(state,
-    x_batch, K)`` per batch (compiled once per batch shape), ``online.params(state)``; or
-    ``online.run(key, batches, K=K)`` over any iterable of batches.
+    `state = online.init(key, x_first_batch, K)`, then `state = online.update(state,
+    x_batch, K)` per batch (compiled once per batch shape), `online.params(state)`; or
+    `online.run(key, batches, K=K)` over any iterable of batches.
     """
 
-    def __init__(self, model: Callable, step_size=None, kappa: float = 0.6,
-                 n_total: int | None = None, init_values: dict | None = None,
-                 memory_limit: float = 2 * 2**30):
+    def __init__(self, model: Callable, step_size: float | Callable | None = None,
+                 kappa: float = 0.6, n_total: int | None = None,
+                 init_values: dict | None = None, memory_limit: float = 2 * 2**30):
         self.model = model
         self.rho = step_sizes(step_size, kappa)
         self.batch_em = step_size is not None and not callable(step_size) and step_size == 1
@@ -276,7 +278,7 @@ class OnlineEM:
         self._setup = None
 
     def init(self, rng_key, *args, **kwargs) -> OnlineState:
-        """θ_0 and the running statistics from the batch in ``args`` / ``kwargs`` (the model's
+        """θ_0 and the running statistics from the batch in `args` / `kwargs` (the model's
         arguments): its closed-form plans, priors and layout hold for every later batch."""
         return self._init(rng_key, args, kwargs, self.n_total)
 
@@ -313,7 +315,7 @@ class OnlineEM:
 
     def update(self, state: OnlineState, *args, **kwargs) -> OnlineState:
         """One step: the E-step on this batch at θ_t, the running statistics moved towards its
-        statistics (rescaled to ``n_total`` rows) by ρ_t, the M-step."""
+        statistics (rescaled to `n_total` rows) by ρ_t, the M-step."""
         data = self._data(args, kwargs)
         with _ENGINE_LOCK:
             return self._update_fn(state, data)
@@ -323,7 +325,7 @@ class OnlineEM:
         return dict(state.params)
 
     def log_likelihood(self, state: OnlineState, *args, **kwargs) -> float:
-        """log p(x | θ_t) per row of the data plate on the data in ``args`` / ``kwargs``
+        """log p(x | θ_t) per row of the data plate on the data in `args` / `kwargs`
         (held-out data, say), latents summed out."""
         data = self._data(args, kwargs)
         with _ENGINE_LOCK:
@@ -331,10 +333,10 @@ class OnlineEM:
 
     def run(self, rng_key, batches, n_total: int | None = None, progress_bar: bool = True,
             **kwargs) -> OnlineState:
-        """Online EM over ``batches`` (any iterable: a generator, slices of a memory-mapped
-        array): ``init`` on the first, then ``update`` on every batch, the first included. A
+        """Online EM over `batches` (any iterable: a generator, slices of a memory-mapped
+        array): `init` on the first, then `update` on every batch, the first included. A
         batch is a tuple of the model's positional arguments or a single array (its first);
-        ``kwargs`` go to every call (``K=3``)."""
+        `kwargs` go to every call (`K=3`)."""
         from tqdm.auto import tqdm
 
         total = len(batches) if hasattr(batches, "__len__") else None

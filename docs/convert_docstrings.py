@@ -53,8 +53,7 @@ if not (ROOT / "bayes_em").is_dir():  # run from elsewhere: the repository is th
     ROOT = pathlib.Path.cwd()
 WIDTH = 100
 # modules whose docstrings are still Sphinx-style (edited elsewhere while the rest was converted)
-PENDING = ("bayes_em", "bayes_em.families", "bayes_em.chunked", "bayes_em.conjugate",
-           "bayes_em.online")
+PENDING = ()
 
 ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj):`(~?)([^`]+)`")
 BORDER = re.compile(r"^ *=+( +=+)+ *$")
