@@ -57,6 +57,7 @@ def test_full_covariance_gmm_matches_unchunked():
         ["weights", "loc"], ["cov"]]
 
 
+@pytest.mark.slow  # kept out of the default run (CI time); pytest -m slow runs it
 def test_map_gmm_matches_unchunked():
     x = _blobs(seed=1)
     a, b = _same(models.gmm, (x, 3), dict(prior=True), restarts=1)
@@ -101,6 +102,7 @@ def padded_hmm_map(ys, mask, K, V):
     scan(step, z0, (ys[:, 1:].T, mask[:, 1:].T))
 
 
+@pytest.mark.slow  # kept out of the default run (CI time); pytest -m slow runs it
 def test_padded_hmm_sequences_match_unchunked():
     rng = np.random.default_rng(2)
     n, t_max, K, V = 11, 9, 2, 3

@@ -166,7 +166,7 @@ def mixtures(draw):
     return log_w, with_zeros(log_lik, zeros), weights
 
 
-@settings(max_examples=8, **SETTINGS)
+@settings(max_examples=5, **SETTINGS)
 @given(mixtures())
 def test_generated_mixtures_match_brute_force(case):
     log_w, log_lik, weights = case
@@ -195,7 +195,7 @@ def chains(draw):
                 rng.normal(scale=2.0, size=(T, K)), draw(st.booleans()))
 
 
-@settings(max_examples=8, **SETTINGS)
+@settings(max_examples=5, **SETTINGS)
 @given(chains())
 def test_generated_chains_match_brute_force(case):
     log_init, log_trans, log_emit, parallel_time = case

@@ -28,7 +28,12 @@ def test_code_block_runs(path, index, code):
     exec(compile(code, f"{path.name}#{index}", "exec"), {"__name__": "__docs__"})
 
 
-@pytest.mark.parametrize("script", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
+SLOW_EXAMPLES = {"diagnostics.py"}  # ~35 s: figures and a saved fit; pytest -m slow runs it
+
+
+@pytest.mark.parametrize("script", [
+    pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_EXAMPLES else p
+    for p in sorted((ROOT / "examples").glob("*.py"))], ids=lambda p: getattr(p, "name", p))
 def test_example_runs(script, tmp_path):
     """Run from a scratch folder: an example that writes files (diagnostics.py: ./figures)
     leaves them there."""
@@ -41,6 +46,7 @@ def test_example_runs(script, tmp_path):
     assert out.stdout.strip()
 
 
+@pytest.mark.slow  # kept out of the default run (CI time); pytest -m slow runs it
 def test_figures_script_runs(tmp_path):
     """docs/figures/make_figures.py still draws the figures of the docs (into a temp dir), each
     committed under docs/figures/ and small (< 150 kB)."""

@@ -102,10 +102,12 @@ CASES = {
     "poisson_categorical": (poisson_categorical, lambda: (*_counts_and_labels(), 2, 4), {}),
     "hmm_sequences": (padded_hmm_map, lambda: (*_hmm_data(), 2, 3), {}),
 }
+SLOW_CASES = {"hmm_sequences"}  # ~11 s; pytest -m slow runs it
 
 
 @pytest.mark.parametrize("model,make_args,kwargs", [
-    *CASES.values()], ids=list(CASES))
+    pytest.param(*case, marks=pytest.mark.slow) if name in SLOW_CASES else case
+    for name, case in CASES.items()], ids=list(CASES))
 def test_step_size_one_on_the_whole_data_is_batch_em(model, make_args, kwargs):
     args = make_args()
     online = OnlineEM(model, step_size=1)

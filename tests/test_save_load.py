@@ -340,6 +340,7 @@ def test_posterior_predictive_one_chain_per_restart(gmm_fit):
                                  num_predictive=0)
 
 
+@pytest.mark.slow  # kept out of the default run (CI time); pytest -m slow runs it
 def test_posterior_predictive_of_an_hmm_matches_its_observed_data():
     """A scan HMM: observed data and draws both hold the whole sequence (time first)."""
     import arviz as az

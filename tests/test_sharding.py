@@ -139,7 +139,9 @@ def _result(proc, timeout=600):
     return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("case", ["gmm", "numeric", "hmm"])
+@pytest.mark.parametrize("case", [  # numeric and hmm (~18 s each) in the slow run (CI time)
+    "gmm", pytest.param("numeric", marks=pytest.mark.slow),
+    pytest.param("hmm", marks=pytest.mark.slow)])
 def test_rows_sharded_over_four_devices_give_the_single_device_fit(case):
     """Rows (sequences for the HMM) sharded over 4 devices: EM.run unchanged, parameters and
     every iteration's objective equal the single-device fit's, the posterior stays a global

@@ -221,6 +221,7 @@ def mixture_emission_hmm(ys, K, V):
     scan(step, z0, ys)
 
 
+@pytest.mark.slow  # kept out of the default run (CI time); pytest -m slow runs it
 def test_step_local_latent_keeps_the_tie_break_pass():
     K, V = 2, 2
     ys = np.array([0, 0, 1, 1])
@@ -341,6 +342,7 @@ def padded_hmm(ys, mask, K, V):
     scan(step, z0, (ys[:, 1:].T, mask[:, 1:].T))
 
 
+@pytest.mark.slow  # kept out of the default run (CI time); pytest -m slow runs it
 def test_padded_sequences_each_get_an_optimal_path():
     """A plate of sequences (the chain's batch dim) with masked padding and tied optima: each
     sequence's decoded path is one of its own brute-force optima, and hard EM's log Z is the sum
