@@ -41,11 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from numpyro.primitives import Messenger
 
 from bayes_em.conjugate import _trace, plan_prior, plan_stats, plan_value
 from bayes_em.estep import posterior_weights
 from bayes_em.lbfgs import maximize
+from bayes_em.predict import RowMask
 from bayes_em.problem import EMProblem, constrain, factors, log_prior, unconstrain
 
 __all__ = ["Chunks", "configure", "head", "stages", "e_pass", "m_step", "closed_form_step",
@@ -66,22 +66,6 @@ class Chunks(NamedTuple):
         return -(-self.n_rows // self.size)
 
 
-class _Skip(Messenger):
-    """Masks rows `n < lo` of plate `plate` at every sample site inside it (the rows of
-    the last chunk that the previous chunk already counted)."""
-
-    def __init__(self, fn, plate, lo):
-        self.plate, self.lo = plate, lo
-        super().__init__(fn)
-
-    def process_message(self, msg):
-        if msg["type"] != "sample":
-            return
-        frame = next((f for f in msg["cond_indep_stack"] if f.name == self.plate), None)
-        if frame is None:
-            return
-        keep = jnp.arange(frame.size) >= self.lo
-        msg["fn"] = msg["fn"].mask(keep.reshape((frame.size,) + (1,) * (-frame.dim - 1)))
 
 
 def check_chunk_size(chunk_size):
@@ -106,7 +90,7 @@ def _slice(problem: EMProblem, data: tuple, i):
     lo = i * spec.size - start
     leaves = tuple(lax.dynamic_slice_in_dim(jnp.asarray(x), start, spec.size, 0)
                    if j in spec.rows else x for j, x in enumerate(data))
-    return problem._replace(enum_model=_Skip(problem.enum_model, spec.plate, lo),
+    return problem._replace(enum_model=RowMask(problem.enum_model, spec.plate, lo=lo),
                             chunks=None), leaves, lo
 
 

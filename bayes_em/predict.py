@@ -33,11 +33,13 @@ def bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
 
 
-class _RowMask(Messenger):
-    """Masks rows `n ≥ n_rows` of plate `plate` at every sample site inside it."""
+class RowMask(Messenger):
+    """Masks the rows of plate `plate` outside `[lo, hi)` at every sample site inside it
+    (`hi=None`: no upper bound): a batch's padded rows (`predict`), a chunk's rows that the
+    previous chunk already counted (`bayes_em.chunked`)."""
 
-    def __init__(self, fn, plate, n_rows):
-        self.plate, self.n_rows = plate, n_rows
+    def __init__(self, fn, plate, lo=0, hi=None):
+        self.plate, self.lo, self.hi = plate, lo, hi
         super().__init__(fn)
 
     def process_message(self, msg):
@@ -46,9 +48,9 @@ class _RowMask(Messenger):
         frame = next((f for f in msg["cond_indep_stack"] if f.name == self.plate), None)
         if frame is None:
             return
-        keep = jnp.arange(frame.size) < self.n_rows
-        keep = keep.reshape((frame.size,) + (1,) * (-frame.dim - 1))
-        msg["fn"] = msg["fn"].mask(keep)
+        rows = jnp.arange(frame.size)
+        keep = rows >= self.lo if self.hi is None else (rows >= self.lo) & (rows < self.hi)
+        msg["fn"] = msg["fn"].mask(keep.reshape((frame.size,) + (1,) * (-frame.dim - 1)))
 
 
 def _params(result):
@@ -94,7 +96,7 @@ def _prepared(result, args, kwargs):
             jnp.concatenate([jnp.asarray(leaf),
                              jnp.repeat(jnp.asarray(leaf)[-1:], size - n, axis=0)])
             if i in rows and size > n else leaf for i, leaf in enumerate(data))
-        masked = problem._replace(enum_model=_RowMask(problem.enum_model, plate, n))
+        masked = problem._replace(enum_model=RowMask(problem.enum_model, plate, hi=n))
         if size > n and _plate_size(_metas(masked, params, padded), plate) == size:
             problem, data = masked, padded
         else:  # the plate does not follow the leading dim of the data: no padding
@@ -109,7 +111,7 @@ def _prepared(result, args, kwargs):
         def at(n_rows):  # the problem with rows ≥ n_rows masked (n_rows traced)
             if not padded_rows:
                 return base
-            return base._replace(enum_model=_RowMask(base.enum_model, plate, n_rows))
+            return base._replace(enum_model=RowMask(base.enum_model, plate, hi=n_rows))
 
         def pointwise(params, data, n_rows):
             return pointwise_log_likelihood(core.factors(at(n_rows), params, data), plate, drop)
