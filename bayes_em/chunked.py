@@ -11,8 +11,13 @@ pass over the chunks (a `fori_loop`, sums carried) recomputes the chunk's E-step
 θ_t. The priors of MAP sites (outside the plate) are counted once, from a trace of the whole
 data of which XLA keeps only those factors.
 
-The closed-form plans are applied in order, each conditional on the ones before (ECM). They
-are grouped into *stages*: a plan opens a new stage when one of its sites reads a parameter
+Where every closed-form plan has additive statistics (`bayes_em.additive`: counts, rates,
+Gaussian locations with their scales or covariances) an iteration is one pass: the E-pass at θ_t
+sums the chunks' raw statistics with the objective, and the M-step maps their sum to θ_{t+1}
+(locations, then the covariances at the new locations, as the unchunked M-step does).
+
+Otherwise the closed-form plans are applied in order, each conditional on the ones before (ECM).
+They are grouped into *stages*: a plan opens a new stage when one of its sites reads a parameter
 updated earlier in the current stage, so the statistics of a stage can all be computed at one
 θ. Per iteration (M-step, then the objective at θ_{t+1}):
 
@@ -24,10 +29,12 @@ updated earlier in the current stage, so the statistics of a stage can all be co
   chunk's weights recomputed at θ_t: memory O(C), at the price of an E-step per evaluation);
 - one E-pass at θ_{t+1}: its objective and the next stage 1's statistics.
 
-A full-covariance Gaussian mixture takes 2 passes per iteration (weights and locations with the
-objective; covariances at the new locations). The last chunk is the last C rows, its rows
-already in the previous chunk masked out (`numpyro.handlers.mask` semantics: latents pinned,
-observations count 0), so every chunk has the same shape and one compiled body.
+(With stages, a full-covariance Gaussian mixture would take 2 passes per iteration: weights and
+locations with the objective, covariances at the new locations; with additive statistics, 1.)
+
+The last chunk is the last C rows, its rows already in the previous chunk masked out
+(`numpyro.handlers.mask` semantics: latents pinned, observations count 0), so every chunk has
+the same shape and one compiled body.
 
 Refused: hard EM (max-product tie-breaks and its rounding grid depend on the whole data),
 SQUAREM, sites outside the data plate other than MAP priors, parameters inside it.
@@ -35,13 +42,14 @@ SQUAREM, sites outside the data plate other than MAP priors, parameters inside i
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from bayes_em import additive
 from bayes_em.conjugate import _trace, plan_prior, plan_stats, plan_value
 from bayes_em.estep import posterior_weights
 from bayes_em.lbfgs import maximize
@@ -60,6 +68,7 @@ class Chunks(NamedTuple):
     size: int  # C, rows per chunk
     rows: tuple  # indices of the data leaves whose leading axis is the plate
     first_stage: tuple = ()  # closed-form plans whose statistics the E-pass carries
+    layout: Any = None  # additive.Layout: every closed-form plan from one pass (None: stages)
 
     @property
     def n_chunks(self) -> int:
@@ -166,11 +175,16 @@ def stages(plans: tuple) -> tuple:
 
 
 def with_stages(problem: EMProblem) -> EMProblem:
-    """Record the first stage of `problem.closed` (its statistics ride on the E-pass)."""
-    if problem.chunks is None:
+    """Record how the closed forms get their statistics: all from the E-pass (additive
+    statistics), else the first stage of `problem.closed` from it and a pass per later stage."""
+    if problem.chunks is None or not problem.closed:
         return problem
-    first = stages(problem.closed)[0] if problem.closed else ()
-    return problem._replace(chunks=problem.chunks._replace(first_stage=first))
+    try:
+        return problem._replace(chunks=problem.chunks._replace(
+            layout=additive.layout(problem.closed)))
+    except ValueError:
+        first = stages(problem.closed)[0]
+        return problem._replace(chunks=problem.chunks._replace(first_stage=first))
 
 
 def _sum_over_chunks(problem, fn):
@@ -208,35 +222,74 @@ def _log_prior(problem, params, data):
     return log_prior(problem, factors(_whole(problem), params, data, vectorized=True))
 
 
+def _references(problem, params, data):
+    """The Gaussian statistics' references at θ (`additive.references`, from chunk 0)."""
+    sliced, leaves, _ = _slice(problem, data, 0)
+    args, kwargs = sliced.rebuild(leaves)
+    return additive.references(problem.chunks.layout, params,
+                               _trace(sliced.enum_model, params, args, kwargs))
+
+
+def _additive_stats(problem, params, data, i, reference):
+    """Chunk i's log Z and raw statistics at θ = `params`."""
+    sliced, leaves, _, log_z, weights, _ = _chunk_e_step(problem, params, data, i)
+    args, kwargs = sliced.rebuild(leaves)
+    tr = _trace(sliced.enum_model, params, args, kwargs)
+    return log_z, additive.stats(sliced, problem.chunks.layout, params, weights, reference,
+                                 args, kwargs, tr)
+
+
 def e_pass(problem: EMProblem, params: dict, data: tuple) -> tuple:
     """`(log Z, log p(θ), stats)` at θ = `params`: one pass over the chunks; `stats` are
-    the first stage's closed-form statistics at θ (the state's `weights`)."""
+    the closed-form statistics at θ (the state's `weights`): every plan's additive ones, or
+    the first stage's."""
     first = problem.chunks.first_stage
-
-    def one(i):
-        sliced, leaves, _, log_z, weights, _ = _chunk_e_step(problem, params, data, i)
-        return log_z, _stats(sliced, first, params, weights, leaves)
+    if problem.chunks.layout is not None:
+        reference = _references(problem, params, data)
+        one = lambda i: _additive_stats(problem, params, data, i, reference)  # noqa: E731
+    else:
+        def one(i):
+            sliced, leaves, _, log_z, weights, _ = _chunk_e_step(problem, params, data, i)
+            return log_z, _stats(sliced, first, params, weights, leaves)
 
     log_z, stats = _sum_over_chunks(problem, one)
     lp = _log_prior(problem, params, data)
     return log_z + lp.astype(log_z.dtype), lp.astype(log_z.dtype), stats
 
 
+def _priors(problem, plans, params, data):
+    """Plan param -> its prior, from the whole data's trace (XLA keeps only the priors)."""
+    if not any(plan.prior for plan in plans):
+        return {}
+    args, kwargs = problem.rebuild(data)
+    tr = _trace(problem.enum_model, params, args, kwargs)
+    return {plan.param: plan_prior(plan, tr) for plan in plans if plan.prior}
+
+
 def _apply(problem, plans, params, stats, data):
-    """The plans' new values from their summed statistics (priors from the whole trace)."""
-    params = dict(params)
+    """The plans' new values from their summed statistics."""
+    params, priors = dict(params), _priors(problem, plans, params, data)
     for plan in plans:
-        prior = None
-        if plan.prior:
-            args, kwargs = problem.rebuild(data)
-            prior = plan_prior(plan, _trace(problem.enum_model, params, args, kwargs))
-        params[plan.param] = plan_value(plan, params[plan.param], stats[plan.param], prior)
+        params[plan.param] = plan_value(plan, params[plan.param], stats[plan.param],
+                                        priors.get(plan.param))
     return params
+
+
+def _additive_step(problem, params, data, carried):
+    """Every closed form from the additive statistics at θ_t (`carried`, else one pass)."""
+    reference = _references(problem, params, data)
+    if carried is None:
+        carried = _sum_over_chunks(
+            problem, lambda i: _additive_stats(problem, params, data, i, reference))[1]
+    priors = _priors(problem, problem.closed, params, data)
+    return additive.m_step(problem.chunks.layout, params, carried, reference, priors)
 
 
 def closed_form_step(problem: EMProblem, params: dict, data: tuple, carried=None) -> dict:
     """The closed-form updates from θ_t = `params`, stage by stage (`carried`: the first
     stage's statistics at θ_t, else a pass computes them)."""
+    if problem.chunks.layout is not None:
+        return _additive_step(problem, params, data, carried)
     theta_t = params
     for k, stage in enumerate(stages(problem.closed)):
         if k == 0 and carried is not None and stage == problem.chunks.first_stage:

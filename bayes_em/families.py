@@ -386,9 +386,11 @@ class GaussianPair:
         s0 = Σ w,   s1 = Σ w (x − c_i),   s2 = Σ w (x − c_i)²   (x xᵀ for a MultivariateNormal),
 
     about a fixed reference c_i per location row (the location where the statistics started:
-    no cancellation of moments about a far-away origin). They read no θ, so they add over
-    batches computed at different θ (online EM). At the current θ they give the statistics of
-    [`NormalLoc`][bayes_em.families.NormalLoc] / [`MvnLoc`][bayes_em.families.MvnLoc] (a, b) and
+    no cancellation of moments about a far-away origin), or one centre c shared by every row
+    (`ref` of one row: the sums are then matrix products of the weights with x and x ⊗ x).
+    They read no θ, so they add over batches computed at different θ (online EM). At the
+    current θ they give the statistics of [`NormalLoc`][bayes_em.families.NormalLoc] /
+    [`MvnLoc`][bayes_em.families.MvnLoc] (a, b) and
     [`NormalScale`][bayes_em.families.NormalScale] /
     [`MvnCovariance`][bayes_em.families.MvnCovariance] (n, ss) exactly as the batch M-step computes
     them, hence the same modes. A location not fitted (`n_loc=0`) is one pseudo row (x − loc its
@@ -404,9 +406,10 @@ class GaussianPair:
         joint = (_mvn_joint(base) if mv
                  else jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale)))
         nl, ns = max(n_loc, 1), max(n_spread, 1)
+        shared = bool(n_loc) and jnp.shape(ref)[0] == 1  # one centre: d has the data's shape
         if n_loc:
             il = jnp.broadcast_to(idx_loc, joint)
-            d = x - ref[jnp.clip(il, 0, n_loc - 1)]
+            d = x - ref[0] if shared else x - ref[jnp.clip(il, 0, n_loc - 1)]
         else:
             il, d = jnp.zeros(joint, jnp.int32), x - base.loc
         if n_spread:
@@ -420,7 +423,9 @@ class GaussianPair:
             D = jnp.shape(x)[-1]
             sums = {"s0": (_weighted_sum(w, jnp.ones(d.shape[:-1], w.dtype), joint), ()),
                     "s1": (_weighted_sum(w, d, joint, 1), (D,)),
-                    "s2": (_weighted_outer(w, d, joint), (D, D))}
+                    "s2": (_weighted_outer(w, d, joint) if not shared else _weighted_sum(
+                        w, (d[..., :, None] * d[..., None, :]).reshape(d.shape[:-1] + (D * D,)),
+                        joint, 1).reshape(joint + (D, D)), (D, D))}
         else:
             sums = {"s0": (_weighted_sum(w, jnp.ones_like(d, w.dtype), joint), ()),
                     "s1": (_weighted_sum(w, d, joint), ()),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import string
 
+import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 from jax.scipy.linalg import solve_triangular
@@ -110,6 +111,18 @@ def _unexpand(fn):
     return fn.base_dist if isinstance(fn, dist.ExpandedDistribution) else fn
 
 
+def _value_mask(mask, batch):
+    """The mask reduced (any) to the value's batch shape `batch`: the value keeps the data's
+    shape (an enumerated mask (K, N) would otherwise broadcast x (N, D) to (K, N, D))."""
+    m = jax.lax.optimization_barrier(jnp.asarray(mask))  # a constant mask: no slow folding
+    lead = m.ndim - len(batch)
+    if lead > 0:
+        m = jnp.any(m, axis=tuple(range(lead)))
+    axes = tuple(i for i in range(m.ndim)
+                 if m.shape[i] != 1 and batch[len(batch) - m.ndim + i] == 1)
+    return jnp.any(m, axis=axes, keepdims=True) if axes else m
+
+
 def log_prob(fn, value):
     """`fn.log_prob(value)`, by matrix products for (plate-expanded) multivariate normals and
     diagonal normals (`Normal(...).to_event(1)`); a mask (`MaskedDistribution`, e.g. a
@@ -117,7 +130,8 @@ def log_prob(fn, value):
     mask = mask_of(fn) if isinstance(fn, dist.MaskedDistribution) else None
     if mask is not None and not isinstance(mask, bool) and jnp.ndim(value) >= 2:
         base = fn.base_dist
-        keep = jnp.reshape(mask, jnp.shape(mask) + (1,) * base.event_dim)
+        keep = _value_mask(mask, jnp.shape(value)[: jnp.ndim(value) - base.event_dim])
+        keep = jnp.reshape(keep, jnp.shape(keep) + (1,) * base.event_dim)
         value = jnp.where(keep, value, base.support.feasible_like(value))
         return jnp.where(mask, log_prob(base, value), 0.0)
     base = _unexpand(fn)

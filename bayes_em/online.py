@@ -11,7 +11,8 @@ with N the full data's rows (`n_total`) and n the batch's. The statistics are th
 *parameter-free* expected complete-data sufficient statistics (`Family.raw_stats`: counts,
 Σ w x, Σ w n, ...; for Gaussian locations and scales
 [`bayes_em.families.GaussianPair`][bayes_em.families.GaussianPair]: Σ w, Σ w x, Σ w x xᵀ per pair of
-rows, about fixed reference locations), so statistics computed at different θ can be averaged. The
+rows, about fixed references: θ_0's location rows, or in float64 one centre of the init batch's
+data for a multivariate location), so statistics computed at different θ can be averaged. The
 M-step maps them to the batch M-step's own statistics at the current θ and takes the same
 closed-form modes, in the same order (ECM: a covariance at the new location), so with ρ ≡ 1 and the
 whole data as the batch the iterates are batch EM's.
@@ -34,24 +35,18 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from bayes_em import chunked
+from bayes_em import additive, chunked
 from bayes_em.compiled import jit
-from bayes_em.conjugate import _trace, plan_index, plan_prior, plan_stats, plan_value
+from bayes_em.conjugate import _trace, plan_prior
 from bayes_em.contraction import log_partition
 from bayes_em.estep import posterior_weights
-from bayes_em.families import FAMILIES, GaussianPair, site_weight
 from bayes_em.fit import Options, build
 from bayes_em.problem import factors, log_prior
 from bayes_em.result import _ENGINE_LOCK
 from bayes_em.sites import split_data
 
 __all__ = ["OnlineEM", "OnlineState", "step_sizes"]
-
-_LOCS = ("normal_loc", "mvn_loc")
-_SPREADS = ("normal_scale", "mvn_cov", "mvn_tril")
-
 
 class OnlineState(NamedTuple):
     """Where online EM stands after `t` updates."""
@@ -60,30 +55,15 @@ class OnlineState(NamedTuple):
     stats: dict  # running statistics s_t (scaled to n_total rows): plan -> {name: array}
     t: Any  # updates done
     n_total: Any  # rows of the full data the statistics are scaled to
-    reference: dict  # fitted Gaussian location -> its fixed reference rows (statistics about)
+    reference: dict  # fitted Gaussian location -> its fixed reference rows (additive.references)
     log_likelihood: Any  # log p(batch | θ) per row, at the θ the last update started from
-
-
-class _Group(NamedTuple):
-    """Gaussian sites sharing a location plan and a scale / covariance plan (either may be
-    None: not fitted)."""
-
-    sites: tuple
-    loc: Any
-    spread: Any
-    multivariate: bool
-
-    @property
-    def key(self) -> str:
-        return "|".join(p.param if p is not None else "" for p in (self.loc, self.spread))
 
 
 class _Setup(NamedTuple):
     problem: Any
     plate: str
     static: Any  # the static part of the model's arguments (split_data's key)
-    simple: tuple  # plans whose statistics read no θ
-    groups: tuple  # of _Group
+    layout: additive.Layout  # the closed-form plans' additive statistics
     priors: dict  # MAP plan -> its prior (from the init batch)
 
 
@@ -101,12 +81,6 @@ def step_sizes(step_size=None, kappa: float = 0.6) -> Callable:
         raise ValueError("step_size must be None, a callable t -> rho or a number in (0, 1], "
                          f"got {step_size!r}.")
     return lambda t: float(step_size)
-
-
-def _rows(value, event_ndim):
-    shape = jnp.shape(value)
-    lead = len(shape) - event_ndim
-    return jnp.reshape(value, (int(np.prod(shape[:lead])),) + tuple(shape[lead:]))
 
 
 def _setup(problem, params, data, static) -> _Setup:
@@ -130,29 +104,14 @@ def _setup(problem, params, data, static) -> _Setup:
         except ValueError as e:
             raise ValueError(f"OnlineEM (batches of rows of the data plate): "
                              f"{str(e).replace('chunk_size: ', '')}") from None
-    by_site, simple = {}, []
-    for plan in problem.closed:
-        if plan.family in _LOCS + _SPREADS:
-            role = "loc" if plan.family in _LOCS else "spread"
-            for s in plan.sites:
-                by_site.setdefault(s, {})[role] = plan
-        else:
-            simple.append(plan)
-    groups = {}
-    for s, roles in by_site.items():
-        loc, spread = roles.get("loc"), roles.get("spread")
-        mv = (loc or spread).family != "normal_loc" and (loc or spread).family != "normal_scale"
-        if mv and spread is None:
-            raise ValueError(f"OnlineEM: site '{s}' has its location '{loc.param}' fitted but a "
-                             "covariance that is not: not supported online (fit the covariance "
-                             "too, or use EM).")
-        key = (loc and loc.param, spread and spread.param)
-        sites = groups[key].sites if key in groups else ()
-        groups[key] = _Group(sites + (s,), loc, spread, mv)
+    try:
+        lay = additive.layout(problem.closed)
+    except ValueError as e:
+        raise ValueError(f"OnlineEM: {e}: not supported online (use EM).") from None
     args, kwargs = problem.rebuild(data)
     tr = _trace(problem.enum_model, params, args, kwargs)
     priors = {plan.param: plan_prior(plan, tr) for plan in problem.closed if plan.prior}
-    return _Setup(problem, plate, static, tuple(simple), tuple(groups.values()), priors)
+    return _Setup(problem, plate, static, lay, priors)
 
 
 def _batch(setup: _Setup, params, reference, data):
@@ -166,65 +125,15 @@ def _batch(setup: _Setup, params, reference, data):
     n_rows = _plate_size(fs.metas, setup.plate)
     args, kwargs = problem.rebuild(data)
     tr = _trace(problem.enum_model, params, args, kwargs)
-    stats = {plan.param: plan_stats(problem, plan, params, weights, args, kwargs, tr, raw=True)
-             for plan in setup.simple}
-    for g in setup.groups:
-        total = None
-        for s in g.sites:
-            base, w = site_weight(tr[s], weights[s])
-            il, nl = (plan_index(problem, g.loc, params, args, kwargs, s) if g.loc
-                      else (None, 0))
-            js, ns = (plan_index(problem, g.spread, params, args, kwargs, s) if g.spread
-                      else (None, 0))
-            ref = reference[g.loc.param] if g.loc else None
-            st = GaussianPair(g.multivariate).raw_stats(base, tr[s]["value"], w, il, nl, ref,
-                                                        js, ns)
-            total = st if total is None else jax.tree.map(jnp.add, total, st)
-        stats[g.key] = total
+    stats = additive.stats(problem, setup.layout, params, weights, reference, args, kwargs, tr)
     return stats, log_lik, n_rows
 
 
-def _precision(g: _Group, params):
-    """The precision of each scale / covariance row of group `g` (a pseudo row: 1)."""
-    if g.spread is None:
-        return jnp.ones((1,), jnp.result_type(params[g.loc.param]))
-    value = params[g.spread.param]
-    if g.spread.family == "normal_scale":
-        return 1.0 / jnp.square(_rows(value, 0))
-    rows = _rows(value, 2)
-    if g.spread.family == "mvn_tril":
-        rows = rows @ jnp.swapaxes(rows, -1, -2)
-    return jnp.linalg.inv(rows)
-
-
-def _m_step(setup: _Setup, params, stats, reference):
-    """θ from the running statistics: each plan's mode, in the batch M-step's order (a scale
-    or covariance at the new location)."""
-    params = dict(params)
-    for plan in setup.problem.closed:
-        if plan.family in _LOCS:
-            parts = [GaussianPair(g.multivariate).loc_stats(
-                stats[g.key], reference[plan.param],
-                _rows(params[plan.param], FAMILIES[plan.family].event_ndim), _precision(g, params))
-                for g in setup.groups if g.loc is not None and g.loc.param == plan.param]
-        elif plan.family in _SPREADS:
-            parts = []
-            for g in setup.groups:
-                if g.spread is None or g.spread.param != plan.param:
-                    continue
-                st = stats[g.key]
-                if g.loc is None:
-                    ref = loc = jnp.zeros((1,) + st["s1"].shape[2:], st["s1"].dtype)
-                else:
-                    ref = reference[g.loc.param]
-                    loc = _rows(params[g.loc.param], FAMILIES[g.loc.family].event_ndim)
-                parts.append(GaussianPair(g.multivariate).spread_stats(st, ref, loc))
-        else:
-            parts = [stats[plan.param]]
-        st = functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), parts)
-        new = plan_value(plan, params[plan.param], st, setup.priors.get(plan.param))
-        params[plan.param] = new.astype(jnp.result_type(params[plan.param]))
-    return params
+def _references(setup: _Setup, params, data):
+    """The fixed references of the Gaussian statistics, from the init batch at θ_0."""
+    args, kwargs = setup.problem.rebuild(data)
+    tr = _trace(setup.problem.enum_model, params, args, kwargs)
+    return additive.references(setup.layout, params, tr)
 
 
 def _update(setup: _Setup, rho: Callable, batch_em: bool, state: OnlineState, data):
@@ -233,7 +142,7 @@ def _update(setup: _Setup, rho: Callable, batch_em: bool, state: OnlineState, da
     if not batch_em:
         r = rho(state.t)
         stats = jax.tree.map(lambda old, new: (1 - r) * old + r * new, state.stats, stats)
-    params = _m_step(setup, state.params, stats, state.reference)
+    params = additive.m_step(setup.layout, state.params, stats, state.reference, setup.priors)
     return OnlineState(params, stats, state.t + 1, state.n_total, state.reference,
                        log_lik / n_rows)
 
@@ -293,9 +202,7 @@ class OnlineEM:
             self._setup = setup
             self._update_fn = jit(functools.partial(_update, setup, self.rho, self.batch_em))
             self._score_fn = jit(functools.partial(_score, setup))
-            reference = {g.loc.param: _rows(params[g.loc.param],
-                                            FAMILIES[g.loc.family].event_ndim)
-                         for g in setup.groups if g.loc is not None}
+            reference = jax.jit(functools.partial(_references, setup))(params, data)
             stats, _, n_rows = jax.jit(functools.partial(_batch, setup))(params, reference, data)
             dtype = jnp.result_type(*jax.tree.leaves(params))
             total = jnp.asarray(n_rows if n_total is None else n_total, dtype)

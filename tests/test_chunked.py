@@ -52,9 +52,35 @@ def _blobs(n=53, d=2, seed=0):
 def test_full_covariance_gmm_matches_unchunked():
     x = _blobs()  # N = 53, not a multiple of 7
     a, b = _same(models.gmm, (x, 3))
-    # weights and locations with the objective, covariances at the new locations: 2 stages
+    # every closed form from one pass (additive statistics), not 2 stages
+    assert b.problem.chunks.layout is not None
     assert [[p.param for p in s] for s in chunked.stages(b.problem.closed)] == [
         ["weights", "loc"], ["cov"]]
+
+
+def mvn_fixed_cov(x, K):
+    """A location fitted under a fixed covariance: no additive form, so stages."""
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    loc = numpyro.param("loc", jnp.zeros((K, 2)) + jnp.arange(K)[:, None])
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.MultivariateNormal(loc[z], 0.5 * jnp.eye(2)), obs=x)
+
+
+def test_staged_closed_forms_match_unchunked():
+    a, b = _same(mvn_fixed_cov, (_blobs(), 3), restarts=1)
+    assert b.problem.chunks.layout is None and b.problem.chunks.first_stage
+
+
+def test_float32_chunked_gmm_is_close_to_unchunked():
+    """float32: the statistics about each current location (entrywise distances)."""
+    jax.config.update("jax_enable_x64", False)
+    x = _blobs().astype(np.float32)
+    a = _fit(models.gmm, (x, 3), restarts=1, max_iter=5)
+    b = _fit(models.gmm, (x, 3), chunk_size=7, restarts=1, max_iter=5)
+    assert b.params["loc"].dtype == np.float32 and b.problem.chunks.layout is not None
+    for k in a.params:
+        np.testing.assert_allclose(b.params[k], a.params[k], rtol=1e-3, atol=1e-3, err_msg=k)
 
 
 @pytest.mark.slow  # kept out of the default run (CI time); pytest -m slow runs it
