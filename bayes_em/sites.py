@@ -251,6 +251,7 @@ def discover_sites(model, args, kwargs, init_values=None, rng_key=None, fixed=()
 
     params, latents, observed, dims = [], [], [], {}
     for name, site in tr.items():
+        _check_subsample(name, site)
         for frame in site.get("cond_indep_stack", ()):
             if frame.dim is not None:
                 dims[frame.name] = frame.dim
@@ -280,6 +281,20 @@ def discover_sites(model, args, kwargs, init_values=None, rng_key=None, fixed=()
     return ModelSites(
         tuple(params), tuple(latents), tuple(observed), plate_order, max_plate_nesting
     )
+
+
+def _check_subsample(name, site):
+    """EM reads every row at every iteration: a subsampling plate is refused, with the routes
+    that do use part of the rows."""
+    if site["type"] != "plate":
+        return
+    size, subsample_size = site["args"][:2]
+    if subsample_size is not None and subsample_size < size:
+        raise ModelError(
+            f"Plate '{name}' subsamples {subsample_size} of its {size} rows (subsample_size=): "
+            "EM takes every row at every iteration. Drop subsample_size and fit all rows with "
+            "EM (chunk_size=C keeps memory O(C)), or fit in minibatches with "
+            "bayes_em.OnlineEM(model, n_total=N) and update(state, batch) per batch of rows.")
 
 
 def _role(name, site, numbers, fixed):

@@ -172,6 +172,13 @@ def substituted_latent(x):
         free_plate_mixture(x)
 
 
+def subsampled(x):
+    loc = numpyro.param("loc", jnp.array([-1.0, 1.0]))
+    with numpyro.plate("data", x.shape[0], subsample_size=10) as idx:
+        z = numpyro.sample("z", dist.Categorical(jnp.ones(2) / 2))
+        numpyro.sample("x", dist.Normal(loc[z], 1.0), obs=x[idx])
+
+
 def run(model, *args, **options):
     options = {"progress_bar": False, "max_iter": 3, **options}
     return EM(model, **options).run(KEY, *args)
@@ -268,6 +275,8 @@ CASES = [
     ("callable-init-unknown-site", lambda: run(mixture, X, restarts=2,
                                                init=lambda k, p: {"mean": 0.0}), ValueError,
      "'mean'"),
+    ("subsampling-plate", lambda: run(subsampled, X), ModelError,
+     r"Plate 'data' subsamples 10 of its 80 rows.*OnlineEM"),
     ("e-step-wrong-shape", lambda: EM(mixture, progress_bar=False).e_step(
         {"loc": np.zeros(3)}, X), ModelError, r"'loc'"),
 ]
