@@ -70,7 +70,9 @@ def check_enumeration(problem, params, data, memory_limit, devices: int = 1):
             f"{' per device' if devices > 1 else ''} for the log-factors alone, over the "
             f"memory_limit of {memory_limit / 2**30:.2f} GiB. Largest sites: "
             f"{_largest(per_site, metas)}. Reduce the number of latents a site depends on, "
-            "shard the data over more devices, or raise EM(memory_limit=...)."
+            "fit the data plate in chunks of rows (EM(chunk_size=C): memory O(C), "
+            "docs/scale.md), shard the data over more devices, or raise "
+            "EM(memory_limit=...)."
         )
     return total
 
@@ -107,8 +109,9 @@ def check_compiled_memory(compiled, memory_limit, problem, params, data):
             f"The compiled fit needs {total / 2**30:.2f} GiB per device by XLA's memory analysis, "
             f"over the memory_limit of {memory_limit / 2**30:.2f} GiB: {detail}. Largest "
             f"enumerated sites (one copy): {_largest(per_site, metas)}. Reduce the number of "
-            "latents a site depends on, or the restarts; shard the data over more devices "
-            "(docs/distributed.md); or raise EM(memory_limit=...)."
+            "latents a site depends on, or the restarts; fit the data plate in chunks of "
+            "rows (EM(chunk_size=C): memory O(C), docs/scale.md); shard the data over more "
+            "devices (docs/distributed.md); or raise EM(memory_limit=...)."
         )
     return {"argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
             "temp": stats.temp_size_in_bytes, "alias": stats.alias_size_in_bytes, "total": total}
