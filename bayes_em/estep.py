@@ -255,13 +255,15 @@ def most_probable(problem: EMProblem, params: dict, data: tuple) -> dict:
 
 
 def symmetric_latents(problem: EMProblem, weights: dict, params: dict, data: tuple,
-                      rtol: float = 1e-6) -> Array:
+                      rtol: float = 1e-6, metas: tuple | None = None) -> Array:
     """Whether two values of some latent have the same posterior (within `rtol`) wherever it
     has mass: their parameters cannot be told apart, the symmetric point EM cannot leave (a
     saddle of the objective, e.g. two mixture components with equal parameters). Compared by
-    two fixed random projections of each value's posterior weights."""
-    metas = (max_product_factors(problem, params, data) if problem.hard  # shapes only
-             else factors(problem, params, data, vectorized=True)).metas
+    two fixed random projections of each value's posterior weights. `metas`: those of the
+    E-step's factors, if known (else traced again)."""
+    if metas is None:
+        metas = (max_product_factors(problem, params, data) if problem.hard  # shapes only
+                 else factors(problem, params, data, vectorized=True)).metas
     latents = set(problem.sites.latents)
     found = jnp.zeros((), bool)
     for m in metas:
