@@ -311,8 +311,9 @@ class EM:
                                                self.strict)
         n_decreases, n_fallbacks = np.asarray(states.n_decreases), np.asarray(states.n_fallbacks)
         # JAX arrays: NumPyro's Predictive(model, params=result.params) indexes them with traced
-        # latents (loc[z]), which a NumPy array refuses
-        params_best = {k: jnp.asarray(v[best]) for k, v in restart_params.items()}
+        # latents (loc[z]), which a NumPy array refuses; put, not converted (jnp.asarray of a
+        # NumPy scalar compiles a program of its own)
+        params_best = {k: jax.device_put(v[best]) for k, v in restart_params.items()}
         history = np.asarray(states.history)
         return EMResult(
             params=params_best,
