@@ -232,10 +232,10 @@ def program(problem: core.EMProblem, options: Options,
             return core.run(problem, state, data, report=report, every=every,
                             metas=None if abstract is None else abstract.metas)._replace(weights={})
 
-        states = starts(problem, options, params0, data, rng_key, abstract)
         if options.restarts == 1:  # no loop over the restarts
-            one_state = jax.tree.map(lambda x: x[0], states)
-            return jax.tree.map(lambda x: x[None], one((jnp.zeros((), jnp.int32), one_state)))
+            state = core.pending(problem, params0, data, abstract)
+            return jax.tree.map(lambda x: x[None], one((jnp.zeros((), jnp.int32), state)))
+        states = starts(problem, options, params0, data, rng_key, abstract)
         return lax.map(one, (jnp.arange(options.restarts), states))
 
     return fit
