@@ -292,4 +292,4 @@ def projections(n: int, dtype) -> Array:
     for shift, factor in ((16, 0x7FEB352D), (15, 0x846CA68B)):
         u = (u ^ (u >> shift)) * jnp.uint32(factor)
     u = u ^ (u >> 16)
-    return 0.5 + (u >> 8).astype(dtype) * (0.5 / 2**24)  # 24 bits: exact in float32 too
+    return 0.5 + (u >> 9).astype(dtype) * (0.5 / 2**23)  # 23 bits: exact in float32 too
