@@ -188,10 +188,16 @@ def starts(problem: core.EMProblem, options: Options, params0: dict, data: tuple
     def one(i_key):
         i, k = i_key
         params = lax.cond(i == 0, lambda: params0,
-                          lambda: _draw(problem, options, params0, data, k))
+                          lambda: _finite_or(_draw(problem, options, params0, data, k), params0))
         return core.pending(problem, params, data, abstract)
 
     return lax.map(one, (jnp.arange(options.restarts), keys))
+
+
+def _finite_or(drawn: dict, params0: dict) -> dict:
+    """A drawn start, each site that came out non-finite (an M-step under made-up weights on
+    degenerate data: a zero scatter) at its declared value: a restart starts finite."""
+    return {k: jnp.where(jnp.all(jnp.isfinite(v)), v, params0[k]) for k, v in drawn.items()}
 
 
 def weights_at(problem: core.EMProblem, state: core.EMState, data: tuple) -> core.EMState:
