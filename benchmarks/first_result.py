@@ -6,7 +6,7 @@ a cold cache (first process, compiles and writes) and a warm one (a second proce
 
 Each number is the median over ``--repeats`` fresh processes; imports are timed apart. Also
 reported: the CPU seconds of the fit (all threads: steadier than wall time on a shared machine),
-the XLA programs compiled in it (cache hits not counted; 3 of them are the script's own
+the XLA programs it compiles or loads from the cache (3 of them are the script's own
 ``jnp.array`` and ``PRNGKey``) and how often the model function was traced.
 """
 
@@ -71,7 +71,7 @@ def main():
             rows["warm cache (second process)"].append(child(env))
     print(f"# Three-coin fit in a fresh process (median of {args.repeats}, {os.cpu_count()} "
           "cores)\n")
-    print("| process | imports s | fit after imports s | fit CPU s | XLA programs compiled | "
+    print("| process | imports s | fit after imports s | fit CPU s | XLA programs | "
           "model traces |")
     print("|---|---|---|---|---|---|")
     for name, runs in rows.items():
