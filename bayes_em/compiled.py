@@ -28,8 +28,9 @@ _QUICK_OPTIONS = {"xla_backend_optimization_level": 0}
 
 # a fit whose work per iteration (bytes of its enumerated log-factors, times the restarts, plus
 # its data) is below this is compiled quick: unoptimised code costs it a few times more per
-# iteration, under a millisecond at this size, against ~0.2-0.5 s of compilation saved
-QUICK_BYTES = 2**17
+# iteration, microseconds at this size, against ~0.2 s of compilation saved; an HMM of 1000
+# steps (sequential, hundreds of iterations in hmm.py) stays above it
+QUICK_BYTES = 2**14
 
 
 @functools.cache
