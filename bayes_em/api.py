@@ -13,6 +13,7 @@ from bayes_em import chunked, outcome
 from bayes_em import em as core
 from bayes_em import fit as fitting
 from bayes_em.compiled import jit
+from bayes_em.compiled import quick as _quick
 from bayes_em.lbfgs import LBFGS
 from bayes_em.missing import check_missing, marginalize_missing
 from bayes_em.progress import Progress
@@ -178,8 +179,8 @@ class EM:
         self._bar = {}  # {"bar": the running fit's tqdm bar}, shown by a host callback
 
     # -- compiled pieces, one set per model structure and static arguments ----------------------
-    def _functions(self, sites, rebuild, key, data):
-        cache_key = (key, _sites_key(sites))
+    def _functions(self, sites, rebuild, key, data, quick=False):
+        cache_key = (key, _sites_key(sites), quick)  # quick: see bayes_em.compiled.quick
         if cache_key not in self._compiled:
             problem = fitting.problem_for(self.model, sites, rebuild, data, self.options)
             bar = self._bar
@@ -197,9 +198,10 @@ class EM:
             self._compiled[cache_key] = (
                 problem,
                 dict(
-                    fit=jit(fit),
-                    latents=jit(latents),
-                    e_step=jit(lambda params, data: core.e_step(problem, params, data, "sum")[:2]),
+                    fit=jit(fit, quick=quick),
+                    latents=jit(latents, quick=quick),
+                    e_step=jit(lambda params, data: core.e_step(problem, params, data, "sum")[:2],
+                               quick=quick),
                     # compiled only where a restart stopped at a symmetric point
                     hvp=jit(lambda params, data, v: core.objective_hvp(problem, params, data, v)),
                     # compiled only if the guard rejects a closed-form M-step
@@ -224,8 +226,10 @@ class EM:
         init_params = {p.name: p.init for p in sites.params}  # host arrays: no transfer
         bare = core.make_problem(self.model, sites, rebuild, self.max_iter, self.tol, self.hard)
         checked = chunked.head(chunked.configure(bare, init_params, data, self.chunk_size), data)
-        check_enumeration(bare, init_params, checked, self.memory_limit, fitting.devices_of(data))
-        problem, functions = self._functions(sites, rebuild, key, data)
+        size = check_enumeration(bare, init_params, checked, self.memory_limit,
+                                 fitting.devices_of(data))
+        problem, functions = self._functions(sites, rebuild, key, data,
+                                             _quick(self.restarts * size, *data))
         return problem, functions, init_params, data
 
     def e_step(self, params, *args, **kwargs) -> EStep:
@@ -307,8 +311,9 @@ class EM:
                                                self.strict)
         n_decreases, n_fallbacks = np.asarray(states.n_decreases), np.asarray(states.n_fallbacks)
         # JAX arrays: NumPyro's Predictive(model, params=result.params) indexes them with traced
-        # latents (loc[z]), which a NumPy array refuses
-        params_best = {k: jnp.asarray(v[best]) for k, v in restart_params.items()}
+        # latents (loc[z]), which a NumPy array refuses; put, not converted (jnp.asarray of a
+        # NumPy scalar compiles a program of its own)
+        params_best = {k: jax.device_put(v[best]) for k, v in restart_params.items()}
         history = np.asarray(states.history)
         return EMResult(
             params=params_best,

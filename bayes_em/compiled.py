@@ -3,8 +3,11 @@ persistent compilation cache in one call (`compilation_cache`).
 
 On CPU, XLA's classic loop emitters (`xla_cpu_use_fusion_emitters=False`) compile a fit's
 program about 40% faster than its newer MLIR fusion emitters, with equal or better run time
-(`benchmarks/README.md`). Other backends keep XLA's defaults, and so does a jaxlib that no
-longer knows the option (checked once per process on a trivial program: the option is private).
+(`benchmarks/README.md`). A *quick* program (a small fit, see `quick`) is compiled without
+LLVM's optimisation passes (`xla_backend_optimization_level=0`): less than half the compile
+time, for a run time that stays in milliseconds at its size. Other backends keep XLA's
+defaults, and so does a jaxlib that no longer knows an option (checked once per process on a
+trivial program: the options are private).
 """
 
 from __future__ import annotations
@@ -13,32 +16,60 @@ import functools
 import os
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["jit", "compilation_cache", "CACHE_ENV"]
+__all__ = ["jit", "quick", "compilation_cache", "CACHE_ENV", "QUICK_BYTES"]
 
 # environment variable: a directory for JAX's persistent compilation cache, set at import
 CACHE_ENV = "BAYES_EM_COMPILATION_CACHE"
 
 _CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+_QUICK_OPTIONS = {"xla_backend_optimization_level": 0}
+
+# a fit whose work per iteration (bytes of its enumerated log-factors, times the restarts, plus
+# its data) is below this is compiled quick: unoptimised code costs it a few times more per
+# iteration, microseconds at this size, against ~0.2 s of compilation saved; an HMM of 1000
+# steps (sequential, hundreds of iterations in hmm.py) stays above it
+QUICK_BYTES = 2**14
 
 
 @functools.cache
 def _accepted(options: tuple) -> bool:
     """Does this jaxlib compile with these options? (A private XLA flag may be dropped.)"""
     try:
-        jax.jit(lambda x: x + 1, compiler_options=dict(options))(jnp.zeros(1)).block_until_ready()
+        # a NumPy argument and no run: the one program compiled is this one
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(np.zeros(1)).compile()
         return True
     except Exception:  # an unknown option: INVALID_ARGUMENT from the compiler
         return False
 
 
-def jit(fn, **kwargs):
-    """`jax.jit(fn, **kwargs)`, plus the CPU compiler options above when JAX's default backend
-    is the CPU and the running jaxlib accepts them (a top-level jit only: JAX refuses compiler
-    options on nested jits)."""
-    if jax.default_backend() == "cpu" and _accepted(tuple(sorted(_CPU_OPTIONS.items()))):
-        kwargs.setdefault("compiler_options", _CPU_OPTIONS)
+def _cpu_options(quick: bool) -> dict:
+    """The options `jit` adds on CPU: all of them where the jaxlib takes them together (one
+    trivial compilation), else each set it takes."""
+    wanted = [_CPU_OPTIONS, _QUICK_OPTIONS] if quick else [_CPU_OPTIONS]
+    merged = {k: v for options in wanted for k, v in options.items()}
+    if _accepted(tuple(sorted({**_CPU_OPTIONS, **_QUICK_OPTIONS}.items()))):
+        return merged
+    return {k: v for options in wanted if _accepted(tuple(sorted(options.items())))
+            for k, v in options.items()}
+
+
+def quick(*sizes) -> bool:
+    """Whether a program whose work is `sizes` (bytes, or arrays: their bytes; summed) is
+    small enough to be compiled quick (`QUICK_BYTES`)."""
+    return sum(s if isinstance(s, (int, float, np.number)) else s.nbytes
+               for s in sizes) < QUICK_BYTES
+
+
+def jit(fn, quick: bool = False, **kwargs):
+    """`jax.jit(fn, **kwargs)`, plus the CPU compiler options above (`quick`: without LLVM's
+    optimisation passes) when JAX's default backend is the CPU and the running jaxlib accepts
+    them (a top-level jit only: JAX refuses compiler options on nested jits)."""
+    if jax.default_backend() == "cpu":
+        options = _cpu_options(bool(quick))
+        if options:
+            kwargs.setdefault("compiler_options", options)
     return jax.jit(fn, **kwargs)
 
 

@@ -37,7 +37,7 @@ from bayes_em._numpyro import (
     plate_to_enum_plate,
     validation_enabled,
 )
-from bayes_em.compiled import jit
+from bayes_em.compiled import jit, quick
 from bayes_em.constraints import floor_of, positive_definite_floor
 from bayes_em.dependence import dependence
 from bayes_em.families import FAMILIES, _base_constraint, site_stats, unwrap
@@ -236,7 +236,8 @@ def _read_program(problem, params, args, kwargs) -> _Program:
     arg_deps = dependence(family_args, params)
     # the data as arguments, not constants: an array sharded over processes cannot be closed over
     data, rebuild, _ = split_data(args, kwargs)
-    compiled_args = jit(lambda p, data: family_args(p, *rebuild(data)))
+    compiled_args = jit(lambda p, data: family_args(p, *rebuild(data)),
+                        quick=quick(*data))
 
     def args_at(p):
         return jax.tree.map(_host, compiled_args(p, data))

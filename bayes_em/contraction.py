@@ -301,7 +301,8 @@ def _lazy_contraction(factors, sum_op, prod_op, parallel_time=False, report=None
     """The lazy funsor expression of the contraction of `factors` over every latent, plate
     and time dim: chains summed by `_forward_chain` where it applies (not with
     `parallel_time`), the others by NumPyro's Markov contraction, then one sum-product over
-    plates (weighted plates by `_weighted_sum_product`).
+    plates (weighted plates by `_weighted_sum_product`; a single factor left is reduced at
+    once, the same two reductions that funsor's sum-product makes of it).
 
     `report` (a dict, max-product): `report["one_optimum"]` is set to whether the gradient
     is the indicator of one optimal configuration whatever the ties: every chain went through
@@ -339,6 +340,12 @@ def _lazy_contraction(factors, sum_op, prod_op, parallel_time=False, report=None
         same_scope[key] = f if key not in same_scope else same_scope[key] + f
     free = list(same_scope.values())
     eliminate = graph.sum_vars | graph.prod_vars
+    if len(free) == 1 and not graph.plate_weights:
+        # one factor (a mixture, the three coins): its latents summed out, then its plates, as
+        # sum_product does with it, without funsor's lazy interpretation and optimiser
+        inputs = frozenset(free[0].inputs)
+        return free[0].reduce(sum_op, graph.sum_vars & inputs).reduce(
+            prod_op, graph.prod_vars & inputs)
     with funsor.interpretations.lazy:
         if graph.plate_weights:
             return _weighted_sum_product(sum_op, prod_op, free, eliminate, graph.prod_vars,

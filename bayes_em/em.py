@@ -26,6 +26,7 @@ from jax.flatten_util import ravel_pytree
 from bayes_em.estep import (
     e_step,
     latent_posterior,
+    max_product_factors,
     most_probable,
     posterior_weights,
     symmetric_latents,
@@ -51,6 +52,7 @@ __all__ = [
     "factors",
     "log_prior",
     "pending",
+    "abstract_factors",
     "constrain",
     "unconstrain",
     "e_step",
@@ -138,14 +140,36 @@ def _roundoff(x):
     return 100 * jnp.finfo(jnp.result_type(x)).eps * jnp.maximum(1.0, jnp.abs(x))
 
 
-def pending(problem: EMProblem, params: dict, data: tuple) -> EMState:
+def abstract_factors(problem: EMProblem, params: dict, data: tuple):
+    """The log-factors the E-step weighs (the max-product's trace if `problem.hard`), as
+    shapes with their metas: traced only, nothing runs. The E-step's weights have their
+    shapes."""
+    def fs():
+        if problem.hard:
+            return max_product_factors(problem, params, data)
+        return factors(problem, params, data, vectorized=True)
+    return jax.eval_shape(fs)
+
+
+def _objective_dtype(abstract):
+    """The dtype of log Z from factors `abstract` (their logs, promoted by plate weights)."""
+    return jnp.result_type(*abstract.logs.values(), *abstract.plate_weights.values())
+
+
+def pending(problem: EMProblem, params: dict, data: tuple, abstract=None) -> EMState:
     """The state at θ_0 = `params` before its first E-step (`fresh`): `step` does that
     E-step alone (no M-step), and `run` always does it. A chunked problem's `weights` are
-    the first closed-form stage's statistics (`bayes_em.chunked`), nothing N-sized."""
-    shapes = jax.eval_shape(lambda: _e_step(problem, params, data))  # traced only: nothing runs
-    objective = jnp.full((), jnp.nan, shapes[0].dtype)
-    weights = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[2])
-    history = jnp.full((problem.max_iter + 1, 2), jnp.nan, shapes[0].dtype)
+    the first closed-form stage's statistics (`bayes_em.chunked`), nothing N-sized.
+    `abstract`: [`abstract_factors`][bayes_em.em.abstract_factors] at these shapes, if known."""
+    if problem.chunks is not None:  # traced only: nothing runs
+        dtype, weights = (lambda s: (s[0].dtype, s[2]))(
+            jax.eval_shape(lambda: _e_step(problem, params, data)))
+    else:  # the weights are ∂ log Z / ∂ log f: the factors' shapes, no contraction traced
+        abstract = abstract or abstract_factors(problem, params, data)
+        dtype, weights = _objective_dtype(abstract), abstract.logs
+    objective = jnp.full((), jnp.nan, dtype)
+    weights = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), weights)
+    history = jnp.full((problem.max_iter + 1, 2), jnp.nan, dtype)
     zero = jnp.zeros((), jnp.int32)
     recorded = {}
     if problem.record_params:
@@ -296,14 +320,15 @@ def terminated(problem: EMProblem, state: EMState):
 
 
 def run(problem: EMProblem, state: EMState, data: tuple, report: Callable | None = None,
-        every: int = 1) -> EMState:
+        every: int = 1, metas: tuple | None = None) -> EMState:
     """Iterate `step` until the state stops running (`max_iter` included); a fresh state
     always gets its first E-step. A converged restart whose latent values are
     indistinguishable ends `saddle` (a candidate: the host confirms it by the curvature).
 
     `report(state)`, if given, is traced into the loop and runs every `every` iterations and
     when the state stops: the hook for host callbacks (`jax.debug.callback`) such as a
-    progress bar, so that a fit with a bar is still one compiled loop.
+    progress bar, so that a fit with a bar is still one compiled loop. `metas`: those of
+    [`abstract_factors`][bayes_em.em.abstract_factors], if known (else traced again).
     """
     def body(s):
         s, _ = step(problem, s, data)
@@ -318,7 +343,7 @@ def run(problem: EMProblem, state: EMState, data: tuple, report: Callable | None
 
         symmetric = chunked.symmetric_latents(problem, final.params, data)
     else:
-        symmetric = symmetric_latents(problem, final.weights, final.params, data)
+        symmetric = symmetric_latents(problem, final.weights, final.params, data, metas=metas)
     saddle = (final.status == CONVERGED) & symmetric
     return final._replace(status=jnp.where(saddle, SADDLE, final.status).astype(jnp.int32))
 

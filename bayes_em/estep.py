@@ -18,7 +18,7 @@ from collections import OrderedDict
 import funsor
 import jax
 import jax.numpy as jnp
-from jax import Array
+from jax import Array, lax
 
 from bayes_em import _numpyro as npi
 from bayes_em.contraction import log_partition
@@ -27,7 +27,7 @@ from bayes_em.problem import EMProblem, factors, log_prior
 
 __all__ = ["e_step", "posterior_weights", "max_product_factors", "backpointers_suffice",
            "site_marginal", "chain_marginals", "latent_posterior", "most_probable",
-           "symmetric_latents"]
+           "symmetric_latents", "projections"]
 
 
 def e_step(problem: EMProblem, params: dict, data: tuple,
@@ -255,13 +255,15 @@ def most_probable(problem: EMProblem, params: dict, data: tuple) -> dict:
 
 
 def symmetric_latents(problem: EMProblem, weights: dict, params: dict, data: tuple,
-                      rtol: float = 1e-6) -> Array:
+                      rtol: float = 1e-6, metas: tuple | None = None) -> Array:
     """Whether two values of some latent have the same posterior (within `rtol`) wherever it
     has mass: their parameters cannot be told apart, the symmetric point EM cannot leave (a
     saddle of the objective, e.g. two mixture components with equal parameters). Compared by
-    two fixed random projections of each value's posterior weights."""
-    metas = (max_product_factors(problem, params, data) if problem.hard  # shapes only
-             else factors(problem, params, data, vectorized=True)).metas
+    two fixed pseudo-random projections of each value's posterior weights. `metas`: those of the
+    E-step's factors, if known (else traced again)."""
+    if metas is None:
+        metas = (max_product_factors(problem, params, data) if problem.hard  # shapes only
+                 else factors(problem, params, data, vectorized=True)).metas
     latents = set(problem.sites.latents)
     found = jnp.zeros((), bool)
     for m in metas:
@@ -272,11 +274,22 @@ def symmetric_latents(problem: EMProblem, weights: dict, params: dict, data: tup
         w = jnp.moveaxis(w, len(m.shape) + own[0], 0).reshape(m.shape[own[0]], -1)
         if w.shape[0] < 2:
             continue
-        r = jax.random.uniform(jax.random.PRNGKey(0), (2, w.shape[1]), w.dtype, 0.5, 1.0)
-        sig = w @ r.T  # (K, 2): positive where a value has mass
+        sig = w @ projections(w.shape[1], w.dtype).T  # (K, 2): positive where a value has mass
         close = jnp.abs(sig[:, None, :] - sig[None, :, :]) <= rtol * jnp.maximum(
             sig[:, None, :], sig[None, :, :])
         pair = jnp.all(close, -1) & (sig[:, None, 0] > 0) & (sig[None, :, 0] > 0)
         pair = pair & ~jnp.eye(w.shape[0], dtype=bool)
         found = found | jnp.any(pair)
     return found
+
+
+def projections(n: int, dtype) -> Array:
+    """Two fixed pseudo-random vectors of length `n` with entries in [0.5, 1): an integer hash
+    of (projection, entry) (a Weyl step and a 32-bit finaliser), so that a compiled fit holds no
+    random-number generator (JAX's Threefry is a loop of its own on CPU)."""
+    u = (lax.iota(jnp.uint32, n)[None, :] * jnp.uint32(0x9E3779B9)
+         + (jnp.arange(1, 3, dtype=jnp.uint32) * jnp.uint32(0x85EBCA6B))[:, None])
+    for shift, factor in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        u = (u ^ (u >> shift)) * jnp.uint32(factor)
+    u = u ^ (u >> 16)
+    return 0.5 + (u >> 9).astype(dtype) * (0.5 / 2**23)  # 23 bits: exact in float32 too

@@ -177,20 +177,27 @@ def _draw(problem, options, params0, data, key):
 
 
 def starts(problem: core.EMProblem, options: Options, params0: dict, data: tuple,
-           rng_key) -> core.EMState:
+           rng_key, abstract=None) -> core.EMState:
     """Pending states of every restart (leading axis): restart 0 at `params0`, the others
-    drawn by `options.init`; their first E-step is the loop's."""
+    drawn by `options.init`; their first E-step is the loop's. `abstract`: the factors'
+    shapes ([`bayes_em.em.abstract_factors`][bayes_em.em.abstract_factors]), if known."""
     if options.restarts == 1:
-        return jax.tree.map(lambda x: x[None], core.pending(problem, params0, data))
+        return jax.tree.map(lambda x: x[None], core.pending(problem, params0, data, abstract))
     keys = jax.random.split(jax.random.fold_in(rng_key, 1), options.restarts)
 
     def one(i_key):
         i, k = i_key
         params = lax.cond(i == 0, lambda: params0,
-                          lambda: _draw(problem, options, params0, data, k))
-        return core.pending(problem, params, data)
+                          lambda: _finite_or(_draw(problem, options, params0, data, k), params0))
+        return core.pending(problem, params, data, abstract)
 
     return lax.map(one, (jnp.arange(options.restarts), keys))
+
+
+def _finite_or(drawn: dict, params0: dict) -> dict:
+    """A drawn start, each site that came out non-finite (an M-step under made-up weights on
+    degenerate data: a zero scatter) at its declared value: a restart starts finite."""
+    return {k: jnp.where(jnp.all(jnp.isfinite(v)), v, params0[k]) for k, v in drawn.items()}
 
 
 def weights_at(problem: core.EMProblem, state: core.EMState, data: tuple) -> core.EMState:
@@ -216,6 +223,10 @@ def program(problem: core.EMProblem, options: Options,
     every = max(1, options.max_iter // 100)
 
     def fit(params0, data, rng_key):
+        # the factors' shapes and metas, traced once for every start and loop
+        abstract = None if problem.chunks is not None else core.abstract_factors(
+            problem, params0, data)
+
         def one(i_state):
             i, state = i_state
             report = None
@@ -224,9 +235,13 @@ def program(problem: core.EMProblem, options: Options,
                     jax.debug.callback(show, i, s.n_iter, s.objective,
                                        s.status != core.RUNNING)
             # the E-step weights are N-sized (sharded with the data): they stay in the program
-            return core.run(problem, state, data, report=report, every=every)._replace(weights={})
+            return core.run(problem, state, data, report=report, every=every,
+                            metas=None if abstract is None else abstract.metas)._replace(weights={})
 
-        states = starts(problem, options, params0, data, rng_key)
+        if options.restarts == 1:  # no loop over the restarts
+            state = core.pending(problem, params0, data, abstract)
+            return jax.tree.map(lambda x: x[None], one((jnp.zeros((), jnp.int32), state)))
+        states = starts(problem, options, params0, data, rng_key, abstract)
         return lax.map(one, (jnp.arange(options.restarts), states))
 
     return fit

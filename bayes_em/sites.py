@@ -19,7 +19,7 @@ from numpyro.distributions import constraints
 from numpyro.handlers import seed, substitute, trace
 
 from bayes_em._numpyro import control_flow_done, mask_of, validation_enabled
-from bayes_em.compiled import jit
+from bayes_em.compiled import jit, quick
 from bayes_em.validation import ModelError, SiteRecorder, check_observed_shape, traced_model_error
 
 __all__ = ["ParamSite", "ModelSites", "ModelError", "discover_sites"]
@@ -136,7 +136,7 @@ def _traced_values(model, data, rebuild, key, init_values, rng_key, fixed):
 
         try:
             hash(cache_key)
-            cache[cache_key] = (jit(traced), box)
+            cache[cache_key] = (jit(traced, quick=quick(*data)), box)
         except TypeError:
             return _traced_values_uncached(traced, box, data, init_values, rng_key)
     fn, box = cache[cache_key]
@@ -189,7 +189,8 @@ def _concrete_support(name, constraint):
 
 
 def _traced_values_uncached(traced, box, data, init_values, rng_key):
-    numbers = _run_traced(jit(traced), box, data, init_values, rng_key)
+    fn = jit(traced, quick=quick(*data))
+    numbers = _run_traced(fn, box, data, init_values, rng_key)
     return box["trace"], numbers
 
 

@@ -1,10 +1,23 @@
-"""The private XLA option of bayes_em.compiled falls back to XLA's defaults when a jaxlib does
-not know it (issue 16)."""
+"""The private XLA options of bayes_em.compiled fall back to XLA's defaults when a jaxlib does
+not know them (issue 16); small programs are compiled quick (issue 17)."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.distributions import constraints
 
-from bayes_em import compiled
+from bayes_em import EM, compiled
+
+
+def three_coins(y):
+    pi = numpyro.param("pi", 0.4, constraint=constraints.unit_interval)
+    p = numpyro.param("p", 0.6, constraint=constraints.unit_interval)
+    q = numpyro.param("q", 0.7, constraint=constraints.unit_interval)
+    with numpyro.plate("tosses", y.shape[0]):
+        a = numpyro.sample("a", dist.Bernoulli(pi))
+        numpyro.sample("y", dist.Bernoulli(jnp.where(a == 1, p, q)), obs=y)
 
 
 def test_unknown_compiler_option_falls_back(monkeypatch):
@@ -17,3 +30,32 @@ def test_unknown_compiler_option_falls_back(monkeypatch):
 def test_known_option_is_used_on_cpu():
     if jax.default_backend() == "cpu":
         assert compiled._accepted(tuple(sorted(compiled._CPU_OPTIONS.items())))
+
+
+def test_quick_is_decided_by_bytes():
+    small = np.zeros(10)
+    assert compiled.quick(small, 100)
+    assert not compiled.quick(np.zeros(compiled.QUICK_BYTES // 8))
+    assert not compiled.quick(compiled.QUICK_BYTES)
+    assert compiled.quick()
+
+
+def test_quick_programs_skip_llvm_optimisation_on_cpu():
+    f = compiled.jit(lambda x: 2 * x, quick=True)
+    assert float(f(jnp.ones(()))) == 2.0
+    if jax.default_backend() == "cpu" and compiled._accepted(
+            tuple(sorted({**compiled._CPU_OPTIONS, **compiled._QUICK_OPTIONS}.items()))):
+        assert compiled._cpu_options(True) == {**compiled._CPU_OPTIONS, **compiled._QUICK_OPTIONS}
+        assert compiled._cpu_options(False) == compiled._CPU_OPTIONS
+
+
+def test_quick_and_optimised_fits_agree(monkeypatch):
+    """A small fit compiled quick (no LLVM optimisation) and the same fit compiled optimised
+    reach the same optimum (to round-off: the code differs, not the arithmetic asked for)."""
+    y = jnp.array([1, 1, 0, 1, 0, 0, 1, 0, 1, 1], dtype=jnp.float64)
+    quick = EM(three_coins, tol=1e-10, progress_bar=False).run(jax.random.PRNGKey(0), y)
+    monkeypatch.setattr(compiled, "QUICK_BYTES", 0)
+    slow = EM(three_coins, tol=1e-10, progress_bar=False).run(jax.random.PRNGKey(0), y)
+    assert quick.n_iter == slow.n_iter
+    for k in quick.params:
+        np.testing.assert_allclose(quick.params[k], slow.params[k], rtol=1e-9)

@@ -115,3 +115,15 @@ def test_inference_data_leaves_out_a_restart_at_a_saddle():
     with pytest.warns(UserWarning, match="restarts 0 .saddle"):
         idata = result.to_inference_data(restarts="all", num_samples=20)
     assert list(idata.posterior.chain.values) == [1, 2]
+
+
+def test_saddle_projections_are_fixed_and_spread():
+    """The saddle check's two projections (an integer hash, no random-number program): fixed,
+    in [0.5, 1), the same values in float32 as in float64, and not aligned with each other."""
+    from bayes_em.estep import projections
+
+    r = np.asarray(projections(100_000, jnp.float64))
+    assert r.shape == (2, 100_000) and r.min() >= 0.5 and r.max() < 1.0
+    np.testing.assert_array_equal(r, np.asarray(projections(100_000, jnp.float64)))
+    np.testing.assert_array_equal(r, np.asarray(projections(100_000, jnp.float32), np.float64))
+    assert abs(np.corrcoef(r)[0, 1]) < 0.02 and abs(r.mean() - 0.75) < 0.01
