@@ -133,7 +133,8 @@ def _bwd(residuals, g):
     thresh = _threshold(a0.dtype, a0.shape[-1])
     unused = total == 0  # a batch element without weight (e.g. a padding row): β = 0
     good = ok & jnp.all((n / _safe(cs) >= thresh) | unused) & jnp.all((n0 >= thresh) | unused)
-    for x in fast:
+    # n_t ≥ thresh (false if NaN) bounds γ_t by G; the small arrays are checked directly
+    for x in (total, fast[0], fast[1]):
         good = good & jnp.all(jnp.isfinite(x))
     return jax.lax.cond(good, lambda: fast,
                         lambda: jax.vjp(_log_domain, a0, const, m)[1](g))
