@@ -56,6 +56,31 @@ def _sum_to(x, shape):
     return jnp.sum(x, axis=axes, keepdims=True).reshape(shape)
 
 
+def _chain(first, b, mat, reverse):
+    """The T + 1 messages r_0 = `first`, r_{s+1} = (r_s @ mat) ⊙ b_s / Σ r_s (forward), or
+    r_T = `first`, r_{s-1} = (r_s ⊙ b_{s-1} / max r_s) @ mat (backward), each normalised by
+    its predecessor's sum or maximum (the scale of a message is free: the gradient uses ratios).
+
+    One `fori_loop` writing into the (T + 1, ..., K) buffer it carries: on CPU a step is then
+    four small kernels, against six or seven for a `lax.scan` with a normalised carry and
+    stacked outputs (which copies the carry into the output at every step)."""
+    length = b.shape[0]
+    start = length if reverse else 0
+    buf = jnp.zeros((length + 1,) + first.shape, first.dtype).at[start].set(first)
+
+    def body(i, buf):
+        src = length - i if reverse else i
+        r = jax.lax.dynamic_index_in_dim(buf, src, keepdims=False)
+        b_s = jax.lax.dynamic_index_in_dim(b, src - 1 if reverse else src, keepdims=False)
+        if reverse:
+            new = _matvec(r * (b_s / _safe(jnp.max(r, -1, keepdims=True))), mat)
+        else:
+            new = _matvec(r, mat) * (b_s / _safe(jnp.sum(r, -1, keepdims=True)))
+        return jax.lax.dynamic_update_index_in_dim(buf, new, src - 1 if reverse else src + 1, 0)
+
+    return jax.lax.fori_loop(0, length, body, buf)
+
+
 def _log_domain(a0, const, m):
     """The log-domain recursion of `bayes_em.forward` (the fallback)."""
     return log_forward_scan(a0, const, m)
@@ -74,11 +99,8 @@ def _forward(a0, const, m):
     c0 = jnp.sum(e0, -1, keepdims=True)
     alpha0 = e0 / _safe(c0)
 
-    def step(alpha, b_t):
-        p = _matvec(alpha, trans) * b_t
-        return p * (1.0 / jnp.sum(p, -1, keepdims=True)), p
-
-    last, ps = jax.lax.scan(step, alpha0, b)
+    ps = _chain(alpha0, b, trans, reverse=False)[1:]
+    last = ps[-1] / _safe(jnp.sum(ps[-1], -1, keepdims=True))
     cs = jnp.sum(ps, -1, keepdims=True)
     ok = (jnp.min(cs) >= _threshold(a0.dtype, a0.shape[-1])) & jnp.all(jnp.isfinite(cs))
     ok = ok & jnp.all(c0 > 0)
@@ -115,13 +137,8 @@ def _bwd(residuals, g):
     last = ps[-1]
     beta_last = jnp.where(last > 0, g / _safe(last), 0.0)  # ∝ ∂/∂α_T; 0 where unreached
     beta_last = beta_last / _safe(jnp.max(beta_last, -1, keepdims=True))
-    trans_t = jnp.swapaxes(trans, -1, -2)
-
-    def step(beta, b_t):
-        q = _matvec(beta * b_t, trans_t)
-        return q * (1.0 / _safe(jnp.max(q, -1, keepdims=True))), beta
-
-    beta0, betas = jax.lax.scan(step, beta_last, b, reverse=True)  # betas[t]: that of ps[t]
+    messages = _chain(beta_last, b, jnp.swapaxes(trans, -1, -2), reverse=True)
+    beta0, betas = messages[0], messages[1:]  # betas[t]: that of ps[t]
     pb = ps * betas
     n = jnp.sum(pb, -1, keepdims=True)  # c_t n_t
     n0 = jnp.sum(alpha0 * beta0, -1, keepdims=True)
