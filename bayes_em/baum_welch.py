@@ -9,7 +9,7 @@ are matrix-vector products, no exp or log inside the loop) and the two-slice sum
 matrix product over time at the end. `jax.custom_vjp` replaces the transpose of the forward
 `lax.scan` (which stores per-step residuals and accumulates a K×K outer product per step).
 
-Exactness: every product in a step is in [0, 1] and an entry that underflows is below the
+Exactness: every factor of a step is O(1) (at most K) and an entry that underflows is below the
 dtype's smallest normal, so a step loses at most K² · tiny of its sum c_t. Where some c_t, or a
 normaliser n_t of the gradient, is below `_threshold` (relative loss ≥ eps/100) or a result is
 not finite, the log-domain recursion of `bayes_em.forward` (and its autodiff) is used instead,
@@ -112,18 +112,29 @@ def _forward(a0, const, m):
 
 
 def _primal(a0, const, m):
+    """a_T by the scaled recursion, or by the log-domain one where that would underflow."""
     a_last, _, ok = _forward(a0, const, m)
     return jax.lax.cond(ok, lambda: a_last, lambda: _log_domain(a0, const, m))
 
 
 scaled_forward = jax.custom_vjp(_primal)
-scaled_forward.__doc__ = """a_T(j) = log Σ_i exp(a_{T-1}(i) + C(i, j)) + m_T(j), ..., from a_0 = `a0`
-(..., K), a transition part C = `const` (..., K, K) constant over time and emissions m = `m`
-(T, ..., K); batch dims broadcast. Same values as `bayes_em.forward.log_forward_scan`; its
-gradient by the scaled backward recursion (see the module doc)."""
+scaled_forward.__doc__ = """a_T(j) = log Σ_i exp(a_{T-1}(i) + C(i, j)) + m_T(j), down to a_0.
+
+Same values as `bayes_em.forward.log_forward_scan`; the gradient by the scaled backward
+recursion (see the module doc). Batch dims broadcast.
+
+Args:
+    a0: a_0, shape (..., K).
+    const: the transition part C, constant over time, shape (..., K, K).
+    m: the emissions m_t, shape (T, ..., K).
+
+Returns:
+    a_T, shape (..., K).
+"""
 
 
 def _fwd(a0, const, m):
+    """`_primal` and the residuals of `_bwd`."""
     a_last, residuals, ok = _forward(a0, const, m)
     a_last = jax.lax.cond(ok, lambda: a_last, lambda: _log_domain(a0, const, m))
     return a_last, (a0, const, m, ok) + residuals
