@@ -2,8 +2,10 @@
 
     a_{t+1}(j) = log Σ_i exp(a_t(i) + C(i, j) + m_t(i, j))
 
-(its gradient is the backward pass: two-slice marginals). The max-product with back-pointers is
-`bayes_em.viterbi`.
+(its gradient is the backward pass: two-slice marginals). Where the transition is constant over
+time and the time-varying part does not depend on the previous state (an HMM's emissions), the
+scaled recursion of `bayes_em.baum_welch` computes it, with its gradient by the scaled backward
+recursion. The max-product with back-pointers is `bayes_em.viterbi`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["forward_scan", "matvec_step", "pairwise_sum"]
+__all__ = ["forward_scan", "log_forward_scan", "matvec_step", "pairwise_sum"]
 
 
 def pairwise_sum(x):
@@ -56,11 +58,15 @@ def forward_scan(a0, const, m, length):
     shift: the carried values stay O(1), so their round-off does not grow with log Z (a message
     carrying log Z itself adds eps·|log Z| at each of the T steps); the shifts are summed
     pairwise at the end. Where m_t does not depend on the previous state (emissions) a step is
-    a matrix-vector product (`matvec_step`)."""
+    a matrix-vector product: in the scaled domain (`bayes_em.baum_welch.scaled_forward`), or
+    without emissions in log space (`matvec_step`)."""
     dtype = jnp.result_type(a0)
-    if jnp.ndim(const) >= 2 and (m is None or m.shape[-2] == 1):
+    if jnp.ndim(const) >= 2 and m is not None and m.shape[-2] == 1:
+        from bayes_em.baum_welch import scaled_forward
+
+        return scaled_forward(a0, const, m[..., 0, :])
+    if jnp.ndim(const) >= 2 and m is None:
         forward = matvec_step(const, dtype)
-        m = None if m is None else m[..., 0, :]
     else:
         def forward(a, m_t):
             m_t = const if m_t is None else const + m_t
@@ -69,4 +75,13 @@ def forward_scan(a0, const, m, length):
             return jax.nn.logsumexp((a - shift)[..., :, None] + m_t, axis=-2), shift
 
     a_last, shifts = jax.lax.scan(forward, a0, m, length=length)
+    return a_last + pairwise_sum(shifts)
+
+
+def log_forward_scan(a0, const, m):
+    """a_T by the log-domain matrix-vector steps (`matvec_step`) for emissions m (T, ..., K)
+    that do not depend on the previous state; differentiated by autodiff of the `lax.scan`.
+    The fallback of `bayes_em.baum_welch.scaled_forward` where its scaled steps would
+    underflow."""
+    a_last, shifts = jax.lax.scan(matvec_step(const, jnp.result_type(a0)), a0, m)
     return a_last + pairwise_sum(shifts)
