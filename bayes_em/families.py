@@ -17,7 +17,7 @@ from numpyro.distributions import constraints
 from bayes_em._numpyro import covariance_was_given, mask_of
 from bayes_em.constraints import clip_eigenvalues
 from bayes_em.factors import is_plate_weight
-from bayes_em.gaussian import exact_distances
+from bayes_em.gaussian import exact_distances, packed_outer, unpack_symmetric
 
 __all__ = ["Family", "FAMILIES", "GaussianPair", "site_stats", "site_weight", "unwrap"]
 
@@ -355,8 +355,7 @@ class MvnCovariance(Family):
             c = jnp.mean(x.reshape(-1, D), axis=0)
             xc = x - c
             s1 = _weighted_sum(w, xc, joint, 1)
-            xx = (xc[..., :, None] * xc[..., None, :]).reshape(xc.shape[:-1] + (D * D,))
-            s2 = _weighted_sum(w, xx, joint, 1).reshape(joint + (D, D))
+            s2 = unpack_symmetric(_weighted_sum(w, packed_outer(xc), joint, 1), D)
             mc = jnp.broadcast_to(base.loc - c, joint + (D,))
             outer = s1[..., :, None] * mc[..., None, :]
             ss = (s2 - outer - jnp.swapaxes(outer, -1, -2)
@@ -423,9 +422,8 @@ class GaussianPair:
             D = jnp.shape(x)[-1]
             sums = {"s0": (_weighted_sum(w, jnp.ones(d.shape[:-1], w.dtype), joint), ()),
                     "s1": (_weighted_sum(w, d, joint, 1), (D,)),
-                    "s2": (_weighted_outer(w, d, joint) if not shared else _weighted_sum(
-                        w, (d[..., :, None] * d[..., None, :]).reshape(d.shape[:-1] + (D * D,)),
-                        joint, 1).reshape(joint + (D, D)), (D, D))}
+                    "s2": (_weighted_outer(w, d, joint) if not shared else unpack_symmetric(
+                        _weighted_sum(w, packed_outer(d), joint, 1), D), (D, D))}
         else:
             sums = {"s0": (_weighted_sum(w, jnp.ones_like(d, w.dtype), joint), ()),
                     "s1": (_weighted_sum(w, d, joint), ()),
