@@ -135,7 +135,18 @@ def problem_for(model: Callable, sites, rebuild: Callable, data: tuple,
         args, kwargs = rebuild(chunked.head(problem, data))  # chunked: its first chunk
         closed, refused = detect_closed_forms(problem, init, args, kwargs)
         problem = problem._replace(closed=closed, refused=refused)
-    return fused.configure(chunked.with_stages(problem))
+    return fused.configure(chunked.with_stages(problem), init, data, _block_rows(data))
+
+
+def _block_rows(data: tuple) -> int:
+    """Rows per block of a one-pass iteration (`bayes_em.fused`): blocks on one CPU device
+    (they keep a block's intermediates in cache); 0 (at once) on accelerators or sharded
+    data."""
+    platforms = {d.platform for x in jax.tree.leaves(data) if isinstance(x, jax.Array)
+                 for d in x.devices()}
+    if devices_of(data) > 1 or (platforms or {jax.default_backend()}) != {"cpu"}:
+        return 0
+    return fused.BLOCK_ROWS
 
 
 def build(model: Callable, *args, options: Options = Options(), init_values: dict | None = None,

@@ -11,7 +11,12 @@ loop's state carries the statistics instead of the rows × components weights: n
 M-step pass re-reading the data, and no N-sized select per iteration. The M-step is the batch
 M-step's ECM order (locations, then covariances at the new locations): the same θ_{t+1}.
 
-Used by [`bayes_em.em`][bayes_em.em] when the problem's `fused` layout is set
+Where the rows of a data plate are independent given θ, the pass runs over blocks of rows
+(chunked EM's one-pass iteration, `bayes_em.chunked`, with blocks of `BLOCK_ROWS`): each
+block's intermediates (float32 distances per row and component, x ⊗ x) are then formed and
+consumed while they are still in cache, instead of written out and read back N rows at a time.
+
+Used by [`bayes_em.em`][bayes_em.em] when the problem's `fused` plan is set
 ([`configure`][bayes_em.fused.configure]): soft EM, no SQUAREM, no chunks, no numeric M-step.
 Whatever needs the weights themselves (the saddle check, diagnostics, the numeric fallback)
 recomputes them at θ.
@@ -19,26 +24,50 @@ recomputes them at θ.
 
 from __future__ import annotations
 
-from bayes_em import additive
+from typing import Any, NamedTuple
+
+from bayes_em import additive, chunked
 from bayes_em.conjugate import _trace, plan_prior
 from bayes_em.estep import e_step
 from bayes_em.problem import EMProblem
 
-__all__ = ["configure", "unfused", "e_pass", "m_step"]
+__all__ = ["Fused", "BLOCK_ROWS", "configure", "unfused", "e_pass", "m_step"]
+
+# rows per block of the data plate: a block's rows × components × D intermediates (float32
+# distances, x ⊗ x) stay far smaller than the data's, and the loop over blocks costs little
+BLOCK_ROWS = 131072
 
 
-def configure(problem: EMProblem) -> EMProblem:
-    """`problem` with its `fused` layout where one pass per iteration gives the exact EM
+class Fused(NamedTuple):
+    """How the one-pass iteration runs."""
+
+    layout: Any  # additive.Layout of the closed forms
+    blocks: Any = None  # chunked.Chunks: the data plate in blocks of rows (None: at once)
+
+
+def configure(problem: EMProblem, params: dict, data: tuple,
+              block_rows: int | None = None) -> EMProblem:
+    """`problem` with its `fused` plan where one pass per iteration gives the exact EM
     iteration: unchunked soft EM without SQUAREM, every parameter in closed form, every closed
-    form with additive statistics; else unchanged."""
+    form with additive statistics (else unchanged). Where the rows of a data plate are
+    independent given θ (chunked EM's conditions) the pass runs over blocks of `block_rows`
+    rows (default `BLOCK_ROWS`; 0: at once)."""
+    block_rows = BLOCK_ROWS if block_rows is None else block_rows
     closed = {plan.param for plan in problem.closed}
     if (problem.chunks is not None or problem.hard or problem.accelerate or not closed
             or any(p.name not in closed for p in problem.sites.params)):
         return problem
     try:
-        return problem._replace(fused=additive.layout(problem.closed))
+        lay = additive.layout(problem.closed)
     except ValueError:
         return problem
+    blocks = None
+    if block_rows:
+        try:
+            blocks = chunked.configure(problem, params, data, block_rows).chunks
+        except ValueError:
+            blocks = None
+    return problem._replace(fused=Fused(lay, blocks and blocks._replace(layout=lay)))
 
 
 def unfused(problem: EMProblem) -> EMProblem:
@@ -49,19 +78,30 @@ def unfused(problem: EMProblem) -> EMProblem:
 def e_pass(problem: EMProblem, params: dict, data: tuple) -> tuple:
     """`(log Z, log p(θ), raw statistics)` at θ = `params`: the E-step, then every closed
     form's additive statistics under its weights."""
+    if problem.fused.blocks is not None:
+        return chunked.e_pass(_blocked(problem), params, data)
     log_z, lp, weights = e_step(problem, params, data)
     args, kwargs = problem.rebuild(data)
     tr = _trace(problem.enum_model, params, args, kwargs)
-    reference = additive.references(problem.fused, params, tr)
-    stats = additive.stats(problem, problem.fused, params, weights, reference, args, kwargs, tr)
+    lay = problem.fused.layout
+    reference = additive.references(lay, params, tr)
+    stats = additive.stats(problem, lay, params, weights, reference, args, kwargs, tr)
     return log_z, lp, stats
 
 
 def m_step(problem: EMProblem, params: dict, stats: dict, data: tuple) -> dict:
     """θ_{t+1} from the raw statistics at θ_t = `params` (each plan's ML / conjugate MAP
     mode, in the batch M-step's order)."""
+    if problem.fused.blocks is not None:  # the blocks' references (chunk 0's data mean)
+        return chunked.closed_form_step(_blocked(problem), params, data, stats)
     args, kwargs = problem.rebuild(data)
     tr = _trace(problem.enum_model, params, args, kwargs)
-    reference = additive.references(problem.fused, params, tr)
+    lay = problem.fused.layout
+    reference = additive.references(lay, params, tr)
     priors = {plan.param: plan_prior(plan, tr) for plan in problem.closed if plan.prior}
-    return additive.m_step(problem.fused, params, stats, reference, priors)
+    return additive.m_step(lay, params, stats, reference, priors)
+
+
+def _blocked(problem: EMProblem) -> EMProblem:
+    """The problem as chunked EM over the fused plan's blocks."""
+    return problem._replace(chunks=problem.fused.blocks, fused=None)
