@@ -61,7 +61,7 @@ def data():
     return x, init
 
 
-@pytest.mark.parametrize("block_rows", [0, 128, 333])
+@pytest.mark.parametrize("block_rows", [0, 128, 333])  # at once, blocks (a masked last one)
 def test_one_pass_matches_numpy_em(data, block_rows, monkeypatch):
     x, init = data
     monkeypatch.setattr(fused, "BLOCK_ROWS", block_rows)
