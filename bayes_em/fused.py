@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
+
 from bayes_em import additive, chunked
 from bayes_em.conjugate import _trace, plan_prior
 from bayes_em.estep import e_step
@@ -85,6 +87,7 @@ def e_pass(problem: EMProblem, params: dict, data: tuple) -> tuple:
     form's additive statistics under its weights."""
     if problem.fused.blocks is not None:
         return chunked.e_pass(_blocked(problem), params, data)
+    params = {k: jnp.asarray(v) for k, v in params.items()}  # host arrays index like the model's
     log_z, lp, weights = e_step(problem, params, data)
     args, kwargs = problem.rebuild(data)
     tr = _trace(problem.enum_model, params, args, kwargs)
@@ -99,6 +102,7 @@ def m_step(problem: EMProblem, params: dict, stats: dict, data: tuple) -> dict:
     mode, in the batch M-step's order)."""
     if problem.fused.blocks is not None:  # the blocks' references (chunk 0's data mean)
         return chunked.closed_form_step(_blocked(problem), params, data, stats)
+    params = {k: jnp.asarray(v) for k, v in params.items()}
     args, kwargs = problem.rebuild(data)
     tr = _trace(problem.enum_model, params, args, kwargs)
     lay = problem.fused.layout
