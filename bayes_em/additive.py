@@ -7,7 +7,7 @@ For a data plate whose rows are independent given θ,
     θ_{t+1} = M(s)                          (each plan's ML / conjugate MAP mode, in order)
 
 For Gaussian locations and scales the raw statistics are
-[`GaussianPair`][bayes_em.families.GaussianPair]'s Σ w, Σ w (x − c), Σ w (x − c)(x − c)ᵀ
+[`GaussianPair`][bayes_em.gaussian_pair.GaussianPair]'s Σ w, Σ w (x − c), Σ w (x − c)(x − c)ᵀ
 about a reference c per location row, mapped to the batch M-step's own statistics at the
 current θ by `m_step` (ECM: a covariance at the new location), so that one pass over the data
 gives the whole closed-form M-step. In float64 a multivariate location's reference is one
@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bayes_em.conjugate import plan_index, plan_stats, plan_value
-from bayes_em.families import FAMILIES, GaussianPair, site_weight
+from bayes_em.families import FAMILIES, site_weight
 from bayes_em.gaussian import exact_distances
+from bayes_em.gaussian_pair import GaussianPair
 
 __all__ = ["Layout", "layout", "references", "stats", "m_step"]
 

@@ -339,7 +339,7 @@ def lower_bound_trace(result, n_iter=None) -> dict:
     0's iterations; `params` holds θ_t (constrained, leading axis t). EM guarantees
     bound_t + log p(θ_{t+1}) ≥ ℓ(θ_t) + log p(θ_t). Soft EM only."""
     _need_problem(result)
-    problem = result.problem
+    problem = result.problem._replace(fused=None)  # the state's E-step weights are read
     if problem.hard:
         raise ValueError("The lower-bound decomposition holds for soft EM; this fit used "
                          "hard=True.")

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import Array, lax
 from jax.flatten_util import ravel_pytree
 
+from bayes_em import fused
 from bayes_em.estep import (
     e_step,
     latent_posterior,
@@ -191,6 +192,8 @@ def _e_step(problem, params, data):
         from bayes_em import chunked
 
         return chunked.e_pass(problem, params, data)
+    if problem.fused is not None:
+        return fused.e_pass(problem, params, data)
     return e_step(problem, params, data)
 
 
@@ -244,6 +247,11 @@ def _propose(problem, state, data):
         params = lax.cond(first, lambda: state.params, lambda: jax.tree.map(
             lambda old, new: new.astype(old.dtype), state.params,
             m_step(problem, state.params, state.weights, data)))
+        return (params, *_e_step(problem, params, data), jnp.zeros((), bool), 1)
+    if problem.fused is not None:  # statistics in the state: the M-step is parameter-sized
+        stepped = fused.m_step(problem, state.params, state.weights, data)
+        params = jax.tree.map(lambda old, new: jnp.where(first, old, new.astype(old.dtype)),
+                              state.params, stepped)
         return (params, *_e_step(problem, params, data), jnp.zeros((), bool), 1)
     # a select, not a lax.cond: XLA on CPU runs a conditional's branches out of line, which
     # cost ~20% per iteration of a mixture at N = 1e6; the M-step of the fresh pass (on zero
@@ -310,7 +318,7 @@ def step(problem: EMProblem, state: EMState, data: tuple) -> tuple[EMState, Step
 def fallback_step(problem: EMProblem, state: EMState, data: tuple) -> tuple[EMState, StepInfo]:
     """The iteration the guard rejected, redone with the numeric M-step for every parameter
     (a valid generalised-EM step: L-BFGS keeps only points that do not lower Q + log p)."""
-    numeric = problem._replace(closed=())
+    numeric = problem._replace(closed=(), fused=None)
     return step(numeric, state._replace(status=jnp.asarray(RUNNING, jnp.int32)), data)
 
 
@@ -342,6 +350,10 @@ def run(problem: EMProblem, state: EMState, data: tuple, report: Callable | None
         from bayes_em import chunked
 
         symmetric = chunked.symmetric_latents(problem, final.params, data)
+    elif problem.fused is not None:  # the weights at the final θ, where it converged
+        symmetric = lax.cond(final.status == CONVERGED, lambda: symmetric_latents(
+            problem, e_step(problem, final.params, data)[2], final.params, data),
+            lambda: jnp.zeros((), bool))
     else:
         symmetric = symmetric_latents(problem, final.weights, final.params, data, metas=metas)
     saddle = (final.status == CONVERGED) & symmetric

@@ -17,9 +17,9 @@ from numpyro.distributions import constraints
 from bayes_em._numpyro import covariance_was_given, mask_of
 from bayes_em.constraints import clip_eigenvalues
 from bayes_em.factors import is_plate_weight
-from bayes_em.gaussian import exact_distances
+from bayes_em.gaussian import exact_distances, packed_outer, unpack_symmetric
 
-__all__ = ["Family", "FAMILIES", "GaussianPair", "site_stats", "site_weight", "unwrap"]
+__all__ = ["Family", "FAMILIES", "site_stats", "site_weight", "unwrap"]
 
 
 def unwrap(fn):
@@ -355,8 +355,7 @@ class MvnCovariance(Family):
             c = jnp.mean(x.reshape(-1, D), axis=0)
             xc = x - c
             s1 = _weighted_sum(w, xc, joint, 1)
-            xx = (xc[..., :, None] * xc[..., None, :]).reshape(xc.shape[:-1] + (D * D,))
-            s2 = _weighted_sum(w, xx, joint, 1).reshape(joint + (D, D))
+            s2 = unpack_symmetric(_weighted_sum(w, packed_outer(xc), joint, 1), D)
             mc = jnp.broadcast_to(base.loc - c, joint + (D,))
             outer = s1[..., :, None] * mc[..., None, :]
             ss = (s2 - outer - jnp.swapaxes(outer, -1, -2)
@@ -376,86 +375,6 @@ class MvnCovariance(Family):
 
     def floor(self, new, c):
         return clip_eigenvalues(new, c)
-
-
-class GaussianPair:
-    """The exponential-family statistics of a Normal (`multivariate=False`) or
-    MultivariateNormal site whose location rows i and scale / covariance rows j are selected
-    (by any index maps, the same one or not): per pair (i, j)
-
-        s0 = Σ w,   s1 = Σ w (x − c_i),   s2 = Σ w (x − c_i)²   (x xᵀ for a MultivariateNormal),
-
-    about a fixed reference c_i per location row (the location where the statistics started:
-    no cancellation of moments about a far-away origin), or one centre c shared by every row
-    (`ref` of one row: the sums are then matrix products of the weights with x and x ⊗ x).
-    They read no θ, so they add over batches computed at different θ (online EM). At the
-    current θ they give the statistics of [`NormalLoc`][bayes_em.families.NormalLoc] /
-    [`MvnLoc`][bayes_em.families.MvnLoc] (a, b) and
-    [`NormalScale`][bayes_em.families.NormalScale] /
-    [`MvnCovariance`][bayes_em.families.MvnCovariance] (n, ss) exactly as the batch M-step computes
-    them, hence the same modes. A location not fitted (`n_loc=0`) is one pseudo row (x − loc its
-    data, c = 0); a Normal scale not fitted (`n_spread=0`) is one pseudo row with each entry's
-    precision folded into its weight."""
-
-    def __init__(self, multivariate: bool):
-        self.multivariate = multivariate
-
-    def raw_stats(self, base, x, w, idx_loc, n_loc, ref, idx_spread, n_spread) -> dict:
-        """`{"s0", "s1", "s2"}` of shape (rows_loc, rows_spread) + event (pseudo rows: 1)."""
-        mv = self.multivariate
-        joint = (_mvn_joint(base) if mv
-                 else jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale)))
-        nl, ns = max(n_loc, 1), max(n_spread, 1)
-        shared = bool(n_loc) and jnp.shape(ref)[0] == 1  # one centre: d has the data's shape
-        if n_loc:
-            il = jnp.broadcast_to(idx_loc, joint)
-            d = x - ref[0] if shared else x - ref[jnp.clip(il, 0, n_loc - 1)]
-        else:
-            il, d = jnp.zeros(joint, jnp.int32), x - base.loc
-        if n_spread:
-            js = jnp.broadcast_to(idx_spread, joint)
-        elif mv:
-            raise ValueError("a MultivariateNormal location needs its covariance fitted too")
-        else:
-            js, w = jnp.zeros(joint, jnp.int32), w / jnp.square(base.scale)
-        pair = jnp.where((il < nl) & (js < ns), il * ns + js, nl * ns)
-        if mv:
-            D = jnp.shape(x)[-1]
-            sums = {"s0": (_weighted_sum(w, jnp.ones(d.shape[:-1], w.dtype), joint), ()),
-                    "s1": (_weighted_sum(w, d, joint, 1), (D,)),
-                    "s2": (_weighted_outer(w, d, joint) if not shared else _weighted_sum(
-                        w, (d[..., :, None] * d[..., None, :]).reshape(d.shape[:-1] + (D * D,)),
-                        joint, 1).reshape(joint + (D, D)), (D, D))}
-        else:
-            sums = {"s0": (_weighted_sum(w, jnp.ones_like(d, w.dtype), joint), ()),
-                    "s1": (_weighted_sum(w, d, joint), ()),
-                    "s2": (_weighted_sum(w, jnp.square(d), joint), ())}
-        return {k: _scatter(v, pair, nl * ns, ev).reshape((nl, ns) + ev)
-                for k, (v, ev) in sums.items()}
-
-    def loc_stats(self, st, ref, loc, prec) -> dict:
-        """NormalLoc / MvnLoc's `{"a", "b"}` at locations `loc` (rows) and the spread rows'
-        precisions `prec` (a pseudo row: 1)."""
-        s0, s1, dl = st["s0"], st["s1"], loc - ref
-        if self.multivariate:
-            r = s1 - s0[..., None] * dl[:, None, :]
-            return {"a": jnp.einsum("ij,jab->iab", s0, prec),
-                    "b": jnp.einsum("jab,ijb->ia", prec, r)}
-        return {"a": s0 @ prec, "b": (s1 - s0 * dl[:, None]) @ prec}
-
-    def spread_stats(self, st, ref, loc) -> dict:
-        """NormalScale / MvnCovariance's `{"n", "ss"}` about locations `loc` (rows; a
-        pseudo row: `loc = ref = 0`)."""
-        s0, s1, s2, dl = st["s0"], st["s1"], st["s2"], loc - ref
-        if self.multivariate:
-            cross = s1[..., :, None] * dl[:, None, None, :]
-            outer = dl[:, :, None] * dl[:, None, :]
-            ss = jnp.sum(s2 - cross - jnp.swapaxes(cross, -1, -2)
-                         + s0[..., None, None] * outer[:, None], axis=0)
-            return {"ss": 0.5 * (ss + jnp.swapaxes(ss, -1, -2)), "n": jnp.sum(s0, axis=0)}
-        d = dl[:, None]
-        ss = jnp.sum(s2 - 2.0 * d * s1 + jnp.square(d) * s0, axis=0)
-        return {"n": jnp.sum(s0, axis=0), "ss": jnp.maximum(ss, 0.0)}
 
 
 # every family, in the order of updates inside one M-step (conditional maximisation: locations

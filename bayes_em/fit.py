@@ -25,7 +25,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from bayes_em import chunked
+from bayes_em import chunked, fused
 from bayes_em import em as core
 from bayes_em.lbfgs import LBFGS
 from bayes_em.sites import discover_sites, split_data
@@ -135,7 +135,18 @@ def problem_for(model: Callable, sites, rebuild: Callable, data: tuple,
         args, kwargs = rebuild(chunked.head(problem, data))  # chunked: its first chunk
         closed, refused = detect_closed_forms(problem, init, args, kwargs)
         problem = problem._replace(closed=closed, refused=refused)
-    return chunked.with_stages(problem)
+    return fused.configure(chunked.with_stages(problem), init, data, _block_rows(data))
+
+
+def _block_rows(data: tuple) -> int:
+    """Rows per block of a one-pass iteration (`bayes_em.fused`): blocks on one CPU device
+    (they keep a block's intermediates in cache); 0 (at once) on accelerators or sharded
+    data."""
+    platforms = {d.platform for x in jax.tree.leaves(data) if isinstance(x, jax.Array)
+                 for d in x.devices()}
+    if devices_of(data) > 1 or (platforms or {jax.default_backend()}) != {"cpu"}:
+        return 0
+    return fused.BLOCK_ROWS
 
 
 def build(model: Callable, *args, options: Options = Options(), init_values: dict | None = None,
@@ -209,6 +220,7 @@ def weights_at(problem: core.EMProblem, state: core.EMState, data: tuple) -> cor
 def fallback(problem: core.EMProblem, state: core.EMState, data: tuple) -> core.EMState:
     """A restart stopped by the guard, continued: the rejected iteration numerically, then the
     EM loop; returned without weights, as [`program`][bayes_em.fit.program] returns its states."""
+    problem = fused.unfused(problem)  # the state holds E-step weights from here on
     state = core.fallback_step(problem, weights_at(problem, state, data), data)[0]
     return core.run(problem, state, data)._replace(weights={})
 

@@ -4,7 +4,9 @@ For x of batch shape B_x and components of batch shape B_k (broadcasting, e.g. (
 with P = L⁻ᵀ L⁻¹:
 
 - float64: (x − μ)ᵀ P (x − μ) = ⟨x xᵀ, P⟩ − 2 ⟨x, Pμ⟩ + μᵀ P μ about the data mean, each ⟨·,·⟩
-  one `dot_general` (x xᵀ is loop-invariant: computed once per fit);
+  one `dot_general`; x xᵀ symmetrically packed (its D(D+1)/2 entries x_i x_j, i ≤ j, against
+  P's with the off-diagonals doubled: `packed_outer`, `pack_symmetric`), loop-invariant
+  (computed once per fit);
 - float32: ‖L⁻¹x − L⁻¹μ‖², L⁻¹x for every pair as one `dot_general` and the difference taken
   before squaring. The expansion cancels catastrophically in float32 when clusters lie far apart
   relative to their spread (means ±1e3, sd 1e-2); in float64 it keeps 1e-6 relative accuracy up
@@ -17,13 +19,41 @@ import string
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 from jax.scipy.linalg import solve_triangular
 
 from bayes_em._numpyro import mask_of
 
-__all__ = ["exact_distances", "broadcast_dot", "broadcast_matvec", "mvn_log_prob",
-           "diag_normal_log_prob", "log_prob"]
+# rows per block where float32 distances are formed per row and component (`by_row_blocks`)
+ROW_BLOCK = 8192
+
+__all__ = ["exact_distances", "rows_broadcast", "by_row_blocks", "sum_row_blocks",
+           "broadcast_dot", "broadcast_matvec", "packed_outer", "pack_symmetric",
+           "unpack_symmetric", "mvn_log_prob", "diag_normal_log_prob", "log_prob"]
+
+
+def packed_outer(x):
+    """x ⊗ x symmetrically packed: (..., D) → (..., D(D+1)/2), the entries x_i x_j for i ≤ j in
+    row-major upper-triangle order (elementwise: slices of x, no gather)."""
+    D = x.shape[-1]
+    return jnp.concatenate([x[..., i:i + 1] * x[..., i:] for i in range(D)], axis=-1)
+
+
+def pack_symmetric(m):
+    """A symmetric (..., D, D) as the (..., D(D+1)/2) weights against `packed_outer`: its
+    upper triangle with the off-diagonal entries doubled, so ⟨x xᵀ, M⟩ = packed_outer(x) · it."""
+    D = m.shape[-1]
+    i, j = np.triu_indices(D)
+    return m[..., i, j] * jnp.asarray(np.where(i == j, 1.0, 2.0), m.dtype)
+
+
+def unpack_symmetric(p, D):
+    """The symmetric (..., D, D) whose upper triangle is the packed `p` (..., D(D+1)/2)."""
+    i, j = np.triu_indices(D)
+    index = np.zeros((D, D), np.int32)
+    index[i, j] = index[j, i] = np.arange(len(i))
+    return p[..., index]
 
 
 def broadcast_dot(a, b):
@@ -58,6 +88,41 @@ def broadcast_matvec(m, v):
     return jnp.broadcast_to(out.reshape(full + m.shape[-2:-1]), shape + m.shape[-2:-1])
 
 
+def rows_broadcast(x, *batches) -> bool:
+    """Whether `x` is (N, D) rows, N > `ROW_BLOCK`, that every component batch shape of
+    `batches` meets along a trailing size-1 dim: the (components, N) result then splits into
+    blocks of rows."""
+    if jnp.ndim(x) != 2 or x.shape[0] <= ROW_BLOCK:
+        return False
+    return all(len(b) >= 1 and b[-1] == 1 for b in batches)
+
+
+def by_row_blocks(fn, x, block: int | None = None):
+    """`fn(x)` for rows x (N, D) whose result has the rows as its last axis, evaluated over
+    blocks of `block` rows (`lax.map`; the last block zero-padded): a block's rows ×
+    components × D intermediate stays in cache instead of going through memory."""
+    block = block or ROW_BLOCK
+    n = x.shape[0]
+    nb = -(-n // block)
+    xb = jnp.pad(x, ((0, nb * block - n), (0, 0))).reshape(nb, block, x.shape[1])
+    out = jax.lax.map(fn, xb)  # (nb, ..., block)
+    out = jnp.moveaxis(out, 0, -2)
+    return out.reshape(out.shape[:-2] + (nb * block,))[..., :n]
+
+
+def sum_row_blocks(fn, x, w, block: int | None = None):
+    """Σ over blocks of `block` rows of `fn(x_b, w_b)` (a pytree), for rows x (N, D) and
+    weights w (..., N) with the rows last (`lax.map`; the last block zero-padded, zero
+    weights)."""
+    block = block or ROW_BLOCK
+    n = x.shape[0]
+    nb = -(-n // block)
+    xb = jnp.pad(x, ((0, nb * block - n), (0, 0))).reshape(nb, block, x.shape[1])
+    wb = jnp.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, nb * block - n)])
+    wb = jnp.moveaxis(wb.reshape(w.shape[:-1] + (nb, block)), -2, 0)
+    return jax.tree.map(lambda a: jnp.sum(a, 0), jax.lax.map(lambda a: fn(*a), (xb, wb)))
+
+
 def exact_distances(dtype) -> bool:
     """Whether Gaussian distances are formed entry by entry (float32 and narrower) rather than by
     the quadratic-form expansion about the data mean (float64). The expansion loses
@@ -76,14 +141,18 @@ def mvn_log_prob(loc, scale_tril, x):
     eye = jnp.broadcast_to(jnp.eye(D, dtype=scale_tril.dtype), scale_tril.shape)
     inv_l = solve_triangular(scale_tril, eye, lower=True)
     if exact_distances(jnp.result_type(x, loc)):  # ‖L⁻¹x − L⁻¹μ‖², one product for all pairs
-        y = broadcast_matvec(inv_l, xc) - (inv_l @ mc[..., None])[..., 0]
-        maha = jnp.sum(jnp.square(y), -1)
+        shift = (inv_l @ mc[..., None])[..., 0]
+
+        def distances(rows):
+            return jnp.sum(jnp.square(broadcast_matvec(inv_l, rows) - shift), -1)
+
+        blocks = rows_broadcast(xc, shift.shape[:-1], inv_l.shape[:-2])
+        maha = by_row_blocks(distances, xc) if blocks else distances(xc)
     else:  # ⟨x xᵀ, P⟩ − 2⟨x, Pμ⟩ + μᵀPμ, x xᵀ loop-invariant
         prec = jnp.swapaxes(inv_l, -1, -2) @ inv_l
         prec_m = (prec @ mc[..., None])[..., 0]
-        xx = (xc[..., :, None] * xc[..., None, :]).reshape(xc.shape[:-1] + (D * D,))
         maha = jnp.maximum(
-            broadcast_dot(xx, prec.reshape(prec.shape[:-2] + (D * D,)))
+            broadcast_dot(packed_outer(xc), pack_symmetric(prec))
             - 2.0 * broadcast_dot(xc, prec_m)
             + jnp.sum(mc * prec_m, -1), 0.0)
     half_logdet = jnp.sum(jnp.log(jnp.diagonal(scale_tril, axis1=-2, axis2=-1)), -1)

@@ -10,7 +10,7 @@ Each update takes a batch of rows at the current θ_t:
 with N the full data's rows (`n_total`) and n the batch's. The statistics are the families'
 *parameter-free* expected complete-data sufficient statistics (`Family.raw_stats`: counts,
 Σ w x, Σ w n, ...; for Gaussian locations and scales
-[`bayes_em.families.GaussianPair`][bayes_em.families.GaussianPair]: Σ w, Σ w x, Σ w x xᵀ per pair of
+[`GaussianPair`][bayes_em.gaussian_pair.GaussianPair]: Σ w, Σ w x, Σ w x xᵀ per pair of
 rows, about fixed references: θ_0's location rows, or in float64 one centre of the init batch's
 data for a multivariate location), so statistics computed at different θ can be averaged. The
 M-step maps them to the batch M-step's own statistics at the current θ and takes the same

@@ -39,6 +39,7 @@ class EMProblem(NamedTuple):
     record_params: bool = False  # keep θ_t of every iteration in the state
     parallel_time: bool = False  # Markov chains by the log-depth contraction (accelerators)
     chunks: Any = None  # chunked.Chunks: the data plate in chunks of rows (None: whole)
+    fused: Any = None  # additive.Layout: one pass per iteration, statistics in the state
 
 
 def make_problem(model, sites: ModelSites, rebuild: Callable, max_iter: int, tol: float,

@@ -14,7 +14,7 @@ import pytest
 from numpyro.distributions import constraints
 from sklearn.mixture import GaussianMixture
 
-from bayes_em import EM
+from bayes_em import EM, fused, gaussian
 
 
 def spherical(x, K):
@@ -81,7 +81,11 @@ def test_spherical_float32_matches_sklearn_float64():
     np.testing.assert_allclose(result.params["loc"], ref.means_, atol=1e-3)
 
 
-def test_full_covariance_float32_matches_sklearn_float64():
+@pytest.mark.parametrize("blocks", [None, (64, 0), (8192, 150)])
+def test_full_covariance_float32_matches_sklearn_float64(blocks, monkeypatch):
+    if blocks:  # distances and statistics over blocks of rows; passes over blocks of rows
+        monkeypatch.setattr(gaussian, "ROW_BLOCK", blocks[0])
+        monkeypatch.setattr(fused, "BLOCK_ROWS", blocks[1])
     x, m0, s0 = separated()
     ref = sklearn_fit(x, m0, s0, "full")
     cov0 = np.stack([np.eye(2) * s**2 for s in s0])
