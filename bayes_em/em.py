@@ -159,10 +159,11 @@ def _objective_dtype(abstract):
 
 def pending(problem: EMProblem, params: dict, data: tuple, abstract=None) -> EMState:
     """The state at θ_0 = `params` before its first E-step (`fresh`): `step` does that
-    E-step alone (no M-step), and `run` always does it. A chunked problem's `weights` are
-    the first closed-form stage's statistics (`bayes_em.chunked`), nothing N-sized.
+    E-step alone (no M-step), and `run` always does it. A chunked or fused problem's
+    `weights` are closed-form statistics (`bayes_em.chunked`, `bayes_em.fused`), nothing
+    N-sized.
     `abstract`: [`abstract_factors`][bayes_em.em.abstract_factors] at these shapes, if known."""
-    if problem.chunks is not None:  # traced only: nothing runs
+    if problem.chunks is not None or problem.fused is not None:  # traced only: nothing runs
         dtype, weights = (lambda s: (s[0].dtype, s[2]))(
             jax.eval_shape(lambda: _e_step(problem, params, data)))
     else:  # the weights are ∂ log Z / ∂ log f: the factors' shapes, no contraction traced
