@@ -20,3 +20,15 @@ def categorical_hmm(ys, K, V):
 
     z0 = numpyro.sample("z0", dist.Categorical(init))
     scan(step, z0, ys)
+
+
+def full_gmm(x, K):
+    """A full-covariance Gaussian mixture, every parameter a numpyro.param (ML)."""
+    D = x.shape[1]
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    loc = numpyro.param("loc", jnp.zeros((K, D)))
+    cov = numpyro.param("cov", jnp.broadcast_to(jnp.eye(D), (K, D, D)),
+                        constraint=constraints.positive_definite)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.MultivariateNormal(loc[z], covariance_matrix=cov[z]), obs=x)

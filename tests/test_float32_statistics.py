@@ -12,6 +12,7 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 from numpyro.distributions import constraints
+from shared_models import full_gmm
 from sklearn.mixture import GaussianMixture
 
 from bayes_em import EM, fused, gaussian
@@ -24,17 +25,6 @@ def spherical(x, K):
     with numpyro.plate("data", x.shape[0]):
         z = numpyro.sample("z", dist.Categorical(w))
         numpyro.sample("x", dist.Normal(loc[z], scale[z][..., None]).to_event(1), obs=x)
-
-
-def full(x, K):
-    D = x.shape[1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    loc = numpyro.param("loc", jnp.zeros((K, D)))
-    cov = numpyro.param("cov", jnp.broadcast_to(jnp.eye(D), (K, D, D)),
-                        constraint=constraints.positive_definite)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.MultivariateNormal(loc[z], covariance_matrix=cov[z]), obs=x)
 
 
 def univariate(x, K):
@@ -89,7 +79,7 @@ def test_full_covariance_float32_matches_sklearn_float64(blocks, monkeypatch):
     x, m0, s0 = separated()
     ref = sklearn_fit(x, m0, s0, "full")
     cov0 = np.stack([np.eye(2) * s**2 for s in s0])
-    result = fit32(full, x, dict(loc=m0, cov=cov0))
+    result = fit32(full_gmm, x, dict(loc=m0, cov=cov0))
     assert result.status == "converged"
     np.testing.assert_allclose(np.diagonal(result.params["cov"], axis1=1, axis2=2),
                                np.diagonal(ref.covariances_, axis1=1, axis2=2), rtol=0.1)

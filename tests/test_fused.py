@@ -9,19 +9,9 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 from numpyro.distributions import constraints
+from shared_models import full_gmm
 
 from bayes_em import EM, fused
-
-
-def gmm(x, K):
-    D = x.shape[1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    loc = numpyro.param("loc", jnp.zeros((K, D)))
-    cov = numpyro.param("cov", jnp.broadcast_to(jnp.eye(D), (K, D, D)),
-                        constraint=constraints.positive_definite)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.MultivariateNormal(loc[z], covariance_matrix=cov[z]), obs=x)
 
 
 def laplace_mixture(x, K):
@@ -65,7 +55,7 @@ def data():
 def test_one_pass_matches_numpy_em(data, block_rows, monkeypatch):
     x, init = data
     monkeypatch.setattr(fused, "BLOCK_ROWS", block_rows)
-    result = EM(gmm, max_iter=6, tol=0.0, init_values=init, progress_bar=False).run(
+    result = EM(full_gmm, max_iter=6, tol=0.0, init_values=init, progress_bar=False).run(
         jax.random.PRNGKey(0), jnp.asarray(x), 3)
     plan = result.problem.fused
     assert plan is not None and (plan.blocks is None) == (block_rows == 0)
