@@ -27,6 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from bayes_em import chunked, fused
 from bayes_em import em as core
+from bayes_em.compiled import quick
 from bayes_em.lbfgs import LBFGS
 from bayes_em.sites import discover_sites, split_data
 from bayes_em.validation import check_arguments
@@ -135,7 +136,10 @@ def problem_for(model: Callable, sites, rebuild: Callable, data: tuple,
         args, kwargs = rebuild(chunked.head(problem, data))  # chunked: its first chunk
         closed, refused = detect_closed_forms(problem, init, args, kwargs)
         problem = problem._replace(closed=closed, refused=refused)
-    return fused.configure(chunked.with_stages(problem), init, data, _block_rows(data))
+    problem = chunked.with_stages(problem)
+    if quick(*data):  # a small fit: the two-pass iteration traces and compiles less
+        return problem
+    return fused.configure(problem, init, data, _block_rows(data))
 
 
 def _block_rows(data: tuple) -> int:
