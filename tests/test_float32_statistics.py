@@ -85,6 +85,19 @@ def test_full_covariance_float32_matches_sklearn_float64(blocks, monkeypatch):
                                np.diagonal(ref.covariances_, axis1=1, axis2=2), rtol=0.1)
 
 
+def test_full_covariance_float32_more_rows_converges():
+    """2400 rows (above compiled.QUICK_BYTES): the fused one-pass iteration ended `decreased`
+    after one iteration here in float32; the fit must converge to scikit-learn's."""
+    x, m0, s0 = separated(n=2400)
+    ref = sklearn_fit(x, m0, s0, "full")
+    cov0 = np.stack([np.eye(2) * s**2 for s in s0])
+    result = fit32(full_gmm, x, dict(loc=m0, cov=cov0))
+    assert result.status == "converged"
+    np.testing.assert_allclose(result.params["loc"], ref.means_, atol=1e-3)
+    np.testing.assert_allclose(np.diagonal(result.params["cov"], axis1=1, axis2=2),
+                               np.diagonal(ref.covariances_, axis1=1, axis2=2), rtol=0.1)
+
+
 @pytest.mark.parametrize("offset", [0.0, 1e4])
 def test_univariate_float32_far_from_origin(offset):
     x, m0, s0 = separated(D=1)
