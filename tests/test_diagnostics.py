@@ -14,6 +14,7 @@ from jax.scipy.special import logsumexp
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 from scipy.stats import binom
+from shared_models import full_gmm
 from sklearn.mixture import GaussianMixture
 
 from bayes_em import EM, LBFGS, plots
@@ -45,17 +46,6 @@ def map_mixture(x, K):
     with numpyro.plate("data", x.shape[0]):
         z = numpyro.sample("z", dist.Categorical(w))
         numpyro.sample("x", dist.Normal(loc[z], scale[z]), obs=x)
-
-
-def gmm_full(x, K):
-    D_ = x.shape[1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    loc = numpyro.param("loc", jnp.zeros((K, D_)))
-    cov = numpyro.param("cov", jnp.broadcast_to(jnp.eye(D_), (K, D_, D_)),
-                        constraint=constraints.positive_definite)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.MultivariateNormal(loc[z], covariance_matrix=cov[z]), obs=x)
 
 
 def three_coins(y):
@@ -219,7 +209,7 @@ def test_bic_aic_match_sklearn_full_covariance():
         gm = GaussianMixture(2, covariance_type="full", reg_covar=0.0, tol=1e-14, max_iter=5000,
                              random_state=0).fit(x)
     # one more EM iteration from scikit-learn's converged parameters changes nothing visible
-    result = EM(gmm_full, max_iter=1, tol=0.0, mstep=PRECISE, progress_bar=False,
+    result = EM(full_gmm, max_iter=1, tol=0.0, mstep=PRECISE, progress_bar=False,
                 init_values=dict(w=gm.weights_, loc=gm.means_, cov=gm.covariances_)).run(
         jax.random.PRNGKey(0), jnp.asarray(x), K=2)
     assert D.num_free_parameters(result) == gm._n_parameters() == 2 * 3 + 2 * 2 + 1

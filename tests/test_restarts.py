@@ -9,6 +9,7 @@ import numpyro.distributions as dist
 import pytest
 from numpyro.contrib.control_flow import scan
 from numpyro.distributions import constraints
+from shared_models import full_gmm
 
 from bayes_em import EM
 
@@ -21,17 +22,6 @@ def readme_mixture(x, K):  # the README's model
     with numpyro.plate("data", x.shape[0]):
         z = numpyro.sample("z", dist.Categorical(w))
         numpyro.sample("x", dist.Normal(loc[z], scale[z]), obs=x)
-
-
-def full_mixture(x, K):
-    D = x.shape[1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    loc = numpyro.param("loc", jnp.zeros((K, D)))
-    cov = numpyro.param("cov", jnp.broadcast_to(jnp.eye(D), (K, D, D)),
-                        constraint=constraints.positive_definite)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.MultivariateNormal(loc[z], covariance_matrix=cov[z]), obs=x)
 
 
 def three_clusters(n, seed=0):
@@ -68,7 +58,7 @@ def test_random_restarts_full_covariance_five_components():
     centres = np.array([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0], [6.0, 6.0], [3.0, 12.0]])
     z = rng.integers(5, size=3000)
     x = jnp.asarray(centres[z] + rng.normal(size=(3000, 2)) @ np.array([[1.0, 0.3], [0.0, 0.7]]))
-    result = EM(full_mixture, restarts=7, max_iter=500, progress_bar=False).run(
+    result = EM(full_gmm, restarts=7, max_iter=500, progress_bar=False).run(
         jax.random.PRNGKey(2), x, K=5)
     assert reached(result) >= 5, (result.restart_objective, result.restart_status)
     assert_no_false_convergence(result)

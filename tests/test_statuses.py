@@ -6,23 +6,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
-import numpyro.distributions as dist
 import pytest
-from numpyro.distributions import constraints
+from shared_models import full_gmm
 
 from bayes_em import EM, ConvergenceWarning, Status
-
-
-def full_mixture(x, K):
-    D = x.shape[1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    loc = numpyro.param("loc", jnp.zeros((K, D)))
-    cov = numpyro.param("cov", jnp.broadcast_to(jnp.eye(D), (K, D, D)),
-                        constraint=constraints.positive_definite)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.MultivariateNormal(loc[z], covariance_matrix=cov[z]), obs=x)
 
 
 def two_clusters(n=300, seed=0):
@@ -35,12 +22,12 @@ def test_max_iter_warns_unless_tol_is_zero():
     x = two_clusters()
     init = dict(loc=np.array([[-1.0, 0.0], [1.0, 0.0]]))
     with pytest.warns(ConvergenceWarning, match="max_iter"):
-        result = EM(full_mixture, max_iter=2, init_values=init, progress_bar=False).run(
+        result = EM(full_gmm, max_iter=2, init_values=init, progress_bar=False).run(
             jax.random.PRNGKey(0), x, K=2)
     assert result.status == Status.MAX_ITER == "max_iter" and "raise max_iter" in result.message
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        EM(full_mixture, max_iter=2, tol=0.0, init_values=init, progress_bar=False).run(
+        EM(full_gmm, max_iter=2, tol=0.0, init_values=init, progress_bar=False).run(
             jax.random.PRNGKey(0), x, K=2)  # tol=0: exactly max_iter iterations, as asked
 
 
@@ -49,11 +36,11 @@ def test_symmetric_start_is_a_saddle_not_converged():
     data anchors is chosen instead."""
     x = two_clusters()
     with pytest.warns(ConvergenceWarning, match="saddle"):
-        alone = EM(full_mixture, progress_bar=False).run(jax.random.PRNGKey(0), x, K=2)
+        alone = EM(full_gmm, progress_bar=False).run(jax.random.PRNGKey(0), x, K=2)
     assert alone.status == "saddle"
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        result = EM(full_mixture, restarts=3, progress_bar=False).run(jax.random.PRNGKey(0), x, K=2)
+        result = EM(full_gmm, restarts=3, progress_bar=False).run(jax.random.PRNGKey(0), x, K=2)
     assert result.restart_status[0] == "saddle"
     assert result.status == "converged" and result.best_restart != 0
     assert result.objective > alone.objective + 100
@@ -68,12 +55,12 @@ def test_collapse_is_reported_and_never_preferred():
                 loc=np.stack([np.asarray(x[0]), [-3.0, 0.0], [3.0, 0.0]]),
                 cov=np.stack([1e-4 * np.eye(2), np.eye(2), np.eye(2)]))
     with pytest.warns(ConvergenceWarning):
-        alone = EM(full_mixture, max_iter=200, init_values=init, progress_bar=False).run(
+        alone = EM(full_gmm, max_iter=200, init_values=init, progress_bar=False).run(
             jax.random.PRNGKey(0), x, K=3)
     assert alone.status in ("collapsed", "nonfinite")
     if alone.status == "collapsed":
         assert "site 'cov'[0]" in alone.message
-    both = EM(full_mixture, restarts=4, max_iter=200, init_values=init,
+    both = EM(full_gmm, restarts=4, max_iter=200, init_values=init,
               progress_bar=False).run(jax.random.PRNGKey(0), x, K=3)
     assert both.restart_status[0] in ("collapsed", "nonfinite")
     assert both.best_restart != 0 and both.status == "converged"
@@ -88,7 +75,7 @@ def test_an_iteration_that_lowers_the_objective_is_not_taken():
 
     jax.config.update("jax_enable_x64", True)
     x = two_clusters()
-    em = EM(full_mixture, init_values=dict(loc=np.array([[-3.0, 0.0], [3.0, 0.0]])),
+    em = EM(full_gmm, init_values=dict(loc=np.array([[-3.0, 0.0], [3.0, 0.0]])),
             closed_form=False, progress_bar=False)
     problem, _, params0, data = em._prepare(jax.random.PRNGKey(0), em.init_values, (x,), {"K": 2})
     state = core.init(problem, params0, data)
@@ -110,7 +97,7 @@ def test_inference_data_leaves_out_a_restart_at_a_saddle():
     """ArviZ export of every restart: a restart at a saddle has no Laplace approximation (its
     information is not positive definite); it is left out with a warning, not an error."""
     x = two_clusters()
-    result = EM(full_mixture, restarts=3, progress_bar=False).run(jax.random.PRNGKey(0), x, K=2)
+    result = EM(full_gmm, restarts=3, progress_bar=False).run(jax.random.PRNGKey(0), x, K=2)
     assert result.restart_status[0] == "saddle"
     with pytest.warns(UserWarning, match="restarts 0 .saddle"):
         idata = result.to_inference_data(restarts="all", num_samples=20)
