@@ -32,3 +32,24 @@ def full_gmm(x, K):
     with numpyro.plate("data", x.shape[0]):
         z = numpyro.sample("z", dist.Categorical(w))
         numpyro.sample("x", dist.MultivariateNormal(loc[z], covariance_matrix=cov[z]), obs=x)
+
+
+def padded_hmm_map(ys, mask, K, V):
+    """Padded sequences (N, T): a plate over sequences, a scan over time, masks for padding."""
+    init = numpyro.sample("init", dist.Dirichlet(jnp.full(K, 2.0)))
+    with numpyro.plate("states", K):
+        trans = numpyro.sample("trans", dist.Dirichlet(jnp.full(K, 2.0)))
+        emit = numpyro.sample("emit", dist.Dirichlet(jnp.full(V, 1.5)))
+    n_seq = ys.shape[0]
+    with numpyro.plate("sequences", n_seq, dim=-1):
+        z0 = numpyro.sample("z0", dist.Categorical(init))
+        numpyro.sample("y0", dist.Categorical(emit[z0]), obs=ys[:, 0])
+
+    def step(z_prev, y_m):
+        y, m = y_m
+        with numpyro.plate("sequences", n_seq, dim=-1), numpyro.handlers.mask(mask=m):
+            z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
+            numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
+        return z, None
+
+    scan(step, z0, (ys[:, 1:].T, mask[:, 1:].T))

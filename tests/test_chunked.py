@@ -8,8 +8,8 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from numpyro.contrib.control_flow import scan
 from numpyro.distributions import constraints
+from shared_models import padded_hmm_map
 
 from bayes_em import EM, chunked, models
 
@@ -105,27 +105,6 @@ def test_numeric_mstep_matches_unchunked():
     x = _blobs(n=41, d=1)[:, 0]
     a, b = _same(mixture_numeric, (x, 3), chunk_size=10, atol=1e-9, restarts=1)
     assert b.mstep_paths["log_s"] == "numeric"
-
-
-def padded_hmm_map(ys, mask, K, V):
-    """Padded sequences (N, T): a plate over sequences, a scan over time, masks for padding."""
-    init = numpyro.sample("init", dist.Dirichlet(jnp.full(K, 2.0)))
-    with numpyro.plate("states", K):
-        trans = numpyro.sample("trans", dist.Dirichlet(jnp.full(K, 2.0)))
-        emit = numpyro.sample("emit", dist.Dirichlet(jnp.full(V, 1.5)))
-    n_seq = ys.shape[0]
-    with numpyro.plate("sequences", n_seq, dim=-1):
-        z0 = numpyro.sample("z0", dist.Categorical(init))
-        numpyro.sample("y0", dist.Categorical(emit[z0]), obs=ys[:, 0])
-
-    def step(z_prev, y_m):
-        y, m = y_m
-        with numpyro.plate("sequences", n_seq, dim=-1), numpyro.handlers.mask(mask=m):
-            z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
-            numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
-        return z, None
-
-    scan(step, z0, (ys[:, 1:].T, mask[:, 1:].T))
 
 
 @pytest.mark.slow  # kept out of the default run (CI time); pytest -m slow runs it

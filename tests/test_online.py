@@ -7,8 +7,8 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from numpyro.contrib.control_flow import scan
 from numpyro.distributions import constraints
+from shared_models import padded_hmm_map
 
 from bayes_em import EM, OnlineEM, models
 from bayes_em import em as core
@@ -51,27 +51,6 @@ def poisson_categorical(counts, cats, K, V):
         z = numpyro.sample("z", dist.Categorical(w))
         numpyro.sample("n", dist.Poisson(rate[z]), obs=counts)
         numpyro.sample("c", dist.Categorical(probs[z]), obs=cats)
-
-
-def padded_hmm_map(ys, mask, K, V):
-    """Padded sequences (N, T): a plate of sequences around a scan, masks for padding."""
-    init = numpyro.sample("init", dist.Dirichlet(jnp.full(K, 2.0)))
-    with numpyro.plate("states", K):
-        trans = numpyro.sample("trans", dist.Dirichlet(jnp.full(K, 2.0)))
-        emit = numpyro.sample("emit", dist.Dirichlet(jnp.full(V, 1.5)))
-    n_seq = ys.shape[0]
-    with numpyro.plate("sequences", n_seq, dim=-1):
-        z0 = numpyro.sample("z0", dist.Categorical(init))
-        numpyro.sample("y0", dist.Categorical(emit[z0]), obs=ys[:, 0])
-
-    def step(z_prev, y_m):
-        y, m = y_m
-        with numpyro.plate("sequences", n_seq, dim=-1), numpyro.handlers.mask(mask=m):
-            z = numpyro.sample("z", dist.Categorical(trans[z_prev]))
-            numpyro.sample("y", dist.Categorical(emit[z]), obs=y)
-        return z, None
-
-    scan(step, z0, (ys[:, 1:].T, mask[:, 1:].T))
 
 
 def _hmm_data():
