@@ -33,7 +33,7 @@ from bayes_em.families import FAMILIES, site_weight
 from bayes_em.gaussian import exact_distances
 from bayes_em.gaussian_pair import GaussianPair
 
-__all__ = ["Layout", "layout", "references", "stats", "m_step"]
+__all__ = ["Layout", "layout", "references", "stats", "recentre", "m_step"]
 
 _LOCS = ("normal_loc", "mvn_loc")
 _SPREADS = ("normal_scale", "mvn_cov", "mvn_tril")
@@ -135,6 +135,27 @@ def stats(problem, lay: Layout, params, weights, reference, args, kwargs, tr) ->
             total = st if total is None else jax.tree.map(jnp.add, total, st)
         out[g.key] = total
     return out
+
+
+def recentre(lay: Layout, st: dict, old: dict, new: dict) -> dict:
+    """Raw statistics about the references `old` moved to `new` (location param -> rows):
+    with δ = c_old − c_new, Σ w (x − c_new) = s1 + s0 δ and
+    Σ w (x − c_new)(x − c_new)ᵀ = s2 + s1 δᵀ + δ s1ᵀ + s0 δ δᵀ (squares for a Normal)."""
+    st = dict(st)
+    for g in lay.groups:
+        if g.loc is None or g.loc.param not in old or old[g.loc.param] is new[g.loc.param]:
+            continue
+        s0, s1, s2 = (st[g.key][k] for k in ("s0", "s1", "s2"))
+        d = (old[g.loc.param] - new[g.loc.param])[:, None]  # (rows_loc or 1, 1) + event
+        if g.multivariate:
+            cross = s1[..., :, None] * d[..., None, :]
+            s2 = (s2 + cross + jnp.swapaxes(cross, -1, -2)
+                  + s0[..., None, None] * (d[..., :, None] * d[..., None, :]))
+            s1 = s1 + s0[..., None] * d
+        else:
+            s2, s1 = s2 + 2.0 * d * s1 + s0 * jnp.square(d), s1 + s0 * d
+        st[g.key] = {**st[g.key], "s1": s1, "s2": s2}
+    return st
 
 
 def _precision(g: Group, params):

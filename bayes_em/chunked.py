@@ -95,12 +95,15 @@ def _map_sites(problem):
 def _slice(problem: EMProblem, data: tuple, i):
     """The problem (rows of earlier chunks masked) and data of chunk `i` (traced)."""
     spec = problem.chunks
-    start = jnp.minimum(i * spec.size, spec.n_rows - spec.size)
-    lo = i * spec.size - start
+    if spec.n_rows % spec.size == 0:  # equal chunks: nothing to mask
+        start, lo, model = i * spec.size, 0, problem.enum_model
+    else:
+        start = jnp.minimum(i * spec.size, spec.n_rows - spec.size)
+        lo = i * spec.size - start
+        model = RowMask(problem.enum_model, spec.plate, lo=lo)
     leaves = tuple(lax.dynamic_slice_in_dim(jnp.asarray(x), start, spec.size, 0)
                    if j in spec.rows else x for j, x in enumerate(data))
-    return problem._replace(enum_model=RowMask(problem.enum_model, spec.plate, lo=lo),
-                            chunks=None), leaves, lo
+    return problem._replace(enum_model=model, chunks=None), leaves, lo
 
 
 def head(problem: EMProblem, data: tuple) -> tuple:
@@ -231,12 +234,16 @@ def _references(problem, params, data):
 
 
 def _additive_stats(problem, params, data, i, reference):
-    """Chunk i's log Z and raw statistics at θ = `params`."""
+    """Chunk i's log Z and raw statistics at θ = `params`, about `reference`. A shared centre
+    is the chunk's own data mean first (the one its Gaussian log-densities expand about, so
+    XLA forms the chunk's x ⊗ x once for both), moved to `reference` after the sums."""
     sliced, leaves, _, log_z, weights, _ = _chunk_e_step(problem, params, data, i)
     args, kwargs = sliced.rebuild(leaves)
     tr = _trace(sliced.enum_model, params, args, kwargs)
-    return log_z, additive.stats(sliced, problem.chunks.layout, params, weights, reference,
-                                 args, kwargs, tr)
+    lay = problem.chunks.layout
+    local = additive.references(lay, params, tr)
+    stats = additive.stats(sliced, lay, params, weights, local, args, kwargs, tr)
+    return log_z, additive.recentre(lay, stats, local, reference)
 
 
 def e_pass(problem: EMProblem, params: dict, data: tuple) -> tuple:

@@ -90,12 +90,24 @@ def _weighted_sum(w, t, out_batch, n_event=0):
     return res.reshape(tuple(out_batch) + tuple(event))
 
 
+# entries × rows up to which `_scatter` adds by a one-hot matrix product (XLA:CPU runs a scatter
+# as a loop over the entries: 46 µs per block of a K = 16 mixture's 16 × 256 covariance pairs)
+ONE_HOT_SCATTER = 1 << 16
+
+
 def _scatter(stat, idx, n_rows, event_shape):
-    """Add the per-entry statistics onto θ's rows along the index map."""
-    idx_b = jnp.broadcast_to(idx, stat.shape[: stat.ndim - len(event_shape)])
+    """Add the per-entry statistics onto θ's rows along the index map (indices outside
+    [0, n_rows) dropped)."""
+    idx_b = jnp.broadcast_to(idx, stat.shape[: stat.ndim - len(event_shape)]).reshape(-1)
     flat = stat.reshape((-1,) + event_shape)
+    if flat.shape[0] * n_rows <= ONE_HOT_SCATTER:
+        one_hot = idx_b[None, :] == jnp.arange(n_rows, dtype=idx_b.dtype)[:, None]
+        kept = jnp.reshape((idx_b >= 0) & (idx_b < n_rows), (-1,) + (1,) * len(event_shape))
+        flat = jnp.where(kept, flat, 0)  # a dropped entry's non-finite value stays out
+        return jnp.tensordot(one_hot.astype(stat.dtype), flat, axes=1,
+                             precision=jax.lax.Precision.HIGHEST)
     out = jnp.zeros((n_rows,) + event_shape, stat.dtype)
-    return out.at[idx_b.reshape(-1)].add(flat, mode="drop")
+    return out.at[idx_b].add(flat, mode="drop")
 
 
 def _dirichlet_mode(counts, alpha):

@@ -142,10 +142,10 @@ def problem_for(model: Callable, sites, rebuild: Callable, data: tuple,
     return fused.configure(problem, init, data, _block_rows(data))
 
 
-def _block_rows(data: tuple) -> int:
+def _block_rows(data: tuple) -> int | None:
     """Rows per block of a one-pass iteration (`bayes_em.fused`): blocks on one CPU device
-    (they keep a block's intermediates in cache); 0 (at once) on accelerators or sharded
-    data."""
+    (they keep a block's intermediates in cache; None: sized by `fused.BLOCK_BYTES`); 0 (at
+    once) on accelerators or sharded data."""
     platforms = {d.platform for x in jax.tree.leaves(data) if isinstance(x, jax.Array)
                  for d in x.devices()}
     if devices_of(data) > 1 or (platforms or {jax.default_backend()}) != {"cpu"}:

@@ -11,8 +11,9 @@ loop's state carries the statistics instead of the rows × components weights: n
 M-step pass re-reading the data, and no N-sized select per iteration. The M-step is the batch
 M-step's ECM order (locations, then covariances at the new locations): the same θ_{t+1}.
 
-Optionally (`BLOCK_ROWS` > 0), where the rows of a data plate are independent given θ, the pass
-runs over blocks of rows (chunked EM's one-pass iteration, `bayes_em.chunked`).
+Where the rows of a data plate are independent given θ, the pass runs over blocks of rows
+(chunked EM's one-pass iteration, `bayes_em.chunked`; on one CPU device, `fit._block_rows`) sized
+to stay in cache (`BLOCK_BYTES`), equal where a divisor of the rows allows (no mask).
 
 Used by [`bayes_em.em`][bayes_em.em] when the problem's `fused` plan is set
 ([`configure`][bayes_em.fused.configure]): soft EM, no SQUAREM, no chunks, no numeric M-step.
@@ -25,6 +26,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 
 from bayes_em import additive, chunked
 from bayes_em.conjugate import _trace, plan_prior
@@ -34,11 +36,14 @@ from bayes_em.problem import EMProblem
 
 __all__ = ["Fused", "BLOCK_ROWS", "configure", "unfused", "e_pass", "m_step"]
 
-# rows per block of the data plate (0: the pass at once). Off: on the 2-core VM a full-covariance
-# mixture (N = 1e6, D = 8, K = 16) took 573 against 454 CPU ms per iteration in float64 with
-# blocks of 131072 rows (x ⊗ x formed per block instead of hoisted), and 443 against 448 in
-# float32 (its distances and statistics already go over blocks of rows: `gaussian.ROW_BLOCK`)
-BLOCK_ROWS = 0
+# rows per block of the data plate: None, from `BLOCK_BYTES`; 0, the pass at once. On the 2-core
+# VM a full-covariance mixture (N = 1e6, D = 8, K = 16, float64) took 161-173 ms per iteration
+# in blocks of 8000 rows (9709 by the budget: 10000 equal blocks), 169 in blocks of 15625,
+# 226 in blocks of 4000 (a block's fixed cost) and 190-295 at once
+BLOCK_ROWS = None
+# bytes of a block's row-sized intermediates (x ⊗ x packed, x, a few rows × components arrays),
+# about what a core's L2 and its share of L3 hold; clamped to [1024, 16384] rows
+BLOCK_BYTES = 8 << 20
 
 
 class Fused(NamedTuple):
@@ -54,7 +59,7 @@ def configure(problem: EMProblem, params: dict, data: tuple,
     iteration: unchunked soft EM without SQUAREM, every parameter in closed form, every closed
     form with additive statistics (else unchanged). Where the rows of a data plate are
     independent given θ (chunked EM's conditions) the pass runs over blocks of `block_rows`
-    rows (default `BLOCK_ROWS`; 0: at once)."""
+    rows (default `BLOCK_ROWS`, None: from `BLOCK_BYTES`; 0: at once)."""
     block_rows = BLOCK_ROWS if block_rows is None else block_rows
     closed = {plan.param for plan in problem.closed}
     if (problem.chunks is not None or problem.hard or problem.accelerate or not closed
@@ -75,13 +80,38 @@ def configure(problem: EMProblem, params: dict, data: tuple,
         # components × D for a diagonal mixture: 3.4 GiB of temporaries at N = 1e6, D = 8,
         # K = 16, over the default memory limit); the batch M-step's are matrix products
         return problem
+    if block_rows is None:
+        block_rows = _block_rows(lay, params)
     blocks = None
     if block_rows:
         try:
             blocks = chunked.configure(problem, params, data, block_rows).chunks
         except ValueError:
             blocks = None
+        if blocks is not None and blocks.n_rows % blocks.size:
+            blocks = blocks._replace(size=_equal_blocks(blocks.n_rows, block_rows))
     return problem._replace(fused=Fused(lay, blocks and blocks._replace(layout=lay)))
+
+
+def _block_rows(lay: additive.Layout, params: dict) -> int:
+    """Rows per block from `BLOCK_BYTES`: per row, each Gaussian group's packed x ⊗ x, x and
+    four arrays of its location (or covariance) rows' size; the counts and rates' own
+    statistics are a few numbers per row."""
+    itemsize = jnp.dtype(jnp.result_type(*params.values())).itemsize
+    width = 1
+    for g in lay.groups:
+        value = jnp.asarray(params[(g.loc or g.spread).param])
+        D = value.shape[-1] if value.ndim else 1
+        rows = value.shape[0] if value.ndim > (1 if g.loc else 2) else 1
+        width += D * (D + 1) // 2 + D + 4 * rows
+    return int(np.clip(BLOCK_BYTES // (itemsize * width), 1024, 16384))
+
+
+def _equal_blocks(n: int, target: int) -> int:
+    """A divisor of `n` within a factor 1.5 of `target` rows, the nearest to it (equal blocks
+    need no mask: chunked EM masks a last block's repeated rows), else `target`."""
+    near = [d for d in range(max(1, int(target / 1.5)), int(target * 1.5) + 1) if n % d == 0]
+    return min(near, key=lambda d: abs(d - target)) if near else target
 
 
 def unfused(problem: EMProblem) -> EMProblem:

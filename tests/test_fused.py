@@ -11,7 +11,7 @@ import pytest
 from numpyro.distributions import constraints
 from shared_models import full_gmm
 
-from bayes_em import EM, fused
+from bayes_em import EM, additive, fused
 
 
 def laplace_mixture(x, K):
@@ -51,14 +51,20 @@ def data():
     return x, init
 
 
-@pytest.mark.parametrize("block_rows", [0, 128, 333])  # at once, blocks (a masked last one)
-def test_one_pass_matches_numpy_em(data, block_rows, monkeypatch):
+@pytest.mark.parametrize("block_rows,equal", [(0, True), (None, True), (128, True), (333, False)])
+def test_one_pass_matches_numpy_em(data, block_rows, equal, monkeypatch):
+    """At once, in blocks from the byte budget (1024 rows: one block), in equal blocks (128 →
+    125 rows), in blocks of 333 with a masked last one."""
     x, init = data
     monkeypatch.setattr(fused, "BLOCK_ROWS", block_rows)
+    if not equal:
+        monkeypatch.setattr(fused, "_equal_blocks", lambda n, target: target)
     result = EM(full_gmm, max_iter=6, tol=0.0, init_values=init, progress_bar=False).run(
         jax.random.PRNGKey(0), jnp.asarray(x), 3)
     plan = result.problem.fused
-    assert plan is not None and (plan.blocks is None) == (block_rows == 0)
+    assert plan is not None and (plan.blocks is None) == (block_rows in (0, None))
+    if block_rows:
+        assert plan.blocks.size == (125 if equal else 333)
     w, mu, cov = numpy_em(x, init["w"], init["loc"], init["cov"], 6)
     np.testing.assert_allclose(result.params["w"], w, rtol=1e-9)
     np.testing.assert_allclose(result.params["loc"], mu, rtol=1e-9)
@@ -71,3 +77,35 @@ def test_numeric_parameters_keep_the_weights():
     result = EM(laplace_mixture, max_iter=3, progress_bar=False).run(
         jax.random.PRNGKey(0), jnp.asarray(x), 2)
     assert result.problem.fused is None
+
+
+def test_block_sizes():
+    assert fused._equal_blocks(10**6, 9709) == 10000  # a divisor near the budget: no mask
+    assert fused._equal_blocks(999983, 8192) == 8192  # a prime number of rows: masked
+    lay = additive.layout(())
+    assert fused._block_rows(lay, {"w": jnp.ones(3)}) == 16384  # counts only: the cap
+
+
+def test_recentre_matches_sums_about_the_new_reference():
+    """Raw statistics about one reference moved to another equal the sums taken about it."""
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(50, 3)) + 7.0, rng.uniform(size=(2, 50))
+    a, b = np.array([[7.5, 6.0, 8.0]]), np.array([[0.3, -1.0, 2.0]])
+
+    def sums(c):
+        d = x - c
+        return {"s0": w.sum(1)[:, None], "s1": (w @ d)[:, None],
+                "s2": np.einsum("kn,ni,nj->kij", w, d, d)[:, None]}
+
+    group = additive.Group(("x",), _Plan("loc"), _Plan("cov"), True)
+    lay = additive.Layout((), (), (group,))
+    got = additive.recentre(lay, {group.key: sums(a)}, {"loc": jnp.asarray(a)},
+                            {"loc": jnp.asarray(b)})[group.key]
+    want = sums(b)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12)
+
+
+class _Plan:
+    def __init__(self, param):
+        self.param = param
