@@ -17,7 +17,7 @@ from numpyro.distributions import constraints
 from bayes_em._numpyro import covariance_was_given, mask_of
 from bayes_em.constraints import clip_eigenvalues
 from bayes_em.factors import is_plate_weight
-from bayes_em.gaussian import exact_distances, packed_outer, unpack_symmetric
+from bayes_em.gaussian import exact_distances, moment_features, split_moments
 
 __all__ = ["Family", "FAMILIES", "site_stats", "site_weight", "unwrap"]
 
@@ -366,8 +366,7 @@ class MvnCovariance(Family):
         else:  # moments about the data mean c, corrected to the locations m
             c = jnp.mean(x.reshape(-1, D), axis=0)
             xc = x - c
-            s1 = _weighted_sum(w, xc, joint, 1)
-            s2 = unpack_symmetric(_weighted_sum(w, packed_outer(xc), joint, 1), D)
+            s2, s1 = split_moments(_weighted_sum(w, moment_features(xc), joint, 1), D)
             mc = jnp.broadcast_to(base.loc - c, joint + (D,))
             outer = s1[..., :, None] * mc[..., None, :]
             ss = (s2 - outer - jnp.swapaxes(outer, -1, -2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from bayes_em.families import _mvn_joint, _scatter, _weighted_outer, _weighted_sum
-from bayes_em.gaussian import packed_outer, rows_broadcast, sum_row_blocks, unpack_symmetric
+from bayes_em.gaussian import moment_features, rows_broadcast, split_moments, sum_row_blocks
 
 __all__ = ["GaussianPair"]
 
@@ -21,8 +21,8 @@ def _mv_sums(w, x, d, c, joint):
     intermediate in memory)."""
     D = jnp.shape(x)[-1]
     if c is None:
-        return {"s1": (_weighted_sum(w, d, joint, 1), (D,)),
-                "s2": (unpack_symmetric(_weighted_sum(w, packed_outer(d), joint, 1), D), (D, D))}
+        s2, s1 = split_moments(_weighted_sum(w, moment_features(d), joint, 1), D)
+        return {"s1": (s1, (D,)), "s2": (s2, (D, D))}
 
     def sums(rows, wb):
         db = rows - c
