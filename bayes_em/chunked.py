@@ -51,7 +51,7 @@ from jax import lax
 
 from bayes_em import additive
 from bayes_em.conjugate import _trace, plan_prior, plan_stats, plan_value
-from bayes_em.estep import posterior_weights
+from bayes_em.estep import posterior_weights, projections
 from bayes_em.lbfgs import maximize
 from bayes_em.predict import RowMask
 from bayes_em.problem import EMProblem, constrain, factors, log_prior, unconstrain
@@ -361,8 +361,8 @@ def m_step(problem: EMProblem, params: dict, carried: dict, data: tuple) -> dict
 def symmetric_latents(problem: EMProblem, params: dict, data: tuple, rtol: float = 1e-6):
     """[`bayes_em.estep.symmetric_latents`][bayes_em.estep.symmetric_latents] summed over the chunks
     (one pass): whether two values of a latent have the same posterior wherever it has mass,
-    compared by two random projections (drawn per chunk) of each value's weights; repeated rows
-    masked out."""
+    compared by two fixed pseudo-random projections (`estep.projections`, each chunk's entries
+    its own) of each value's weights; repeated rows masked out."""
     latents, plate = set(problem.sites.latents), problem.chunks.plate
 
     def one(i):
@@ -380,8 +380,7 @@ def symmetric_latents(problem: EMProblem, params: dict, data: tuple, rtol: float
             w = jnp.moveaxis(w, len(m.shape) + own[0], 0).reshape(m.shape[own[0]], -1)
             if w.shape[0] < 2:
                 continue
-            key = jax.random.fold_in(jax.random.PRNGKey(0), i)
-            r = jax.random.uniform(key, (2, w.shape[1]), w.dtype, 0.5, 1.0)
+            r = projections(w.shape[1], w.dtype, i * w.shape[1])  # per chunk: its own entries
             out[m.name] = w @ r.T  # (K, 2): positive where a value has mass
         return out
 

@@ -283,11 +283,12 @@ def symmetric_latents(problem: EMProblem, weights: dict, params: dict, data: tup
     return found
 
 
-def projections(n: int, dtype) -> Array:
+def projections(n: int, dtype, offset=0) -> Array:
     """Two fixed pseudo-random vectors of length `n` with entries in [0.5, 1): an integer hash
-    of (projection, entry) (a Weyl step and a 32-bit finaliser), so that a compiled fit holds no
-    random-number generator (JAX's Threefry is a loop of its own on CPU)."""
-    u = (lax.iota(jnp.uint32, n)[None, :] * jnp.uint32(0x9E3779B9)
+    of (projection, `offset` + entry) (a Weyl step and a 32-bit finaliser), so that a compiled
+    fit holds no random-number generator (JAX's Threefry is a loop of its own on CPU)."""
+    entry = lax.iota(jnp.uint32, n) + jnp.asarray(offset).astype(jnp.uint32)
+    u = (entry[None, :] * jnp.uint32(0x9E3779B9)
          + (jnp.arange(1, 3, dtype=jnp.uint32) * jnp.uint32(0x85EBCA6B))[:, None])
     for shift, factor in ((16, 0x7FEB352D), (15, 0x846CA68B)):
         u = (u ^ (u >> shift)) * jnp.uint32(factor)
