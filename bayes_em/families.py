@@ -366,7 +366,7 @@ class MvnCovariance(Family):
         else:  # moments about the data mean c, corrected to the locations m
             c = jnp.mean(x.reshape(-1, D), axis=0)
             xc = x - c
-            s2, s1 = split_moments(_weighted_sum(w, moment_features(xc), joint, 1), D)
+            s2, s1, _ = split_moments(_weighted_sum(w, moment_features(xc), joint, 1), D)
             mc = jnp.broadcast_to(base.loc - c, joint + (D,))
             outer = s1[..., :, None] * mc[..., None, :]
             ss = (s2 - outer - jnp.swapaxes(outer, -1, -2)

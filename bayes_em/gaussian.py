@@ -4,9 +4,10 @@ For x of batch shape B_x and components of batch shape B_k (broadcasting, e.g. (
 with P = L⁻ᵀ L⁻¹:
 
 - float64: (x − μ)ᵀ P (x − μ) = ⟨x xᵀ, P⟩ − 2 ⟨x, Pμ⟩ + μᵀ P μ about the data mean, the first two
-  terms one `dot_general` with [x ⊗ x, x] (`moment_features`); x xᵀ symmetrically packed (its
-  D(D+1)/2 entries x_i x_j, i ≤ j, against P's with the off-diagonals doubled: `packed_outer`,
-  `pack_symmetric`), loop-invariant (computed once per fit, or once per block of rows);
+  all three one `dot_general`, a quadratic form in x̃ = [x, 1] (`moment_features`); x̃ x̃ᵀ
+  symmetrically packed (its entries x̃_i x̃_j, i ≤ j, against the form's with the off-diagonals
+  doubled: `packed_outer`, `pack_symmetric`), loop-invariant (computed once per fit, or once per
+  block of rows);
 - float32: ‖L⁻¹x − L⁻¹μ‖², L⁻¹x for every pair as one `dot_general` and the difference taken
   before squaring. The expansion cancels catastrophically in float32 when clusters lie far apart
   relative to their spread (means ±1e3, sd 1e-2); in float64 it keeps 1e-6 relative accuracy up
@@ -42,16 +43,17 @@ def packed_outer(x):
 
 
 def moment_features(x):
-    """[x ⊗ x packed, x]: (..., D) → (..., D(D+1)/2 + D), so that a quadratic form plus a
-    linear term, or a weighted sum of both moments, is one product with them (and the
+    """x ⊗ x of x̃ = [x, 1] packed: (..., D) → (..., (D+1)(D+2)/2), the entries x_i x_j, x_i and
+    1, so that a quadratic form x̃ᵀ M x̃ (a Mahalanobis distance with its linear and constant
+    terms), or weighted sums of the moments 1, x and x xᵀ, are one product with them (and the
     E-step's log-densities and the statistics, formed from the same rows, share them)."""
-    return jnp.concatenate([packed_outer(x), x], axis=-1)
+    return packed_outer(jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], -1))
 
 
 def split_moments(sums, D):
-    """`(Σ w x xᵀ, Σ w x)` from weighted sums of `moment_features`."""
-    p = D * (D + 1) // 2
-    return unpack_symmetric(sums[..., :p], D), sums[..., p:]
+    """`(Σ w x xᵀ, Σ w x, Σ w)` from weighted sums of `moment_features`."""
+    m = unpack_symmetric(sums, D + 1)
+    return m[..., :D, :D], m[..., :D, D], m[..., D, D]
 
 
 def pack_symmetric(m):
@@ -170,14 +172,19 @@ def mvn_log_prob(loc, scale_tril, x):
     else:  # ⟨x xᵀ, P⟩ − 2⟨x, Pμ⟩ + μᵀPμ, x xᵀ loop-invariant
         prec = jnp.swapaxes(inv_l, -1, -2) @ inv_l
         prec_m = (prec @ mc[..., None])[..., 0]
-        packed, feats = pack_symmetric(prec), moment_features(xc)
-        if packed.shape[:-1] == jnp.broadcast_shapes(packed.shape[:-1], prec_m.shape[:-1]):
-            quad = broadcast_dot(feats, jnp.concatenate([packed, -2.0 * prec_m], -1))
+        feats = moment_features(xc)
+        m_prec = jnp.sum(mc * prec_m, -1)
+        if prec.shape[:-2] == jnp.broadcast_shapes(prec.shape[:-2], prec_m.shape[:-1]):
+            # (x − μ)ᵀ P (x − μ) = x̃ᵀ [[P, −Pμ], [−μᵀP, μᵀPμ]] x̃: one product
+            row = jnp.concatenate([-prec_m, m_prec[..., None]], -1)
+            aug = jnp.concatenate([jnp.concatenate([prec, -prec_m[..., None]], -1),
+                                   row[..., None, :]], -2)
+            quad = broadcast_dot(feats, pack_symmetric(aug))
         else:  # fewer precisions than locations (tied): ⟨x xᵀ, P⟩ once per precision
-            p = packed.shape[-1]
-            quad = (broadcast_dot(feats[..., :p], packed)
-                    - 2.0 * broadcast_dot(feats[..., p:], prec_m))
-        maha = jnp.maximum(quad + jnp.sum(mc * prec_m, -1), 0.0)
+            pad = [(0, 0)] * (prec.ndim - 2) + [(0, 1), (0, 1)]
+            quad = (broadcast_dot(feats, pack_symmetric(jnp.pad(prec, pad)))
+                    - 2.0 * broadcast_dot(xc, prec_m) + m_prec)
+        maha = jnp.maximum(quad, 0.0)
     half_logdet = jnp.sum(jnp.log(jnp.diagonal(scale_tril, axis1=-2, axis2=-1)), -1)
     return -0.5 * maha - half_logdet - 0.5 * D * jnp.log(2 * jnp.pi)
 

@@ -21,7 +21,7 @@ def _mv_sums(w, x, d, c, joint):
     intermediate in memory)."""
     D = jnp.shape(x)[-1]
     if c is None:
-        s2, s1 = split_moments(_weighted_sum(w, moment_features(d), joint, 1), D)
+        s2, s1, _ = split_moments(_weighted_sum(w, moment_features(d), joint, 1), D)
         return {"s1": (s1, (D,)), "s2": (s2, (D, D))}
 
     def sums(rows, wb):
