@@ -108,10 +108,14 @@ def _block_rows(lay: additive.Layout, params: dict) -> int:
 
 
 def _equal_blocks(n: int, target: int) -> int:
-    """A divisor of `n` within a factor 1.5 of `target` rows, the nearest to it (equal blocks
-    need no mask: chunked EM masks a last block's repeated rows), else `target`."""
-    near = [d for d in range(max(1, int(target / 1.5)), int(target * 1.5) + 1) if n % d == 0]
-    return min(near, key=lambda d: abs(d - target)) if near else target
+    """Rows per block for `n` rows and at most about `target`: as many blocks as `target` needs,
+    as equal as possible, and a divisor of `n` (below `n`) within a factor 1.5 of that size where
+    one exists, the nearest (equal blocks need no mask; otherwise chunked EM's last block
+    repeats, masked, fewer rows than there are blocks)."""
+    size = -(-n // -(-n // target))
+    near = [d for d in range(max(1, int(size / 1.5)), min(int(size * 1.5), n - 1) + 1)
+            if n % d == 0]
+    return min(near, key=lambda d: abs(d - size)) if near else size
 
 
 def unfused(problem: EMProblem) -> EMProblem:

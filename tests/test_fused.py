@@ -81,7 +81,9 @@ def test_numeric_parameters_keep_the_weights():
 
 def test_block_sizes():
     assert fused._equal_blocks(10**6, 9709) == 10000  # a divisor near the budget: no mask
-    assert fused._equal_blocks(999983, 8192) == 8192  # a prime number of rows: masked
+    assert fused._equal_blocks(999983, 8192) == 8130  # a prime: 123 blocks, the last masked
+    assert fused._equal_blocks(20011, 16384) == 10006  # two blocks, not 16384 + 5627
+    assert fused._equal_blocks(20000, 16384) == 10000
     lay = additive.layout(())
     assert fused._block_rows(lay, {"w": jnp.ones(3)}) == 16384  # counts only: the cap
 
@@ -109,3 +111,74 @@ def test_recentre_matches_sums_about_the_new_reference():
 class _Plan:
     def __init__(self, param):
         self.param = param
+
+
+def tied_gmm(x, K):
+    """A Gaussian mixture sharing one covariance (fewer precisions than locations)."""
+    D = x.shape[1]
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    loc = numpyro.param("loc", jnp.zeros((K, D)))
+    cov = numpyro.param("cov", jnp.eye(D), constraint=constraints.positive_definite)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.MultivariateNormal(loc[z], covariance_matrix=cov), obs=x)
+
+
+def numpy_tied_em(x, w, mu, cov, n_iter):
+    """Textbook EM for a mixture with one shared covariance."""
+    N, D = x.shape
+    for _ in range(n_iter):
+        L = np.linalg.cholesky(cov)
+        logp = np.stack([np.log(w[k]) - 0.5 * np.sum(np.linalg.solve(L, (x - mu[k]).T) ** 2, 0)
+                         for k in range(len(w))], 1)
+        r = np.exp(logp - logp.max(1, keepdims=True))
+        r /= r.sum(1, keepdims=True)
+        n = r.sum(0)
+        w, mu = n / N, (r.T @ x) / n[:, None]
+        cov = sum(((x - mu[k]).T * r[:, k]) @ (x - mu[k]) for k in range(len(w))) / N
+    return w, mu, cov
+
+
+@pytest.mark.parametrize("n", [20011, 20000])  # a prime (a masked last block), equal blocks
+@pytest.mark.parametrize("tied", [False, True])
+def test_default_blocks_match_numpy_em(n, tied):
+    """Default settings at a size where the one-pass iteration runs in blocks of rows."""
+    rng = np.random.default_rng(2)
+    K, D = 3, 3
+    centres = rng.normal(size=(K, D)) * 3 - 20.0
+    x = centres[rng.integers(K, size=n)] + rng.normal(size=(n, D))
+    cov0 = np.eye(D) * 2.0 if tied else np.stack([np.eye(D) * 2.0] * K)
+    init = dict(w=np.ones(K) / K, loc=x[:K].copy(), cov=cov0)
+    result = EM(tied_gmm if tied else full_gmm, max_iter=5, tol=0.0, init_values=init,
+                progress_bar=False).run(jax.random.PRNGKey(0), jnp.asarray(x), K)
+    blocks = result.problem.fused.blocks
+    assert blocks is not None and (n % blocks.size == 0) == (n == 20000)
+    ref = (numpy_tied_em if tied else numpy_em)(x, init["w"], init["loc"], init["cov"], 5)
+    for name, want in zip(("w", "loc", "cov"), ref):
+        np.testing.assert_allclose(result.params[name], want, rtol=1e-9, atol=1e-12)
+
+
+def poisson_mixture(x, K):
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    rate = numpyro.param("rate", jnp.linspace(1.0, 10.0, K), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Poisson(rate[z]), obs=x)
+
+
+def test_counts_in_blocks_match_numpy_em():
+    """A mixture with no Gaussian site, in blocks (the byte budget: 16384 rows; 40000 rows in
+    equal blocks of 10000)."""
+    rng = np.random.default_rng(3)
+    x = rng.poisson(np.array([1.0, 4.0, 12.0])[rng.integers(3, size=40000)]).astype(float)
+    result = EM(poisson_mixture, max_iter=5, tol=0.0, progress_bar=False).run(
+        jax.random.PRNGKey(0), jnp.asarray(x), 3)
+    assert result.problem.fused.blocks.size == 10000
+    w, rate = np.ones(3) / 3, np.linspace(1.0, 10.0, 3)
+    for _ in range(5):
+        logp = np.log(w) + x[:, None] * np.log(rate) - rate
+        r = np.exp(logp - logp.max(1, keepdims=True))
+        r /= r.sum(1, keepdims=True)
+        w, rate = r.mean(0), (r.T @ x) / r.sum(0)
+    np.testing.assert_allclose(result.params["w"], w, rtol=1e-9)
+    np.testing.assert_allclose(result.params["rate"], rate, rtol=1e-9)
