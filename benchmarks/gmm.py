@@ -73,6 +73,14 @@ def gmm_diag(x, K):
 
 
 # ---- the hand-written reference: sufficient statistics as matrix products -------------------
+def precision_terms(mu, cov):
+    """P = Σ⁻¹, P μ and log |Σ| per component."""
+    L = jnp.linalg.cholesky(cov)
+    P = jnp.linalg.inv(cov)
+    logdet = 2 * jnp.log(jnp.diagonal(L, axis1=1, axis2=2)).sum(-1)
+    return P, jnp.einsum("kde,ke->kd", P, mu), logdet
+
+
 def ss_em_full(x, w, mu, cov, n_iter):
     """EM for a full-covariance GMM: log-densities and statistics from X, X⊗X matrix products."""
     N, D = x.shape
@@ -80,10 +88,7 @@ def ss_em_full(x, w, mu, cov, n_iter):
 
     def step(carry, _):
         w, mu, cov = carry
-        L = jnp.linalg.cholesky(cov)
-        P = jnp.linalg.inv(cov)
-        Pm = jnp.einsum("kde,ke->kd", P, mu)
-        logdet = 2 * jnp.log(jnp.diagonal(L, axis1=1, axis2=2)).sum(-1)
+        P, Pm, logdet = precision_terms(mu, cov)
         maha = xx @ P.reshape(-1, D * D).T - 2 * x @ Pm.T + jnp.einsum("kd,kd->k", mu, Pm)
         logp = jnp.log(w) - 0.5 * (maha + logdet + D * jnp.log(2 * jnp.pi))
         ll = jax.nn.logsumexp(logp, axis=1)
@@ -112,10 +117,7 @@ def ss_em_full_blocked(x, w, mu, cov, n_iter, block=8000):
 
     def step(carry, _):
         w, mu, cov = carry
-        L = jnp.linalg.cholesky(cov)
-        P = jnp.linalg.inv(cov)
-        Pm = jnp.einsum("kde,ke->kd", P, mu)
-        logdet = 2 * jnp.log(jnp.diagonal(L, axis1=1, axis2=2)).sum(-1)
+        P, Pm, logdet = precision_terms(mu, cov)
         coef = jnp.concatenate([-0.5 * P[:, i, j] * double, Pm], 1)
         const = jnp.log(w) - 0.5 * (jnp.einsum("kd,kd->k", mu, Pm) + logdet
                                     + D * jnp.log(2 * jnp.pi))
