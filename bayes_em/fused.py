@@ -75,10 +75,10 @@ def configure(problem: EMProblem, params: dict, data: tuple,
         # one iteration with `decreased`, where the two-pass iteration converges
         # (tests/test_float32_statistics.py); it measured no wall-time gain in float32 either
         return problem
-    if any(not g.multivariate for g in lay.groups):
-        # univariate Normal raw statistics are formed per entry and component (rows ×
-        # components × D for a diagonal mixture: 3.4 GiB of temporaries at N = 1e6, D = 8,
-        # K = 16, over the default memory limit); the batch M-step's are matrix products
+    if any(not g.multivariate and g.loc is None for g in lay.groups):
+        # a Normal scale about a location not fitted: its raw statistics are formed per entry
+        # and component (rows × components × D for a diagonal mixture: 3.4 GiB of temporaries
+        # at N = 1e6, D = 8, K = 16); with the location fitted they are matrix products
         return problem
     if block_rows is None:
         block_rows = _block_rows(lay, params)

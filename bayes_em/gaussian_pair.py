@@ -9,7 +9,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from bayes_em.families import _mvn_joint, _scatter, _weighted_outer, _weighted_sum
-from bayes_em.gaussian import moment_features, rows_broadcast, split_moments, sum_row_blocks
+from bayes_em.gaussian import (
+    exact_distances,
+    moment_features,
+    rows_broadcast,
+    split_moments,
+    sum_row_blocks,
+)
 
 __all__ = ["GaussianPair"]
 
@@ -34,6 +40,23 @@ def _mv_sums(w, x, d, c, joint):
     else:
         s1, s2 = sums(x, wf)
     return {"s1": (s1, (D,)), "s2": (s2, (D, D))}
+
+
+def _column_sums(w, x, r, joint):
+    """Univariate Σ w, Σ w (x − r), Σ w (x − r)² per entry of `joint` (r: its reference, of that
+    shape) as matrix products of the weights with the data: about a centre c per data position,
+    x's mean over the dims that `joint` sums (so one per entry of `joint`), then moved to r with
+    δ = c − r: s1 = s1c + s0 δ, s2 = s2c + 2 δ s1c + s0 δ² (float64: `exact_distances`)."""
+    x = jnp.asarray(x, w.dtype)
+    lead = len(joint) - x.ndim
+    axes = tuple(i for i in range(x.ndim) if i + lead < 0 or joint[i + lead] == 1)
+    c = jnp.mean(x, axis=axes, keepdims=True)
+    xc = x - c
+    s0 = _weighted_sum(w, jnp.ones_like(xc), joint)
+    s1, s2 = _weighted_sum(w, xc, joint), _weighted_sum(w, jnp.square(xc), joint)
+    delta = jnp.broadcast_to(jnp.reshape(c, c.shape[max(0, -lead):]), joint) - r
+    return {"s0": (s0, ()), "s1": (s1 + s0 * delta, ()),
+            "s2": (s2 + 2.0 * delta * s1 + s0 * jnp.square(delta), ())}
 
 
 class GaussianPair:
@@ -81,6 +104,8 @@ class GaussianPair:
             sums = {"s0": (_weighted_sum(w, jnp.ones(d.shape[:-1], w.dtype), joint), ()),
                     **_mv_sums(w, x, d, None if shared else (
                         ref[jnp.clip(il, 0, nl - 1)] if n_loc else base.loc), joint)}
+        elif n_loc and not exact_distances(jnp.result_type(x, w)):
+            sums = _column_sums(w, x, ref[jnp.clip(il, 0, n_loc - 1)], joint)
         else:
             sums = {"s0": (_weighted_sum(w, jnp.ones_like(d, w.dtype), joint), ()),
                     "s1": (_weighted_sum(w, d, joint), ()),

@@ -182,3 +182,39 @@ def test_counts_in_blocks_match_numpy_em():
         w, rate = r.mean(0), (r.T @ x) / r.sum(0)
     np.testing.assert_allclose(result.params["w"], w, rtol=1e-9)
     np.testing.assert_allclose(result.params["rate"], rate, rtol=1e-9)
+
+
+def diag_gmm(x, K):
+    D = x.shape[1]
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    loc = numpyro.param("loc", jnp.zeros((K, D)))
+    scale = numpyro.param("scale", jnp.ones((K, D)), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(loc[z], scale[z]).to_event(1), obs=x)
+
+
+@pytest.mark.parametrize("n", [20011, 1500])  # in blocks (the last masked); at once
+def test_diagonal_one_pass_matches_numpy_em(n):
+    """Univariate statistics as matrix products about each column's mean, moved to the
+    locations (columns far apart: −50 and 300)."""
+    rng = np.random.default_rng(4)
+    K, D = 3, 2
+    centres = rng.normal(size=(K, D)) * 3 + np.array([-50.0, 300.0])
+    x = centres[rng.integers(K, size=n)] + rng.normal(size=(n, D)) * np.array([1.0, 0.2])
+    init = dict(w=np.ones(K) / K, loc=x[:K].copy(), scale=np.ones((K, D)))
+    result = EM(diag_gmm, max_iter=5, tol=0.0, init_values=init, progress_bar=False).run(
+        jax.random.PRNGKey(0), jnp.asarray(x), K)
+    assert (result.problem.fused.blocks is None) == (n == 1500)
+    w, mu, var = init["w"], init["loc"], init["scale"] ** 2
+    for _ in range(5):
+        logp = np.log(w) - 0.5 * np.sum(np.log(2 * np.pi * var)[None]
+                                        + (x[:, None] - mu[None]) ** 2 / var[None], -1)
+        r = np.exp(logp - logp.max(1, keepdims=True))
+        r /= r.sum(1, keepdims=True)
+        n_k = r.sum(0)
+        w, mu = n_k / len(x), (r.T @ x) / n_k[:, None]
+        var = np.einsum("nk,nkd->kd", r, (x[:, None] - mu[None]) ** 2) / n_k[:, None]
+    np.testing.assert_allclose(result.params["w"], w, rtol=1e-9)
+    np.testing.assert_allclose(result.params["loc"], mu, rtol=1e-9)
+    np.testing.assert_allclose(result.params["scale"], np.sqrt(var), rtol=1e-9)
