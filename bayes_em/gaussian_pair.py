@@ -1,8 +1,9 @@
 """Raw Gaussian statistics for additive (one-pass, chunked, online) EM: per pair of a
 location row and a scale / covariance row, Σ w, Σ w (x − c), Σ w (x − c)(x − c)ᵀ about a
 reference c, read by `bayes_em.additive`. Float64 multivariate sums about one shared
-centre are matrix products with the packed x ⊗ x; float32 ones are formed per row and
-component, over blocks of rows (`bayes_em.gaussian.sum_row_blocks`)."""
+centre are matrix products with the packed x̃ ⊗ x̃ (x̃ = [x, 1]); float64 univariate sums are
+matrix products about each data column's mean, moved to the locations; float32 ones are formed
+per row and component, over blocks of rows (`bayes_em.gaussian.sum_row_blocks`)."""
 
 from __future__ import annotations
 
