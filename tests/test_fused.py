@@ -218,3 +218,58 @@ def test_diagonal_one_pass_matches_numpy_em(n):
     np.testing.assert_allclose(result.params["w"], w, rtol=1e-9)
     np.testing.assert_allclose(result.params["loc"], mu, rtol=1e-9)
     np.testing.assert_allclose(result.params["scale"], np.sqrt(var), rtol=1e-9)
+
+
+def shared_over_columns(x, K):
+    """One location and scale per component for every column of the row."""
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    loc = numpyro.param("loc", jnp.zeros(K))
+    scale = numpyro.param("scale", jnp.ones(K), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(loc[z][..., None], scale[z][..., None]).to_event(1),
+                       obs=x)
+
+
+def test_location_shared_by_columns_matches_numpy_em():
+    """A location read by two columns with different means (the statistics' reference is then
+    one centre for both): one pass in blocks against a NumPy EM."""
+    rng = np.random.default_rng(5)
+    n, K = 20011, 3
+    means = np.array([-4.0, 2.0, 8.0])
+    x = means[rng.integers(K, size=n)][:, None] + rng.normal(size=(n, 2)) + np.array([0.0, 3.0])
+    init = dict(w=np.ones(K) / K, loc=np.array([-3.0, 1.0, 6.0]), scale=np.ones(K))
+    result = EM(shared_over_columns, max_iter=5, tol=0.0, init_values=init,
+                progress_bar=False).run(jax.random.PRNGKey(0), jnp.asarray(x), K)
+    assert result.problem.fused.blocks is not None
+    w, mu, var = init["w"], init["loc"], init["scale"] ** 2
+    for _ in range(5):
+        sq = (x[:, None, :] - mu[None, :, None]) ** 2  # (n, K, 2)
+        logp = np.log(w) - np.log(2 * np.pi * var) - 0.5 * sq.sum(-1) / var
+        r = np.exp(logp - logp.max(1, keepdims=True))
+        r /= r.sum(1, keepdims=True)
+        n_k = r.sum(0)
+        w, mu = n_k / n, (r.T @ x.sum(1)) / (2 * n_k)
+        var = np.einsum("nk,nkd->k", r, (x[:, None, :] - mu[None, :, None]) ** 2) / (2 * n_k)
+    np.testing.assert_allclose(result.params["w"], w, rtol=1e-9)
+    np.testing.assert_allclose(result.params["loc"], mu, rtol=1e-9)
+    np.testing.assert_allclose(result.params["scale"], np.sqrt(var), rtol=1e-9)
+
+
+@pytest.mark.parametrize("loc_shape,scale_shape", [
+    ((3, 1, 2), (3, 1, 2)), ((3, 1, 1), (3, 1, 1)), ((3, 1, 2), (3, 1, 1)), ((3, 1, 1), (3, 1, 2)),
+    ((3, 1, 2), ())])
+def test_gaussian_log_prob_matches_numpyro(loc_shape, scale_shape):
+    """The matrix-product log-densities (`bayes_em.gaussian.log_prob`) against NumPyro's own,
+    for diagonal normals whose location or scale is shared by the event's entries (size 1)."""
+    from bayes_em import gaussian
+
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(40, 2)) * 3 + np.array([5.0, -20.0]))
+    loc = jnp.asarray(rng.normal(size=loc_shape) * 4)
+    scale = jnp.asarray(rng.uniform(0.5, 2.0, size=scale_shape))
+    fn = dist.Normal(loc, scale).to_event(1)
+    np.testing.assert_allclose(gaussian.log_prob(fn, x), fn.log_prob(x), rtol=1e-12)
+    cov = np.stack([np.diag(rng.uniform(0.5, 2.0, size=2)) for _ in range(3)])[:, None]
+    mvn = dist.MultivariateNormal(jnp.asarray(rng.normal(size=(3, 1, 2))), jnp.asarray(cov))
+    np.testing.assert_allclose(gaussian.log_prob(mvn, x), mvn.log_prob(x), rtol=1e-12)
