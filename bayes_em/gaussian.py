@@ -199,10 +199,10 @@ def diag_normal_log_prob(loc, scale, x):
         centre = jnp.mean(x.reshape(-1, D), axis=0)
         xc, mc = x - centre, loc - centre
         prec = 1.0 / jnp.square(scale)
-        feats = jnp.concatenate([jnp.square(xc), xc], -1)  # one product for both terms
-        coef = jnp.concatenate(jnp.broadcast_arrays(prec, -2.0 * mc * prec), -1)
-        maha = jnp.maximum(broadcast_dot(feats, coef)
-                           + jnp.sum(jnp.square(mc) * prec, -1), 0.0)
+        maha = jnp.maximum(
+            broadcast_dot(jnp.square(xc), prec)
+            - 2.0 * broadcast_dot(xc, mc * prec)
+            + jnp.sum(jnp.square(mc) * prec, -1), 0.0)
     # every entry of the event counts its scale (a scale of event size 1 serves all D entries)
     log_scale = jnp.sum(jnp.log(jnp.broadcast_to(scale, scale.shape[:-1] + (D,))), -1)
     return -0.5 * maha - log_scale - 0.5 * D * jnp.log(2 * jnp.pi)
