@@ -34,6 +34,17 @@ def full_gmm(x, K):
         numpyro.sample("x", dist.MultivariateNormal(loc[z], covariance_matrix=cov[z]), obs=x)
 
 
+def diag_gmm(x, K):
+    """A diagonal-covariance Gaussian mixture (standard deviations per component and column)."""
+    D = x.shape[1]
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    loc = numpyro.param("loc", jnp.zeros((K, D)))
+    scale = numpyro.param("scale", jnp.ones((K, D)), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(loc[z], scale[z]).to_event(1), obs=x)
+
+
 def padded_hmm_map(ys, mask, K, V):
     """Padded sequences (N, T): a plate over sequences, a scan over time, masks for padding."""
     init = numpyro.sample("init", dist.Dirichlet(jnp.full(K, 2.0)))

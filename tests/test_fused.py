@@ -9,7 +9,7 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 from numpyro.distributions import constraints
-from shared_models import full_gmm
+from shared_models import diag_gmm, full_gmm
 
 from bayes_em import EM, additive, fused
 
@@ -182,16 +182,6 @@ def test_counts_in_blocks_match_numpy_em():
         w, rate = r.mean(0), (r.T @ x) / r.sum(0)
     np.testing.assert_allclose(result.params["w"], w, rtol=1e-9)
     np.testing.assert_allclose(result.params["rate"], rate, rtol=1e-9)
-
-
-def diag_gmm(x, K):
-    D = x.shape[1]
-    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
-    loc = numpyro.param("loc", jnp.zeros((K, D)))
-    scale = numpyro.param("scale", jnp.ones((K, D)), constraint=constraints.positive)
-    with numpyro.plate("data", x.shape[0]):
-        z = numpyro.sample("z", dist.Categorical(w))
-        numpyro.sample("x", dist.Normal(loc[z], scale[z]).to_event(1), obs=x)
 
 
 @pytest.mark.parametrize("n", [20011, 1500])  # in blocks (the last masked); at once
