@@ -53,8 +53,8 @@ def _column_sums(w, x, r, joint):
     axes = tuple(i for i in range(x.ndim) if i + lead < 0 or joint[i + lead] == 1)
     c = jnp.mean(x, axis=axes, keepdims=True)
     xc = x - c
-    moments = jnp.stack([jnp.ones_like(xc), xc, jnp.square(xc)], -1)  # one product for all
-    s0, s1, s2 = jnp.moveaxis(_weighted_sum(w, moments, joint, 1), -1, 0)
+    s0 = _weighted_sum(w, jnp.ones_like(xc), joint)
+    s1, s2 = _weighted_sum(w, xc, joint), _weighted_sum(w, jnp.square(xc), joint)
     delta = jnp.broadcast_to(jnp.reshape(c, c.shape[max(0, -lead):]), joint) - r
     return {"s0": (s0, ()), "s1": (s1 + s0 * delta, ()),
             "s2": (s2 + 2.0 * delta * s1 + s0 * jnp.square(delta), ())}
