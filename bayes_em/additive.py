@@ -143,7 +143,7 @@ def recentre(lay: Layout, st: dict, old: dict, new: dict) -> dict:
     Σ w (x − c_new)(x − c_new)ᵀ = s2 + s1 δᵀ + δ s1ᵀ + s0 δ δᵀ (squares for a Normal)."""
     st = dict(st)
     for g in lay.groups:
-        if g.loc is None or g.loc.param not in old or old[g.loc.param] is new[g.loc.param]:
+        if g.loc is None or g.loc.param not in old:
             continue
         s0, s1, s2 = (st[g.key][k] for k in ("s0", "s1", "s2"))
         d = (old[g.loc.param] - new[g.loc.param])[:, None]  # (rows_loc or 1, 1) + event

@@ -3,8 +3,8 @@
 For x of batch shape B_x and components of batch shape B_k (broadcasting, e.g. (N,) vs (K, 1)),
 with P = L⁻ᵀ L⁻¹:
 
-- float64: (x − μ)ᵀ P (x − μ) = ⟨x xᵀ, P⟩ − 2 ⟨x, Pμ⟩ + μᵀ P μ about the data mean, the first two
-  all three one `dot_general`, a quadratic form in x̃ = [x, 1] (`moment_features`); x̃ x̃ᵀ
+- float64: (x − μ)ᵀ P (x − μ) = ⟨x xᵀ, P⟩ − 2 ⟨x, Pμ⟩ + μᵀ P μ about the data mean, all three
+  terms one `dot_general`, a quadratic form in x̃ = [x, 1] (`moment_features`); x̃ x̃ᵀ
   symmetrically packed (its entries x̃_i x̃_j, i ≤ j, against the form's with the off-diagonals
   doubled: `packed_outer`, `pack_symmetric`), loop-invariant (computed once per fit, or once per
   block of rows);
