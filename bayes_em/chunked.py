@@ -134,7 +134,7 @@ def configure(problem: EMProblem, params: dict, data: tuple, chunk_size) -> EMPr
         raise ValueError("chunk_size needs a data plate (a plate shared by every observed "
                          "site); this model has none.")
     n = _plate_size(metas, plate)
-    if chunk_size >= n:
+    if n is None or chunk_size >= n:  # None: a plate of size 1 has no dim
         return problem
     map_sites = _map_sites(problem)
     inside = sorted(m.name for m in metas if m.name in problem.sites.param_names

@@ -63,7 +63,10 @@ def _metas(problem, params, data):
 
 def _data_plate(metas, observed, plate_order):
     by_name = {m.name: m for m in metas}
-    shared = frozenset.intersection(*(by_name[n].plates for n in observed if n in by_name))
+    plates = [by_name[n].plates for n in observed if n in by_name]
+    if not plates:  # no observed site among the factors (e.g. observations inside a scan)
+        return None
+    shared = frozenset.intersection(*plates)
     return next((n for n in plate_order if n in shared), None)
 
 

@@ -145,3 +145,16 @@ def test_hard_and_squarem_are_refused(option):
 def test_chunk_size_at_least_n_is_unchunked():
     r = _fit(models.gmm, (_blobs(n=20), 3), chunk_size=20, restarts=1, max_iter=2)
     assert r.problem.chunks is None
+
+
+def test_one_row_and_no_observed_factor_are_not_errors():
+    """A data plate of one row has no dim (nothing to chunk: the fit runs unchunked), and a
+    model whose observed sites are not among the factors has no data plate (None) — both
+    raised a TypeError from the plate bookkeeping before."""
+    from bayes_em.predict import _data_plate
+
+    assert _data_plate([], ("y",), ("data",)) is None
+    x = jnp.asarray([[0.5, -1.0]])
+    result = EM(models.gmm, max_iter=2, progress_bar=False, chunk_size=1,
+                init_values={"cov": jnp.eye(2)[None]}).run(jax.random.PRNGKey(0), x, K=1)
+    assert result.problem.chunks is None and np.all(np.isfinite(result.params["loc"]))
