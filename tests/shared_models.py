@@ -1,10 +1,25 @@
 """Models several test files use (imported by name: pytest puts tests/ on sys.path)."""
 
+import contextlib
+
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
+import pytest
 from numpyro.contrib.control_flow import scan
 from numpyro.distributions import constraints
+
+
+@contextlib.contextmanager
+def one_pass_in_blocks(rows=16):
+    """Every fit that can take the one-pass iteration takes it, over blocks of `rows` rows (by
+    default it does so past ~20000 rows only, far above what the property tests generate)."""
+    from bayes_em import fit, fused
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fit, "quick", lambda *a, **k: False)
+        mp.setattr(fused, "BLOCK_ROWS", rows)
+        yield
 
 
 def categorical_hmm(ys, K, V):

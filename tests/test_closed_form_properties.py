@@ -40,6 +40,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, Phase, assume, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from numpyro.distributions import constraints  # noqa: E402
+from shared_models import one_pass_in_blocks  # noqa: E402
 
 from bayes_em import EM, LBFGS  # noqa: E402
 
@@ -341,3 +342,12 @@ def test_closed_form_matches_numeric(s):
 @given(structures())
 def test_closed_form_matches_numeric_many(s):
     check_structure(s)
+
+
+@pytest.mark.slow
+@settings(max_examples=20, **COMMON)
+@given(structures())
+def test_closed_form_matches_numeric_in_blocks(c):
+    """As above, with every eligible fit on the one-pass iteration over blocks of 16 rows."""
+    with one_pass_in_blocks():
+        check_structure(c)

@@ -56,6 +56,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings  # noqa: E40
 from hypothesis import strategies as st  # noqa: E402
 from numpyro.contrib.control_flow import scan  # noqa: E402
 from numpyro.distributions import constraints  # noqa: E402
+from shared_models import one_pass_in_blocks  # noqa: E402
 
 from bayes_em import EM, AscentWarning, ConvergenceWarning, Status  # noqa: E402
 
@@ -524,3 +525,12 @@ def test_mixture_fit_is_sound_many(c):
 @given(hmms())
 def test_hmm_fit_is_sound_many(h):
     check_hmm(h)
+
+
+@pytest.mark.slow
+@settings(max_examples=20, **COMMON)
+@given(mixtures())
+def test_mixture_fit_is_sound_in_blocks(c):
+    """As above, with every eligible fit on the one-pass iteration over blocks of 16 rows."""
+    with one_pass_in_blocks():
+        check_mixture(c)
