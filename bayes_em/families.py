@@ -74,6 +74,11 @@ def _weighted_sum(w, t, out_batch, n_event=0):
     ws = (1,) * (nd - w.ndim) + tuple(w.shape)
     ts = (1,) * (nd - len(t_batch)) + tuple(t_batch)
     os_ = (1,) * (nd - len(out_batch)) + tuple(out_batch)
+    alone = tuple(i for i in range(nd) if ws[i] != 1 and ts[i] == 1 and os_[i] == 1)
+    if alone:  # summed over w's dims alone first: a reduction (as a product with ones, XLA:CPU
+        # copied w transposed, when its rows come from the E-step's rows-first layout)
+        w = jnp.sum(w.reshape(ws), axis=alone, keepdims=True)
+        ws = w.shape
     letters = string.ascii_letters
     ev = letters[nd: nd + n_event]
     sub_w = "".join(letters[i] for i in range(nd) if ws[i] != 1)

@@ -22,14 +22,15 @@ __all__ = ["GaussianPair"]
 
 
 def _mv_sums(w, x, d, c, joint):
-    """{"s1": Σ w d, "s2": Σ w d dᵀ} over the entries `joint` does not keep, d = x − c (`c`
-    per component; None: d given, one centre, x ⊗ x packed). Rows (N, D) that the components
-    meet along a size-1 dim are summed over blocks of rows (no rows × components × D
-    intermediate in memory)."""
+    """{"s0": Σ w, "s1": Σ w d, "s2": Σ w d dᵀ} over the entries `joint` does not keep,
+    d = x − c (`c` per component; None: d given, one centre, x̃ ⊗ x̃ packed: the three sums are
+    one product). Rows (N, D) that the components meet along a size-1 dim are summed over
+    blocks of rows (no rows × components × D intermediate in memory)."""
     D = jnp.shape(x)[-1]
     if c is None:
-        s2, s1, _ = split_moments(_weighted_sum(w, moment_features(d), joint, 1), D)
-        return {"s1": (s1, (D,)), "s2": (s2, (D, D))}
+        s2, s1, s0 = split_moments(_weighted_sum(w, moment_features(d), joint, 1), D)
+        return {"s0": (s0, ()), "s1": (s1, (D,)), "s2": (s2, (D, D))}
+    s0 = _count(w, d.shape[:-1], joint)
 
     def sums(rows, wb):
         db = rows - c
@@ -40,7 +41,15 @@ def _mv_sums(w, x, d, c, joint):
         s1, s2 = sum_row_blocks(sums, x, wf)
     else:
         s1, s2 = sums(x, wf)
-    return {"s1": (s1, (D,)), "s2": (s2, (D, D))}
+    return {"s0": (s0, ()), "s1": (s1, (D,)), "s2": (s2, (D, D))}
+
+
+def _count(w, batch, joint):
+    """Σ w over the entries of `batch` (broadcast with w's) that `joint` does not keep: a
+    reduction of w (as a product with ones, XLA:CPU first copied the E-step's rows-first
+    weights transposed)."""
+    return _weighted_sum(jnp.broadcast_to(w, jnp.broadcast_shapes(jnp.shape(w), batch)),
+                         jnp.ones((), w.dtype), joint)
 
 
 def _column_sums(w, x, r, joint):
@@ -102,13 +111,12 @@ class GaussianPair:
             js, w = jnp.zeros(joint, jnp.int32), w / jnp.square(base.scale)
         pair = jnp.where((il < nl) & (js < ns), il * ns + js, nl * ns)
         if mv:
-            sums = {"s0": (_weighted_sum(w, jnp.ones(d.shape[:-1], w.dtype), joint), ()),
-                    **_mv_sums(w, x, d, None if shared else (
-                        ref[jnp.clip(il, 0, nl - 1)] if n_loc else base.loc), joint)}
+            sums = _mv_sums(w, x, d, None if shared else (
+                ref[jnp.clip(il, 0, nl - 1)] if n_loc else base.loc), joint)
         elif n_loc and not exact_distances(jnp.result_type(x, w)):
             sums = _column_sums(w, x, ref[jnp.clip(il, 0, n_loc - 1)], joint)
         else:
-            sums = {"s0": (_weighted_sum(w, jnp.ones_like(d, w.dtype), joint), ()),
+            sums = {"s0": (_count(w, d.shape, joint), ()),
                     "s1": (_weighted_sum(w, d, joint), ()),
                     "s2": (_weighted_sum(w, jnp.square(d), joint), ())}
         return {k: _scatter(v, pair, nl * ns, ev).reshape((nl, ns) + ev)
