@@ -31,7 +31,6 @@ import numpy as np
 from bayes_em import additive, chunked
 from bayes_em.conjugate import _trace, plan_prior
 from bayes_em.estep import e_step
-from bayes_em.gaussian import exact_distances
 from bayes_em.problem import EMProblem
 
 __all__ = ["Fused", "BLOCK_ROWS", "configure", "unfused", "e_pass", "m_step"]
@@ -68,12 +67,6 @@ def configure(problem: EMProblem, params: dict, data: tuple,
     try:
         lay = additive.layout(problem.closed)
     except ValueError:
-        return problem
-    if lay.groups and exact_distances(jnp.result_type(*params.values())):
-        # float32: the one-pass iteration's statistics about each current location stopped a
-        # full-covariance mixture of far-apart clusters (means ±1e3, sd 0.05, 2400 rows) after
-        # one iteration with `decreased`, where the two-pass iteration converges
-        # (tests/test_float32_statistics.py); it measured no wall-time gain in float32 either
         return problem
     if any(not g.multivariate and g.loc is None for g in lay.groups):
         # a Normal scale about a location not fitted: its raw statistics are formed per entry

@@ -105,3 +105,39 @@ def test_univariate_float32_far_from_origin(offset):
     ref = sklearn_fit(x[:, None], m0[:, None], s0, "spherical")
     result = fit32(univariate, x, dict(loc=m0, scale=s0))
     np.testing.assert_allclose(result.params["scale"], np.sqrt(ref.covariances_), rtol=0.05)
+
+
+def test_float32_log_density_of_far_clusters_is_accurate():
+    """Float32 distances formed as L⁻¹(x − μ): L⁻¹x − L⁻¹μ lost eps · |x| / σ ≈ 0.01 standard
+    deviations per entry here (the fitted objective was 0.55 nat below its float64 value at the
+    same parameters, 2400 rows), against log-densities in float64 by SciPy."""
+    from scipy.stats import multivariate_normal
+
+    x, m0, s0 = separated(n=2400)
+    covs = np.stack([np.array([[s**2, 0.3 * s**2], [0.3 * s**2, s**2]]) for s in s0])
+    with jax.enable_x64(False):
+        fn = dist.MultivariateNormal(jnp.asarray(m0[:, None], jnp.float32),
+                                     jnp.asarray(covs[:, None], jnp.float32))
+        got = np.asarray(gaussian.log_prob(fn, jnp.asarray(x, jnp.float32)))
+    x32 = np.asarray(x, np.float32).astype(np.float64)  # the data as float32 holds them
+    m32, c32 = (np.asarray(a, np.float32).astype(np.float64) for a in (m0, covs))
+    ref = np.stack([multivariate_normal(m32[k], c32[k]).logpdf(x32) for k in range(3)])
+    near = ref > -50.0  # the rows' own components (far ones: relative accuracy)
+    assert np.abs(got - ref)[near].max() < 1e-3
+    np.testing.assert_allclose(got[~near], ref[~near], rtol=1e-5)
+
+
+def test_float32_fit_reports_its_objective_accurately():
+    """The log-likelihood a float32 fit reports is within 0.1 nat of the float64 one at its
+    parameters (was 0.55 nat off), and the one-pass iteration converges there."""
+    from scipy.special import logsumexp
+    from scipy.stats import multivariate_normal
+
+    x, m0, s0 = separated(n=2400)
+    cov0 = np.stack([np.eye(2) * s**2 for s in s0])
+    result = fit32(full_gmm, x, dict(loc=m0, cov=cov0))
+    assert result.status == "converged"
+    p = {k: np.asarray(v, np.float64) for k, v in result.params.items()}
+    lp = np.stack([np.log(p["w"][k]) + multivariate_normal(p["loc"][k], p["cov"][k]).logpdf(x)
+                   for k in range(3)], 1)
+    assert abs(result.log_likelihood - logsumexp(lp, 1).sum()) < 0.1
