@@ -44,7 +44,10 @@ def judge(problem, states, data, functions, tol, strict):
             status[r], messages[r] = Status.COLLAPSED, f"{found}: {Status.COLLAPSED.message}"
     for r, found in enumerate(collapsed(problem, states.params)):
         if found and status[r] in (Status.CONVERGED, Status.MAX_ITER, Status.DECREASED):
-            status[r], messages[r] = Status.COLLAPSED, f"{found}: {Status.COLLAPSED.message}"
+            stopped = (" (it stopped where an iteration lowered the objective: round-off of the "
+                       "log-densities near the collapse)" if status[r] == Status.DECREASED else "")
+            status[r], messages[r] = (Status.COLLAPSED,
+                                      f"{found}: {Status.COLLAPSED.message}{stopped}")
     best = _best(objective, finite, status)
     _warn(states, status, messages, best, tol, strict)
     return tuple(status), tuple(messages), best
@@ -62,7 +65,9 @@ def _warn(states, status, messages, best, tol, strict):
     if status[best] != Status.CONVERGED and not (status[best] == Status.MAX_ITER and tol == 0):
         warnings.warn(f"The best restart ({best}) ended '{status[best]}': {messages[best]}.",
                       ConvergenceWarning, stacklevel=6)
-    n_decreases = np.asarray(states.n_decreases)
+    # a decrease at a collapse is the collapse's numerics (its status and message say so), as
+    # for the guard's fallbacks below
+    n_decreases = np.asarray(states.n_decreases) * (np.asarray(status, dtype=str) != "collapsed")
     if n_decreases.any():
         msg = (
             f"An iteration lowered the objective by more than round-off in restarts "

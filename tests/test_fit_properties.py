@@ -394,10 +394,14 @@ def check_fit(result, posterior, caught, dtype, tol, collapse_rule):
                 problems.append(f"restart {r}: the objective fell by {falls[i]:.3g} at iteration "
                                 f"{i + 1} ({f[i]!r} -> {f[i + 1]!r})")
         # an iteration that would lower the objective is refused: its restart stops there and
-        # says so (status "decreased", or what the host diagnosed, and an AscentWarning)
+        # says so (status "decreased", or what the host diagnosed, and an AscentWarning; a
+        # collapse names the stop in its message instead: the collapse's numerics)
         ascent_warned = any(issubclass(w.category, AscentWarning) for w in caught)
         for r in np.flatnonzero(result.n_decreases):
-            if result.restart_status[r] in ("converged", "max_iter") or not ascent_warned:
+            if result.restart_status[r] == "collapsed":
+                if "lowered the objective" not in result.restart_messages[r]:
+                    problems.append(f"restart {r} collapsed at a decrease without saying so")
+            elif result.restart_status[r] in ("converged", "max_iter") or not ascent_warned:
                 problems.append(f"restart {r} stopped at a decrease but reports "
                                 f"'{result.restart_status[r]}' (AscentWarning: {ascent_warned})")
     collapse = collapse_rule(result.params)
