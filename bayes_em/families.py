@@ -95,6 +95,14 @@ def _weighted_sum(w, t, out_batch, n_event=0):
     return res.reshape(tuple(out_batch) + tuple(event))
 
 
+def _count(w, batch, out_batch):
+    """Σ w over the entries of `batch` (broadcast with w's) that `out_batch` does not keep: a
+    reduction of w (as a product with ones, XLA:CPU first copied the E-step's rows-first
+    weights transposed)."""
+    return _weighted_sum(jnp.broadcast_to(w, jnp.broadcast_shapes(jnp.shape(w), batch)),
+                         jnp.ones((), w.dtype), out_batch)
+
+
 # entries × rows up to which `_scatter` adds by a one-hot matrix product (XLA:CPU runs a scatter
 # as a loop over the entries: 46 µs per block of a K = 16 mixture's 16 × 256 covariance pairs)
 ONE_HOT_SCATTER = 1 << 16
@@ -245,7 +253,7 @@ class Rate(Family):
     arg, event_ndim, constraint, priors = "rate", 0, constraints.positive, (dist.Gamma,)
 
     def stats(self, base, x, w, batch, event_shape, scatter):
-        return {"n": scatter(_weighted_sum(w, jnp.ones_like(x, w.dtype), batch)),
+        return {"n": scatter(_count(w, jnp.shape(x), batch)),
                 "s": scatter(_weighted_sum(w, x.astype(w.dtype), batch))}
 
     def mode(self, st, prior, hyper, value):
@@ -270,7 +278,7 @@ class NormalLoc(Family):
 
     def stats(self, base, x, w, batch, event_shape, scatter):
         joint = jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale))
-        n = _weighted_sum(w, jnp.ones_like(x, w.dtype), joint)
+        n = _count(w, jnp.shape(x), joint)
         prec = 1.0 / jnp.square(base.scale)
         step = (_weighted_sum(w, x - base.loc, joint) if exact_distances(w.dtype)
                 else _weighted_sum(w, x, joint) - n * base.loc)
@@ -294,7 +302,7 @@ class NormalScale(Family):
 
     def stats(self, base, x, w, batch, event_shape, scatter):
         joint = jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale))
-        n = _weighted_sum(w, jnp.ones_like(x, w.dtype), joint)
+        n = _count(w, jnp.shape(x), joint)
         if exact_distances(w.dtype):
             ss = _weighted_sum(w, jnp.square(x - base.loc), joint)
         else:  # moments about the data mean c, corrected to the location m
@@ -331,7 +339,7 @@ class MvnLoc(Family):
 
     def stats(self, base, x, w, batch, event_shape, scatter):
         D, joint = jnp.shape(x)[-1], _mvn_joint(base)
-        n = _weighted_sum(w, jnp.ones(x.shape[:-1], w.dtype), joint)
+        n = _count(w, x.shape[:-1], joint)
         prec = jnp.broadcast_to(base.precision_matrix, joint + (D, D))
         step = (_weighted_sum(w, x - base.loc, joint, 1) if exact_distances(w.dtype)
                 else _weighted_sum(w, x, joint, 1) - n[..., None] * base.loc)
@@ -365,7 +373,7 @@ class MvnCovariance(Family):
 
     def stats(self, base, x, w, batch, event_shape, scatter):
         D, joint = jnp.shape(x)[-1], _mvn_joint(base)
-        n = _weighted_sum(w, jnp.ones(x.shape[:-1], w.dtype), joint)
+        n = _count(w, x.shape[:-1], joint)
         if exact_distances(w.dtype):
             ss = _weighted_outer(w, x - base.loc, joint)
         else:  # moments about the data mean c, corrected to the locations m

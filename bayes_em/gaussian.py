@@ -9,9 +9,9 @@ with P = L⁻ᵀ L⁻¹:
   doubled: `packed_outer`, `pack_symmetric`), loop-invariant (computed once per fit, or once per
   block of rows);
 - float32: ‖L⁻¹(x − μ)‖², the difference x − μ formed first for every pair (exact where x lies
-  near μ; L⁻¹x − L⁻¹μ lost eps · |x| / σ, 0.5 nat of a 2400-row objective with means ±1e3 and
-  sd 1e-2), in blocks of rows. The expansion cancels catastrophically in float32 when clusters
-  lie far apart relative to their spread (means ±1e3, sd 1e-2); in float64 it keeps 1e-6
+  near μ), in blocks of rows. For clusters far apart relative to their spread (means ±1e3, sd
+  1e-2) the expansion cancels catastrophically in float32, and even L⁻¹x − L⁻¹μ loses
+  eps · |x| / σ (0.5 nat of a 2400-row objective); in float64 the expansion keeps 1e-6
   relative accuracy up to separation / spread ratios of 1e5 (`exact_distances`).
 """
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from bayes_em.families import _mvn_joint, _scatter, _weighted_outer, _weighted_sum
+from bayes_em.families import _count, _mvn_joint, _scatter, _weighted_outer, _weighted_sum
 from bayes_em.gaussian import (
     exact_distances,
     moment_features,
@@ -44,14 +44,6 @@ def _mv_sums(w, x, d, c, joint):
     return {"s0": (s0, ()), "s1": (s1, (D,)), "s2": (s2, (D, D))}
 
 
-def _count(w, batch, joint):
-    """Σ w over the entries of `batch` (broadcast with w's) that `joint` does not keep: a
-    reduction of w (as a product with ones, XLA:CPU first copied the E-step's rows-first
-    weights transposed)."""
-    return _weighted_sum(jnp.broadcast_to(w, jnp.broadcast_shapes(jnp.shape(w), batch)),
-                         jnp.ones((), w.dtype), joint)
-
-
 def _column_sums(w, x, r, joint):
     """Univariate Σ w, Σ w (x − r), Σ w (x − r)² per entry of `joint` (r: its reference, of that
     shape) as matrix products of the weights with the data: about a centre c per data position,
@@ -62,7 +54,7 @@ def _column_sums(w, x, r, joint):
     axes = tuple(i for i in range(x.ndim) if i + lead < 0 or joint[i + lead] == 1)
     c = jnp.mean(x, axis=axes, keepdims=True)
     xc = x - c
-    s0 = _weighted_sum(w, jnp.ones_like(xc), joint)
+    s0 = _count(w, xc.shape, joint)
     s1, s2 = _weighted_sum(w, xc, joint), _weighted_sum(w, jnp.square(xc), joint)
     delta = jnp.broadcast_to(jnp.reshape(c, c.shape[max(0, -lead):]), joint) - r
     return {"s0": (s0, ()), "s1": (s1 + s0 * delta, ()),
