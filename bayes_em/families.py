@@ -253,7 +253,7 @@ class Rate(Family):
     arg, event_ndim, constraint, priors = "rate", 0, constraints.positive, (dist.Gamma,)
 
     def stats(self, base, x, w, batch, event_shape, scatter):
-        return {"n": scatter(_weighted_sum(w, jnp.ones_like(x, w.dtype), batch)),
+        return {"n": scatter(_count(w, jnp.shape(x), batch)),
                 "s": scatter(_weighted_sum(w, x.astype(w.dtype), batch))}
 
     def mode(self, st, prior, hyper, value):
@@ -278,7 +278,7 @@ class NormalLoc(Family):
 
     def stats(self, base, x, w, batch, event_shape, scatter):
         joint = jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale))
-        n = _weighted_sum(w, jnp.ones_like(x, w.dtype), joint)
+        n = _count(w, jnp.shape(x), joint)
         prec = 1.0 / jnp.square(base.scale)
         step = (_weighted_sum(w, x - base.loc, joint) if exact_distances(w.dtype)
                 else _weighted_sum(w, x, joint) - n * base.loc)
@@ -302,7 +302,7 @@ class NormalScale(Family):
 
     def stats(self, base, x, w, batch, event_shape, scatter):
         joint = jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale))
-        n = _weighted_sum(w, jnp.ones_like(x, w.dtype), joint)
+        n = _count(w, jnp.shape(x), joint)
         if exact_distances(w.dtype):
             ss = _weighted_sum(w, jnp.square(x - base.loc), joint)
         else:  # moments about the data mean c, corrected to the location m

@@ -42,10 +42,17 @@ def judge(problem, states, data, functions, tol, strict):
         found = no_finite_mode(problem, functions, states, r, data)
         if found:
             status[r], messages[r] = Status.COLLAPSED, f"{found}: {Status.COLLAPSED.message}"
+    # parameters that shrank onto a point are a collapse however the restart stopped: a
+    # non-finite objective there (the host's update from the last finite state may round to a
+    # finite one that `no_finite_mode` cannot name), or a decrease (their log-densities' round-off)
     for r, found in enumerate(collapsed(problem, states.params)):
-        if found and status[r] in (Status.CONVERGED, Status.MAX_ITER, Status.DECREASED):
-            stopped = (" (it stopped where an iteration lowered the objective: round-off of the "
-                       "log-densities near the collapse)" if status[r] == Status.DECREASED else "")
+        if found and status[r] in (Status.CONVERGED, Status.MAX_ITER, Status.DECREASED,
+                                   Status.NONFINITE):
+            stopped = {Status.DECREASED: " (it stopped where an iteration lowered the objective: "
+                                         "round-off of the log-densities near the collapse)",
+                       Status.NONFINITE: " (it stopped where the objective became non-finite; "
+                                         "the parameters are the last finite ones)"
+                       }.get(status[r], "")
             status[r], messages[r] = (Status.COLLAPSED,
                                       f"{found}: {Status.COLLAPSED.message}{stopped}")
     best = _best(objective, finite, status)
@@ -172,15 +179,15 @@ def collapsed(problem, restart_params, ratio=1e-4):
                 bad = eig[:, 0] <= ratio**2 * max(eig[:, -1].max(), np.finfo(float).tiny)
                 if bad.any():
                     k = int(np.flatnonzero(bad)[0])
-                    idx = np.unravel_index(k, cov.shape[:-2]) if cov.ndim > 2 else ()
-                    out[r] = (f"site '{p.name}'{list(idx) if idx else ''}: smallest eigenvalue "
+                    idx = [int(i) for i in np.unravel_index(k, cov.shape[:-2])]
+                    out[r] = (f"site '{p.name}'{idx if idx else ''}: smallest eigenvalue "
                               f"{eig[k, 0]:.3g} against largest {eig[k, -1]:.3g}")
             elif p.name in scales and v.size > 1:
                 flat = v.reshape(-1)
                 bad = flat <= ratio * flat.max()
                 if bad.any():
                     k = int(np.flatnonzero(bad)[0])
-                    idx = list(np.unravel_index(k, v.shape))
+                    idx = [int(i) for i in np.unravel_index(k, v.shape)]
                     out[r] = f"site '{p.name}'{idx}: scale {flat[k]:.3g} against {flat.max():.3g}"
     return out
 

@@ -103,6 +103,40 @@ def test_a_decrease_at_a_collapse_is_the_collapse():
     assert len(ascent) == 1 and "restarts [1]" in ascent[0]
 
 
+def test_a_non_finite_end_at_collapsed_parameters_is_a_collapse(monkeypatch):
+    """Which of 'nonfinite' or 'collapsed' a shrinking component reported depended on the last
+    bits of a sum: the host's closed-form update from the last finite state (`no_finite_mode`)
+    can come out finite where the compiled one did not (the docs/gmm.md example did so when
+    only the order of a Σ w changed). A restart that ended non-finite at collapsed parameters
+    (a scale 1e-9 of the others) is reported 'collapsed', the site and row named; one that
+    ended non-finite at regular parameters stays 'nonfinite'."""
+    from types import SimpleNamespace
+
+    from bayes_em import models, outcome
+    from bayes_em.em import Status as Code
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(np.concatenate([rng.normal(0, 1, 30), rng.normal(4, 1, 30),
+                                    [2.0, 2.0, 2.0]])[:, None])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fit = EM(models.gmm, max_iter=5, restarts=2, progress_bar=False).run(
+            jax.random.PRNGKey(0), x, K=3, covariance="spherical")
+    params = {k: np.array(v) for k, v in fit.restart_params.items()}
+    params["loc"][0, 1], params["scale"][0, 1] = 2.0, 1e-9  # restart 0: on the three 2.0s
+    states = SimpleNamespace(
+        objective=np.asarray(fit.restart_objective), params=params,
+        status=np.array([int(Code.NONFINITE)] * 2), n_decreases=np.array([0, 0]),
+        n_fallbacks=np.array([0, 0]))
+    monkeypatch.setattr(outcome, "no_finite_mode", lambda *args: "")  # the finite host update
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        status, messages, best = outcome.judge(fit.problem, states, None, None, 1e-8, False)
+    assert status[0] == "collapsed" and "site 'scale'[1]" in messages[0]
+    assert "non-finite" in messages[0]
+    assert status[1] == "nonfinite" and best == 1
+
+
 def test_an_iteration_that_lowers_the_objective_is_not_taken():
     """The rule behind status "decreased": a step whose objective falls below the previous one by
     more than round-off keeps θ_t, its objective and history, and stops the restart. Checked on
