@@ -2,16 +2,22 @@
 location row and a scale / covariance row, Σ w, Σ w (x − c), Σ w (x − c)(x − c)ᵀ about a
 reference c, read by `bayes_em.additive`. Float64 multivariate sums about one shared
 centre are matrix products with the packed x̃ ⊗ x̃ (x̃ = [x, 1]); float64 univariate sums are
-matrix products about each data column's mean, moved to the locations; float32 ones are formed
-per row and component, over blocks of rows (`bayes_em.gaussian.sum_row_blocks`)."""
+matrix products about each data column's mean, moved to the locations; float32 multivariate
+ones are the same products about the rows' mean moved to the locations where
+`bayes_em.gaussian.expansion_fits`, else formed per row and component over blocks of rows
+(`bayes_em.gaussian.sum_row_blocks`), as float32 univariate ones are."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from bayes_em.families import _count, _mvn_joint, _scatter, _weighted_outer, _weighted_sum
 from bayes_em.gaussian import (
+    EXPANSION_BUDGET,
     exact_distances,
+    expansion_fits,
+    inverse_tril,
     moment_features,
     rows_broadcast,
     split_moments,
@@ -21,11 +27,13 @@ from bayes_em.gaussian import (
 __all__ = ["GaussianPair"]
 
 
-def _mv_sums(w, x, d, c, joint):
+def _mv_sums(w, x, d, c, joint, prec=None):
     """{"s0": Σ w, "s1": Σ w d, "s2": Σ w d dᵀ} over the entries `joint` does not keep,
     d = x − c (`c` per component; None: d given, one centre, x̃ ⊗ x̃ packed: the three sums are
     one product). Rows (N, D) that the components meet along a size-1 dim are summed over
-    blocks of rows (no rows × components × D intermediate in memory)."""
+    blocks of rows (no rows × components × D intermediate in memory), or, where the components'
+    precisions `prec` make the expansion accurate (`gaussian.expansion_fits`, a `lax.cond`), as
+    one product about the rows' mean moved to each c."""
     D = jnp.shape(x)[-1]
     if c is None:
         s2, s1, s0 = split_moments(_weighted_sum(w, moment_features(d), joint, 1), D)
@@ -37,10 +45,26 @@ def _mv_sums(w, x, d, c, joint):
         return _weighted_sum(wb, db, joint, 1), _weighted_outer(wb, db, joint)
 
     wf = jnp.broadcast_to(w, jnp.broadcast_shapes(jnp.shape(w), d.shape[:-1]))
-    if rows_broadcast(x, jnp.shape(c)[:-1]) and wf.ndim >= 2:
-        s1, s2 = sum_row_blocks(sums, x, wf)
+
+    def exact():
+        if rows_broadcast(x, jnp.shape(c)[:-1]) and wf.ndim >= 2:
+            return sum_row_blocks(sums, x, wf)
+        return sums(x, wf)
+
+    def expanded():  # about the rows' mean m, moved by δ = m − c: s1 + s0 δ and
+        # s2 + s1 δᵀ + δ s1ᵀ + s0 δ δᵀ
+        m = jnp.mean(x.reshape(-1, D), axis=0)
+        s2m, s1m, s0m = split_moments(_weighted_sum(w, moment_features(x - m), joint, 1), D)
+        delta = jnp.broadcast_to(m - c, s1m.shape)
+        cross = s1m[..., :, None] * delta[..., None, :]
+        return (s1m + s0m[..., None] * delta,
+                s2m + cross + jnp.swapaxes(cross, -1, -2)
+                + s0m[..., None, None] * delta[..., :, None] * delta[..., None, :])
+
+    if prec is not None and EXPANSION_BUDGET and jnp.ndim(x) == 2:
+        s1, s2 = jax.lax.cond(expansion_fits(x, c, prec), expanded, exact)
     else:
-        s1, s2 = sums(x, wf)
+        s1, s2 = exact()
     return {"s0": (s0, ()), "s1": (s1, (D,)), "s2": (s2, (D, D))}
 
 
@@ -59,6 +83,12 @@ def _column_sums(w, x, r, joint):
     delta = jnp.broadcast_to(jnp.reshape(c, c.shape[max(0, -lead):]), joint) - r
     return {"s0": (s0, ()), "s1": (s1 + s0 * delta, ()),
             "s2": (s2 + 2.0 * delta * s1 + s0 * jnp.square(delta), ())}
+
+
+def _precision(scale_tril):
+    """L⁻ᵀ L⁻¹ for a batch of Cholesky factors."""
+    inv_l = inverse_tril(scale_tril)
+    return jnp.swapaxes(inv_l, -1, -2) @ inv_l
 
 
 class GaussianPair:
@@ -104,7 +134,8 @@ class GaussianPair:
         pair = jnp.where((il < nl) & (js < ns), il * ns + js, nl * ns)
         if mv:
             sums = _mv_sums(w, x, d, None if shared else (
-                ref[jnp.clip(il, 0, nl - 1)] if n_loc else base.loc), joint)
+                ref[jnp.clip(il, 0, nl - 1)] if n_loc else base.loc), joint,
+                None if shared else _precision(base.scale_tril))
         elif n_loc and not exact_distances(jnp.result_type(x, w)):
             sums = _column_sums(w, x, ref[jnp.clip(il, 0, n_loc - 1)], joint)
         else:
