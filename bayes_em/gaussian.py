@@ -169,17 +169,23 @@ def inverse_tril(scale_tril):
     return solve_triangular(scale_tril, eye, lower=True)
 
 
-def expansion_fits(x, loc, prec):
+def expansion_fits(x, loc, prec, diagonal: bool = False):
     """Whether the quadratic-form expansion about the rows' mean c is accurate for the distances
-    of rows x (..., D) to `loc` under precisions `prec` (traced: a scalar bool). Its round-off
-    on a distance is at most about eps · ‖P_k‖ (|x − c| + |μ_k − c|)², the three terms'
-    magnitude; the expansion is taken where that is below `EXPANSION_BUDGET` eps for every row
-    and component."""
+    of rows x (..., D) to `loc` under precisions `prec` (..., D, D), or (`diagonal`) their
+    diagonals (..., D) (traced: a scalar bool). Its round-off on a distance is at most about
+    eps · ‖|P_k|‖ (|x − c| + |μ_k − c|)², the magnitude of the terms of
+    x̃ᵀ [[P, −Pμ], [−μᵀP, μᵀPμ]] x̃; the expansion is taken where that is below
+    `EXPANSION_BUDGET` eps for every row and component."""
     D = x.shape[-1]
     c = jnp.mean(x.reshape(-1, D), axis=0)
     rx = jnp.sqrt(jnp.max(jnp.sum(jnp.square(x.reshape(-1, D) - c), -1)))
+    loc = jnp.broadcast_to(loc, loc.shape[:-1] + (D,))  # an event entry shared by all D
     rm = jnp.sqrt(jnp.sum(jnp.square(loc - c), -1))  # per location row
-    norm = jnp.sqrt(jnp.sum(jnp.square(prec), (-2, -1)))  # Frobenius ≥ spectral
+    if diagonal:
+        norm = jnp.max(jnp.abs(prec), -1)
+    else:  # ‖|P|‖₂ is at most the Frobenius norm and the largest row sum
+        norm = jnp.minimum(jnp.sqrt(jnp.sum(jnp.square(prec), (-2, -1))),
+                           jnp.max(jnp.sum(jnp.abs(prec), -1), -1))
     return jnp.max(norm * jnp.square(rx + rm)) <= EXPANSION_BUDGET
 
 
@@ -233,19 +239,31 @@ def mvn_log_prob(loc, scale_tril, x):
 
 
 def diag_normal_log_prob(loc, scale, x):
-    """Σ_d log N(x_d | loc_d, scale_d²) over the last dim (see `exact_distances`)."""
+    """Σ_d log N(x_d | loc_d, scale_d²) over the last dim (see `exact_distances`; float32
+    takes the expansion where `expansion_fits`)."""
     loc, scale = jnp.broadcast_arrays(loc, scale)
     D = x.shape[-1]
-    if exact_distances(jnp.result_type(x, loc)):
-        maha = jnp.sum(jnp.square((x - loc) / scale), -1)
-    else:
+    prec = 1.0 / jnp.square(scale)
+
+    def expanded():  # Σ_d P_d (x_d − μ_d)² about the rows' mean, as products
         centre = jnp.mean(x.reshape(-1, D), axis=0)
         xc, mc = x - centre, loc - centre
-        prec = 1.0 / jnp.square(scale)
-        maha = jnp.maximum(
+        return jnp.maximum(
             broadcast_dot(jnp.square(xc), prec)
             - 2.0 * broadcast_dot(xc, mc * prec)
             + jnp.sum(jnp.square(mc) * prec, -1), 0.0)
+
+    if exact_distances(jnp.result_type(x, loc)):
+        shape = jnp.broadcast_shapes(x.shape[:-1], loc.shape[:-1])
+        exact = lambda: jnp.broadcast_to(  # noqa: E731
+            jnp.sum(jnp.square((x - loc) / scale), -1), shape)
+        if EXPANSION_BUDGET and x.ndim == 2:
+            maha = jax.lax.cond(expansion_fits(x, loc, prec, diagonal=True),
+                                lambda: jnp.broadcast_to(expanded(), shape), exact)
+        else:
+            maha = exact()
+    else:
+        maha = expanded()
     # every entry of the event counts its scale (a scale of event size 1 serves all D entries)
     log_scale = jnp.sum(jnp.log(jnp.broadcast_to(scale, scale.shape[:-1] + (D,))), -1)
     return -0.5 * maha - log_scale - 0.5 * D * jnp.log(2 * jnp.pi)

@@ -2,10 +2,10 @@
 location row and a scale / covariance row, Σ w, Σ w (x − c), Σ w (x − c)(x − c)ᵀ about a
 reference c, read by `bayes_em.additive`. Float64 multivariate sums about one shared
 centre are matrix products with the packed x̃ ⊗ x̃ (x̃ = [x, 1]); float64 univariate sums are
-matrix products about each data column's mean, moved to the locations; float32 multivariate
-ones are the same products about the rows' mean moved to the locations where
-`bayes_em.gaussian.expansion_fits`, else formed per row and component over blocks of rows
-(`bayes_em.gaussian.sum_row_blocks`), as float32 univariate ones are."""
+matrix products about each data column's mean, moved to the locations. Float32 sums are the
+same products where their round-off is small (`bayes_em.gaussian.expansion_fits`, a
+`lax.cond`), else formed per row and component (multivariate: over blocks of rows,
+`bayes_em.gaussian.sum_row_blocks`)."""
 
 from __future__ import annotations
 
@@ -136,12 +136,27 @@ class GaussianPair:
             sums = _mv_sums(w, x, d, None if shared else (
                 ref[jnp.clip(il, 0, nl - 1)] if n_loc else base.loc), joint,
                 None if shared else _precision(base.scale_tril))
-        elif n_loc and not exact_distances(jnp.result_type(x, w)):
-            sums = _column_sums(w, x, ref[jnp.clip(il, 0, n_loc - 1)], joint)
         else:
-            sums = {"s0": (_count(w, d.shape, joint), ()),
-                    "s1": (_weighted_sum(w, d, joint), ()),
-                    "s2": (_weighted_sum(w, jnp.square(d), joint), ())}
+            def entrywise():
+                return {"s0": (_count(w, d.shape, joint), ()),
+                        "s1": (_weighted_sum(w, d, joint), ()),
+                        "s2": (_weighted_sum(w, jnp.square(d), joint), ())}
+
+            r = ref[jnp.clip(il, 0, n_loc - 1)] if n_loc else None
+            if not n_loc:
+                sums = entrywise()
+            elif not exact_distances(jnp.result_type(x, w)):
+                sums = _column_sums(w, x, r, joint)
+            elif (EXPANSION_BUDGET and jnp.ndim(x) == 2 and len(joint) >= 2
+                  and joint[-1] == x.shape[-1]):
+                # float32 (N, D) rows, a location per column: the column sums' products (about
+                # each column's mean) where their round-off is small
+                fits = expansion_fits(x, jnp.broadcast_to(r, joint),
+                                      jnp.broadcast_to(1.0 / jnp.square(base.scale), joint),
+                                      diagonal=True)
+                sums = jax.lax.cond(fits, lambda: _column_sums(w, x, r, joint), entrywise)
+            else:
+                sums = entrywise()
         return {k: _scatter(v, pair, nl * ns, ev).reshape((nl, ns) + ev)
                 for k, (v, ev) in sums.items()}
 

@@ -12,7 +12,7 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 from numpyro.distributions import constraints
-from shared_models import full_gmm
+from shared_models import diag_gmm, full_gmm
 from sklearn.mixture import GaussianMixture
 
 from bayes_em import EM, fused, gaussian
@@ -143,12 +143,14 @@ def test_float32_fit_reports_its_objective_accurately():
     assert abs(result.log_likelihood - logsumexp(lp, 1).sum()) < 0.1
 
 
-def test_float32_takes_the_expansion_where_its_bound_allows(monkeypatch):
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+def test_float32_takes_the_expansion_where_its_bound_allows(covariance, monkeypatch):
     """Where ‖P‖ (|x − c| + |μ − c|)² is small (clusters a few standard deviations apart), float32
     distances and statistics take the quadratic-form expansion (`gaussian.expansion_fits`);
     for the far-apart clusters above they stay entry by entry. Either way the float32 fit
     runs without a warning to float64's parameters and objective (a fit with the
-    expansion switched off, budget 0, agrees too)."""
+    expansion switched off, budget 0, agrees too), the same 60 iterations; full and diagonal
+    covariances."""
     from scipy.special import logsumexp
     from scipy.stats import multivariate_normal
 
@@ -157,11 +159,15 @@ def test_float32_takes_the_expansion_where_its_bound_allows(monkeypatch):
     centres = rng.normal(size=(K, D)) * 4
     z = rng.integers(0, K, n)
     x = centres[z] + rng.normal(size=(n, D)) @ np.diag([1.0, 0.5, 2.0])
-    init = dict(loc=x[rng.choice(n, K, replace=False)], cov=np.stack([np.eye(D)] * K))
+    loc0 = x[rng.choice(n, K, replace=False)]
+    model, init = ((full_gmm, dict(loc=loc0, cov=np.stack([np.eye(D)] * K)))
+                   if covariance == "full" else (diag_gmm, dict(loc=loc0, scale=np.ones((K, D)))))
     with jax.enable_x64(False):
         x32 = jnp.asarray(x, jnp.float32)
         prec = jnp.stack([jnp.eye(D, dtype=jnp.float32)] * K)
-        assert bool(gaussian.expansion_fits(x32, jnp.asarray(init["loc"], jnp.float32), prec))
+        assert bool(gaussian.expansion_fits(x32, jnp.asarray(loc0, jnp.float32), prec))
+        assert bool(gaussian.expansion_fits(x32, jnp.asarray(loc0, jnp.float32),
+                                            jnp.ones((K, D), jnp.float32), diagonal=True))
         far, m_far, s_far = separated(n=2400)
         assert not bool(gaussian.expansion_fits(
             jnp.asarray(far, jnp.float32), jnp.asarray(m_far, jnp.float32),
@@ -170,7 +176,7 @@ def test_float32_takes_the_expansion_where_its_bound_allows(monkeypatch):
     def fit(dtype):
         with jax.enable_x64(dtype == np.float64), warnings.catch_warnings():
             warnings.simplefilter("error")
-            result = EM(full_gmm, init_values={k: np.asarray(v, dtype) for k, v in init.items()},
+            result = EM(model, init_values={k: np.asarray(v, dtype) for k, v in init.items()},
                         tol=0.0, max_iter=60, progress_bar=False).run(
                 jax.random.PRNGKey(0), jnp.asarray(x, dtype), K)
         assert result.status == "max_iter"  # tol=0: the same 60 iterations from the same start
@@ -180,9 +186,10 @@ def test_float32_takes_the_expansion_where_its_bound_allows(monkeypatch):
     monkeypatch.setattr(gaussian, "EXPANSION_BUDGET", 0.0)
     exact = fit(np.float32)
     for got in (expanded, exact):
-        for k in ("w", "loc", "cov"):
+        for k in ref.params:
             np.testing.assert_allclose(got.params[k], ref.params[k], rtol=2e-3, atol=2e-4)
         p = {k: np.asarray(v, np.float64) for k, v in got.params.items()}
-        lp = np.stack([np.log(p["w"][k]) + multivariate_normal(p["loc"][k], p["cov"][k]).logpdf(x)
+        cov = p["cov"] if covariance == "full" else [np.diag(s**2) for s in p["scale"]]
+        lp = np.stack([np.log(p["w"][k]) + multivariate_normal(p["loc"][k], cov[k]).logpdf(x)
                        for k in range(K)], 1)
         assert abs(got.log_likelihood - logsumexp(lp, 1).sum()) < 0.5
