@@ -27,24 +27,25 @@ from bayes_em.gaussian import (
 __all__ = ["GaussianPair"]
 
 
-def _mv_sums(w, x, d, c, joint, prec=None):
+def _mv_sums(w, x, c, joint, prec=None):
     """{"s0": Σ w, "s1": Σ w d, "s2": Σ w d dᵀ} over the entries `joint` does not keep,
-    d = x − c (`c` per component; None: d given, one centre, x̃ ⊗ x̃ packed: the three sums are
+    d = x − c (`c` per component; `prec` None: one centre c, x̃ ⊗ x̃ packed: the three sums are
     one product). Rows (N, D) that the components meet along a size-1 dim are summed over
     blocks of rows (no rows × components × D intermediate in memory), or, where the components'
     precisions `prec` make the expansion accurate (`gaussian.expansion_fits`, a `lax.cond`), as
     one product about the rows' mean moved to each c."""
     D = jnp.shape(x)[-1]
-    if c is None:
-        s2, s1, s0 = split_moments(_weighted_sum(w, moment_features(d), joint, 1), D)
+    if prec is None:
+        s2, s1, s0 = split_moments(_weighted_sum(w, moment_features(x - c), joint, 1), D)
         return {"s0": (s0, ()), "s1": (s1, (D,)), "s2": (s2, (D, D))}
-    s0 = _count(w, d.shape[:-1], joint)
+    rows = jnp.broadcast_shapes(jnp.shape(x)[:-1], jnp.shape(c)[:-1])
+    s0 = _count(w, rows, joint)
 
     def sums(rows, wb):
         db = rows - c
         return _weighted_sum(wb, db, joint, 1), _weighted_outer(wb, db, joint)
 
-    wf = jnp.broadcast_to(w, jnp.broadcast_shapes(jnp.shape(w), d.shape[:-1]))
+    wf = jnp.broadcast_to(w, jnp.broadcast_shapes(jnp.shape(w), rows))
 
     def exact():
         if rows_broadcast(x, jnp.shape(c)[:-1]) and wf.ndim >= 2:
@@ -61,7 +62,7 @@ def _mv_sums(w, x, d, c, joint, prec=None):
                 s2m + cross + jnp.swapaxes(cross, -1, -2)
                 + s0m[..., None, None] * delta[..., :, None] * delta[..., None, :])
 
-    if prec is not None and EXPANSION_BUDGET and jnp.ndim(x) == 2:
+    if EXPANSION_BUDGET and jnp.ndim(x) == 2:
         s1, s2 = jax.lax.cond(expansion_fits(x, c, prec), expanded, exact)
     else:
         s1, s2 = exact()
@@ -120,11 +121,11 @@ class GaussianPair:
                  else jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale)))
         nl, ns = max(n_loc, 1), max(n_spread, 1)
         shared = bool(n_loc) and jnp.shape(ref)[0] == 1  # one centre: d has the data's shape
-        if n_loc:
+        if n_loc:  # the reference of each entry (x − c formed where a branch needs it)
             il = jnp.broadcast_to(idx_loc, joint)
-            d = x - ref[0] if shared else x - ref[jnp.clip(il, 0, n_loc - 1)]
+            c = ref[0] if shared else ref[jnp.clip(il, 0, n_loc - 1)]
         else:
-            il, d = jnp.zeros(joint, jnp.int32), x - base.loc
+            il, c = jnp.zeros(joint, jnp.int32), base.loc
         if n_spread:
             js = jnp.broadcast_to(idx_spread, joint)
         elif mv:
@@ -133,28 +134,26 @@ class GaussianPair:
             js, w = jnp.zeros(joint, jnp.int32), w / jnp.square(base.scale)
         pair = jnp.where((il < nl) & (js < ns), il * ns + js, nl * ns)
         if mv:
-            sums = _mv_sums(w, x, d, None if shared else (
-                ref[jnp.clip(il, 0, nl - 1)] if n_loc else base.loc), joint,
-                None if shared else _precision(base.scale_tril))
+            sums = _mv_sums(w, x, c, joint, None if shared else _precision(base.scale_tril))
         else:
             def entrywise():
+                d = x - c
                 return {"s0": (_count(w, d.shape, joint), ()),
                         "s1": (_weighted_sum(w, d, joint), ()),
                         "s2": (_weighted_sum(w, jnp.square(d), joint), ())}
 
-            r = ref[jnp.clip(il, 0, n_loc - 1)] if n_loc else None
             if not n_loc:
                 sums = entrywise()
             elif not exact_distances(jnp.result_type(x, w)):
-                sums = _column_sums(w, x, r, joint)
+                sums = _column_sums(w, x, c, joint)
             elif (EXPANSION_BUDGET and jnp.ndim(x) == 2 and len(joint) >= 2
                   and joint[-1] == x.shape[-1]):
                 # float32 (N, D) rows, a location per column: the column sums' products (about
                 # each column's mean) where their round-off is small
-                fits = expansion_fits(x, jnp.broadcast_to(r, joint),
+                fits = expansion_fits(x, jnp.broadcast_to(c, joint),
                                       jnp.broadcast_to(1.0 / jnp.square(base.scale), joint),
                                       diagonal=True)
-                sums = jax.lax.cond(fits, lambda: _column_sums(w, x, r, joint), entrywise)
+                sums = jax.lax.cond(fits, lambda: _column_sums(w, x, c, joint), entrywise)
             else:
                 sums = entrywise()
         return {k: _scatter(v, pair, nl * ns, ev).reshape((nl, ns) + ev)
