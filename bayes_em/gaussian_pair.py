@@ -38,14 +38,14 @@ def _mv_sums(w, x, c, joint, prec=None):
     if prec is None:
         s2, s1, s0 = split_moments(_weighted_sum(w, moment_features(x - c), joint, 1), D)
         return {"s0": (s0, ()), "s1": (s1, (D,)), "s2": (s2, (D, D))}
-    rows = jnp.broadcast_shapes(jnp.shape(x)[:-1], jnp.shape(c)[:-1])
-    s0 = _count(w, rows, joint)
+    batch = jnp.broadcast_shapes(jnp.shape(x)[:-1], jnp.shape(c)[:-1])
+    s0 = _count(w, batch, joint)
 
     def sums(rows, wb):
         db = rows - c
         return _weighted_sum(wb, db, joint, 1), _weighted_outer(wb, db, joint)
 
-    wf = jnp.broadcast_to(w, jnp.broadcast_shapes(jnp.shape(w), rows))
+    wf = jnp.broadcast_to(w, jnp.broadcast_shapes(jnp.shape(w), batch))
 
     def exact():
         if rows_broadcast(x, jnp.shape(c)[:-1]) and wf.ndim >= 2:
@@ -120,7 +120,7 @@ class GaussianPair:
         joint = (_mvn_joint(base) if mv
                  else jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale)))
         nl, ns = max(n_loc, 1), max(n_spread, 1)
-        shared = bool(n_loc) and jnp.shape(ref)[0] == 1  # one centre: d has the data's shape
+        shared = bool(n_loc) and jnp.shape(ref)[0] == 1  # one centre for every location row
         if n_loc:  # the reference of each entry (x − c formed where a branch needs it)
             il = jnp.broadcast_to(idx_loc, joint)
             c = ref[0] if shared else ref[jnp.clip(il, 0, n_loc - 1)]
