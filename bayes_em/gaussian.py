@@ -189,14 +189,11 @@ def expansion_fits(x, loc, prec, diagonal: bool = False):
     return jnp.max(norm * jnp.square(rx + rm)) <= EXPANSION_BUDGET
 
 
-def _expanded_distances(x, loc, prec):
+def _expanded_distances(x, loc, prec, centre, feats):
     """(x − μ)ᵀ P (x − μ) = ⟨x xᵀ, P⟩ − 2⟨x, Pμ⟩ + μᵀPμ about the rows' mean, as products with
-    the loop-invariant x̃ ⊗ x̃ (`moment_features`)."""
-    D = x.shape[-1]
-    centre = jnp.mean(x.reshape(-1, D), axis=0)
+    the loop-invariant `feats`, x̃ ⊗ x̃ (`moment_features`) of x̃ = [x − centre, 1]."""
     xc, mc = x - centre, loc - centre
     prec_m = (prec @ mc[..., None])[..., 0]
-    feats = moment_features(xc)
     m_prec = jnp.sum(mc * prec_m, -1)
     if prec.shape[:-2] == jnp.broadcast_shapes(prec.shape[:-2], prec_m.shape[:-1]):
         # (x − μ)ᵀ P (x − μ) = x̃ᵀ [[P, −Pμ], [−μᵀP, μᵀPμ]] x̃: one product
@@ -227,13 +224,19 @@ def mvn_log_prob(loc, scale_tril, x):
         exact = lambda: jnp.broadcast_to(  # noqa: E731
             by_row_blocks(distances, x) if blocks else distances(x), shape)
         if EXPANSION_BUDGET and x.ndim == 2:
+            # the features outside the condition: the statistics' branch forms the same ones
+            # (`gaussian_pair`), and XLA computes them once per block for both
+            centre = jnp.mean(x, axis=0)
+            feats = moment_features(x - centre)
             maha = jax.lax.cond(
                 expansion_fits(x, loc, prec),
-                lambda: jnp.broadcast_to(_expanded_distances(x, loc, prec), shape), exact)
+                lambda: jnp.broadcast_to(_expanded_distances(x, loc, prec, centre, feats),
+                                         shape), exact)
         else:
             maha = exact()
     else:
-        maha = _expanded_distances(x, loc, prec)
+        centre = jnp.mean(x.reshape(-1, D), axis=0)
+        maha = _expanded_distances(x, loc, prec, centre, moment_features(x - centre))
     half_logdet = jnp.sum(jnp.log(jnp.diagonal(scale_tril, axis1=-2, axis2=-1)), -1)
     return -0.5 * maha - half_logdet - 0.5 * D * jnp.log(2 * jnp.pi)
 

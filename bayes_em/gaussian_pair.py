@@ -52,10 +52,12 @@ def _mv_sums(w, x, c, joint, prec=None):
             return sum_row_blocks(sums, x, wf)
         return sums(x, wf)
 
+    m = jnp.mean(x.reshape(-1, D), axis=0)  # (the features: as the E-step's, outside the cond)
+    feats = moment_features(x - m) if jnp.ndim(x) == 2 else None
+
     def expanded():  # about the rows' mean m, moved by δ = m − c: s1 + s0 δ and
         # s2 + s1 δᵀ + δ s1ᵀ + s0 δ δᵀ
-        m = jnp.mean(x.reshape(-1, D), axis=0)
-        s2m, s1m, s0m = split_moments(_weighted_sum(w, moment_features(x - m), joint, 1), D)
+        s2m, s1m, s0m = split_moments(_weighted_sum(w, feats, joint, 1), D)
         delta = jnp.broadcast_to(m - c, s1m.shape)
         cross = s1m[..., :, None] * delta[..., None, :]
         return (s1m + s0m[..., None] * delta,
