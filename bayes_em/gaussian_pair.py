@@ -27,13 +27,26 @@ from bayes_em.gaussian import (
 __all__ = ["GaussianPair"]
 
 
+def _moved_moments(w, feats, m, c, joint):
+    """(Σ w, Σ w (x − c), Σ w (x − c)(x − c)ᵀ) from one product with `feats`, x̃ ⊗ x̃ of
+    x̃ = [x − m, 1], moved by δ = m − c: s1 + s0 δ and s2 + s1 δᵀ + δ s1ᵀ + s0 δ δᵀ."""
+    D = m.shape[-1]
+    s2, s1, s0 = split_moments(_weighted_sum(w, feats, joint, 1), D)
+    delta = jnp.broadcast_to(m - c, s1.shape)
+    cross = s1[..., :, None] * delta[..., None, :]
+    return (s0, s1 + s0[..., None] * delta,
+            s2 + cross + jnp.swapaxes(cross, -1, -2)
+            + s0[..., None, None] * delta[..., :, None] * delta[..., None, :])
+
+
 def _mv_sums(w, x, c, joint, prec=None):
     """{"s0": Σ w, "s1": Σ w d, "s2": Σ w d dᵀ} over the entries `joint` does not keep,
-    d = x − c (`c` per component; `prec` None: one centre c, x̃ ⊗ x̃ packed: the three sums are
-    one product). Rows (N, D) that the components meet along a size-1 dim are summed over
-    blocks of rows (no rows × components × D intermediate in memory), or, where the components'
-    precisions `prec` make the expansion accurate (`gaussian.expansion_fits`, a `lax.cond`), as
-    one product about the rows' mean moved to each c."""
+    d = x − c. For one centre c (`prec` None) the three sums are one product with x̃ ⊗ x̃ packed
+    (x̃ = [x − c, 1]); for `c` per component, the same about the rows' mean m (the E-step's
+    features: XLA forms them once for both) moved to c where the components' precisions `prec`
+    make that accurate (`gaussian.expansion_fits`, a `lax.cond`), else they are formed from
+    the distances x − c, rows (N, D) that the components meet along a size-1 dim over blocks of
+    rows (no rows × components × D intermediate in memory)."""
     D = jnp.shape(x)[-1]
     if prec is None:
         s2, s1, s0 = split_moments(_weighted_sum(w, moment_features(x - c), joint, 1), D)
@@ -52,20 +65,11 @@ def _mv_sums(w, x, c, joint, prec=None):
             return sum_row_blocks(sums, x, wf)
         return sums(x, wf)
 
-    m = jnp.mean(x.reshape(-1, D), axis=0)  # (the features: as the E-step's, outside the cond)
-    feats = moment_features(x - m) if jnp.ndim(x) == 2 else None
-
-    def expanded():  # about the rows' mean m, moved by δ = m − c: s1 + s0 δ and
-        # s2 + s1 δᵀ + δ s1ᵀ + s0 δ δᵀ
-        s2m, s1m, s0m = split_moments(_weighted_sum(w, feats, joint, 1), D)
-        delta = jnp.broadcast_to(m - c, s1m.shape)
-        cross = s1m[..., :, None] * delta[..., None, :]
-        return (s1m + s0m[..., None] * delta,
-                s2m + cross + jnp.swapaxes(cross, -1, -2)
-                + s0m[..., None, None] * delta[..., :, None] * delta[..., None, :])
-
     if EXPANSION_BUDGET and jnp.ndim(x) == 2:
-        s1, s2 = jax.lax.cond(expansion_fits(x, c, prec), expanded, exact)
+        m = jnp.mean(x, axis=0)
+        feats = moment_features(x - m)  # outside the cond, to be shared with the E-step's
+        s1, s2 = jax.lax.cond(expansion_fits(x, c, prec),
+                              lambda: _moved_moments(w, feats, m, c, joint)[1:], exact)
     else:
         s1, s2 = exact()
     return {"s0": (s0, ()), "s1": (s1, (D,)), "s2": (s2, (D, D))}
