@@ -31,7 +31,7 @@ import numpy as np
 from bayes_em.conjugate import plan_index, plan_stats, plan_value
 from bayes_em.families import FAMILIES, site_weight
 from bayes_em.gaussian import exact_distances
-from bayes_em.gaussian_pair import GaussianPair
+from bayes_em.gaussian_pair import GaussianPair, shift_moments
 
 __all__ = ["Layout", "layout", "references", "stats", "recentre", "m_step"]
 
@@ -147,13 +147,7 @@ def recentre(lay: Layout, st: dict, old: dict, new: dict) -> dict:
             continue
         s0, s1, s2 = (st[g.key][k] for k in ("s0", "s1", "s2"))
         d = (old[g.loc.param] - new[g.loc.param])[:, None]  # (rows_loc or 1, 1) + event
-        if g.multivariate:
-            cross = s1[..., :, None] * d[..., None, :]
-            s2 = (s2 + cross + jnp.swapaxes(cross, -1, -2)
-                  + s0[..., None, None] * (d[..., :, None] * d[..., None, :]))
-            s1 = s1 + s0[..., None] * d
-        else:
-            s2, s1 = s2 + 2.0 * d * s1 + s0 * jnp.square(d), s1 + s0 * d
+        s1, s2 = shift_moments(s0, s1, s2, d, g.multivariate)
         st[g.key] = {**st[g.key], "s1": s1, "s2": s2}
     return st
 

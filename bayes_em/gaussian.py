@@ -8,7 +8,7 @@ with P = L⁻ᵀ L⁻¹:
   symmetrically packed (its entries x̃_i x̃_j, i ≤ j, against the form's with the off-diagonals
   doubled: `packed_outer`, `pack_symmetric`), loop-invariant (computed once per fit, or once per
   block of rows);
-- float32: the same expansion where its round-off bound eps · ‖P‖ (|x − c| + |μ − c|)² is
+- float32: the same expansion where its round-off bound eps · ‖|P|‖ (|x − c| + |μ − c|)² is
   small (`expansion_fits`: clusters a few spreads apart, a `lax.cond` on the rows at hand),
   else ‖L⁻¹(x − μ)‖², the difference x − μ formed first for every pair (exact where x lies
   near μ), in blocks of rows. For clusters far apart relative to their spread (means ±1e3, sd
@@ -31,7 +31,7 @@ from bayes_em._numpyro import mask_of
 
 # rows per block where float32 distances are formed per row and component (`by_row_blocks`)
 ROW_BLOCK = 8192
-# float32 distances by the expansion where its round-off bound ‖P‖ (|x − c| + |μ − c|)² is at
+# float32 distances by the expansion where its round-off bound ‖|P|‖ (|x − c| + |μ − c|)² is at
 # most this, in units of eps (a log-density off by at most 2.4e-4 nat, 1e-4 measured: the order
 # of scikit-learn's float32 L⁻¹x − L⁻¹μ); 0: always entry by entry
 EXPANSION_BUDGET = 4096.0
@@ -221,8 +221,11 @@ def mvn_log_prob(loc, scale_tril, x):
 
         blocks = rows_broadcast(x, loc.shape[:-1], inv_l.shape[:-2])
         shape = jnp.broadcast_shapes(x.shape[:-1], loc.shape[:-1], inv_l.shape[:-2])
-        exact = lambda: jnp.broadcast_to(  # noqa: E731
-            by_row_blocks(distances, x) if blocks else distances(x), shape)
+
+        def exact():
+            return jnp.broadcast_to(by_row_blocks(distances, x) if blocks else distances(x),
+                                    shape)
+
         if EXPANSION_BUDGET and x.ndim == 2:
             # the features outside the condition: the statistics' branch forms the same ones
             # (`gaussian_pair`), and XLA computes them once per block for both
@@ -258,8 +261,10 @@ def diag_normal_log_prob(loc, scale, x):
 
     if exact_distances(jnp.result_type(x, loc)):
         shape = jnp.broadcast_shapes(x.shape[:-1], loc.shape[:-1])
-        exact = lambda: jnp.broadcast_to(  # noqa: E731
-            jnp.sum(jnp.square((x - loc) / scale), -1), shape)
+
+        def exact():
+            return jnp.broadcast_to(jnp.sum(jnp.square((x - loc) / scale), -1), shape)
+
         if EXPANSION_BUDGET and x.ndim == 2:
             maha = jax.lax.cond(expansion_fits(x, loc, prec, diagonal=True),
                                 lambda: jnp.broadcast_to(expanded(), shape), exact)

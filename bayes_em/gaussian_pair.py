@@ -24,19 +24,18 @@ from bayes_em.gaussian import (
     sum_row_blocks,
 )
 
-__all__ = ["GaussianPair"]
+__all__ = ["GaussianPair", "shift_moments"]
 
 
-def _moved_moments(w, feats, m, c, joint):
-    """(Σ w, Σ w (x − c), Σ w (x − c)(x − c)ᵀ) from one product with `feats`, x̃ ⊗ x̃ of
-    x̃ = [x − m, 1], moved by δ = m − c: s1 + s0 δ and s2 + s1 δᵀ + δ s1ᵀ + s0 δ δᵀ."""
-    D = m.shape[-1]
-    s2, s1, s0 = split_moments(_weighted_sum(w, feats, joint, 1), D)
-    delta = jnp.broadcast_to(m - c, s1.shape)
-    cross = s1[..., :, None] * delta[..., None, :]
-    return (s0, s1 + s0[..., None] * delta,
-            s2 + cross + jnp.swapaxes(cross, -1, -2)
-            + s0[..., None, None] * delta[..., :, None] * delta[..., None, :])
+def shift_moments(s0, s1, s2, d, multivariate: bool):
+    """Moments Σ w, Σ w (x − c), Σ w (x − c)(x − c)ᵀ about c moved to c − d:
+    (s1 + s0 d, s2 + s1 dᵀ + d s1ᵀ + s0 d dᵀ), squares for a Normal (s2 + 2 d s1 + s0 d²)."""
+    if multivariate:
+        cross = s1[..., :, None] * d[..., None, :]
+        return (s1 + s0[..., None] * d,
+                s2 + cross + jnp.swapaxes(cross, -1, -2)
+                + s0[..., None, None] * (d[..., :, None] * d[..., None, :]))
+    return s1 + s0 * d, s2 + 2.0 * d * s1 + s0 * jnp.square(d)
 
 
 def _mv_sums(w, x, c, joint, prec=None):
@@ -68,8 +67,11 @@ def _mv_sums(w, x, c, joint, prec=None):
     if EXPANSION_BUDGET and jnp.ndim(x) == 2:
         m = jnp.mean(x, axis=0)
         feats = moment_features(x - m)  # outside the cond, to be shared with the E-step's
-        s1, s2 = jax.lax.cond(expansion_fits(x, c, prec),
-                              lambda: _moved_moments(w, feats, m, c, joint)[1:], exact)
+        def expanded():  # one product about the rows' mean m, moved to c
+            s2m, s1m, s0m = split_moments(_weighted_sum(w, feats, joint, 1), D)
+            return shift_moments(s0m, s1m, s2m, jnp.broadcast_to(m - c, s1m.shape), True)
+
+        s1, s2 = jax.lax.cond(expansion_fits(x, c, prec), expanded, exact)
     else:
         s1, s2 = exact()
     return {"s0": (s0, ()), "s1": (s1, (D,)), "s2": (s2, (D, D))}
@@ -88,8 +90,8 @@ def _column_sums(w, x, r, joint):
     s0 = _count(w, xc.shape, joint)
     s1, s2 = _weighted_sum(w, xc, joint), _weighted_sum(w, jnp.square(xc), joint)
     delta = jnp.broadcast_to(jnp.reshape(c, c.shape[max(0, -lead):]), joint) - r
-    return {"s0": (s0, ()), "s1": (s1 + s0 * delta, ()),
-            "s2": (s2 + 2.0 * delta * s1 + s0 * jnp.square(delta), ())}
+    s1, s2 = shift_moments(s0, s1, s2, delta, False)
+    return {"s0": (s0, ()), "s1": (s1, ()), "s2": (s2, ())}
 
 
 def _precision(scale_tril):
@@ -178,13 +180,9 @@ class GaussianPair:
     def spread_stats(self, st, ref, loc) -> dict:
         """NormalScale / MvnCovariance's `{"n", "ss"}` about locations `loc` (rows; a
         pseudo row: `loc = ref = 0`)."""
-        s0, s1, s2, dl = st["s0"], st["s1"], st["s2"], loc - ref
+        s0, s1, s2 = st["s0"], st["s1"], st["s2"]
+        _, about_loc = shift_moments(s0, s1, s2, (ref - loc)[:, None], self.multivariate)
+        ss, n = jnp.sum(about_loc, axis=0), jnp.sum(s0, axis=0)
         if self.multivariate:
-            cross = s1[..., :, None] * dl[:, None, None, :]
-            outer = dl[:, :, None] * dl[:, None, :]
-            ss = jnp.sum(s2 - cross - jnp.swapaxes(cross, -1, -2)
-                         + s0[..., None, None] * outer[:, None], axis=0)
-            return {"ss": 0.5 * (ss + jnp.swapaxes(ss, -1, -2)), "n": jnp.sum(s0, axis=0)}
-        d = dl[:, None]
-        ss = jnp.sum(s2 - 2.0 * d * s1 + jnp.square(d) * s0, axis=0)
-        return {"n": jnp.sum(s0, axis=0), "ss": jnp.maximum(ss, 0.0)}
+            return {"ss": 0.5 * (ss + jnp.swapaxes(ss, -1, -2)), "n": n}
+        return {"n": n, "ss": jnp.maximum(ss, 0.0)}
