@@ -147,7 +147,8 @@ def recentre(lay: Layout, st: dict, old: dict, new: dict) -> dict:
             continue
         s0, s1, s2 = (st[g.key][k] for k in ("s0", "s1", "s2"))
         d = (old[g.loc.param] - new[g.loc.param])[:, None]  # (rows_loc or 1, 1) + event
-        s1, s2 = shift_moments(s0, s1, s2, d, g.multivariate)
+        s1, moved = shift_moments(s0, s1, 0.0, d, g.multivariate)
+        s2 = s2 + jnp.sum(moved, axis=0)  # s2 is summed over the location rows
         st[g.key] = {**st[g.key], "s1": s1, "s2": s2}
     return st
 

@@ -38,17 +38,35 @@ def shift_moments(s0, s1, s2, d, multivariate: bool):
     return s1 + s0 * d, s2 + 2.0 * d * s1 + s0 * jnp.square(d)
 
 
-def _mv_sums(w, x, c, joint, prec=None):
+def _mv_sums(w, x, c, joint, prec=None, spread=None, keep=None):
     """{"s0": Σ w, "s1": Σ w d, "s2": Σ w d dᵀ} over the entries `joint` does not keep,
     d = x − c. For one centre c (`prec` None) the three sums are one product with x̃ ⊗ x̃ packed
-    (x̃ = [x − c, 1]); for `c` per component, the same about the rows' mean m (the E-step's
+    (x̃ = [x − c, 1]), or, where Σ w d dᵀ is wanted only over the coarser batch `spread` (the
+    spread rows: a tied covariance), Σ w d a product and Σ w d dᵀ one of the weights summed
+    over the entries sharing a spread row (`keep`: the entries counted) with x ⊗ x. For `c`
+    per component, the same about the rows' mean m (the E-step's
     features: XLA forms them once for both) moved to c where the components' precisions `prec`
     make that accurate (`gaussian.expansion_fits`, a `lax.cond`), else they are formed from
     the distances x − c, rows (N, D) that the components meet along a size-1 dim over blocks of
     rows (no rows × components × D intermediate in memory)."""
     D = jnp.shape(x)[-1]
     if prec is None:
-        s2, s1, s0 = split_moments(_weighted_sum(w, moment_features(x - c), joint, 1), D)
+        feats = moment_features(x - c)
+        if (spread is not None and spread != tuple(joint)
+                and jnp.broadcast_shapes(jnp.shape(keep), jnp.shape(w)) == jnp.shape(w)):
+            # Σ of w over the entries sharing a spread row, as a product with `keep` (a masked
+            # reduction: XLA:CPU laid the weights out transposed for it, 4x slower)
+            if jnp.ndim(w) < len(joint):
+                w = jnp.reshape(w, (1,) * (len(joint) - jnp.ndim(w)) + jnp.shape(w))
+            lead = jnp.ndim(w) - len(joint)
+            shared = tuple(1 if i >= lead and spread[i - lead] == 1 and joint[i - lead] != 1
+                           else n for i, n in enumerate(jnp.shape(w)))
+            wk = _weighted_sum(w, jnp.asarray(keep, w.dtype), shared)
+            s2 = split_moments(_weighted_sum(wk, feats, spread, 1), D)[0]
+            s0 = _count(w, jnp.shape(x)[:-1], joint)
+            return {"s0": (s0, ()), "s1": (_weighted_sum(w, x - c, joint, 1), (D,)),
+                    "s2": (s2, (D, D))}
+        s2, s1, s0 = split_moments(_weighted_sum(w, feats, joint, 1), D)
         return {"s0": (s0, ()), "s1": (s1, (D,)), "s2": (s2, (D, D))}
     batch = jnp.broadcast_shapes(jnp.shape(x)[:-1], jnp.shape(c)[:-1])
     s0 = _count(w, batch, joint)
@@ -107,9 +125,11 @@ class GaussianPair:
 
         s0 = Σ w,   s1 = Σ w (x − c_i),   s2 = Σ w (x − c_i)²   (x xᵀ for a MultivariateNormal),
 
-    about a fixed reference c_i per location row (the location where the statistics started:
-    no cancellation of moments about a far-away origin), or one centre c shared by every row
-    (`ref` of one row: the sums are then matrix products of the weights with x and x ⊗ x).
+    s2 summed over the location rows i (the spread's statistics need no more: a tied covariance
+    takes it as one product of Σ_i w with x ⊗ x), about a fixed reference c_i per location row
+    (the location where the statistics started: no cancellation of moments about a far-away
+    origin), or one centre c shared by every row (`ref` of one row: the sums are then matrix
+    products of the weights with x and x ⊗ x).
     They read no θ, so they add over batches computed at different θ (online EM). At the
     current θ they give the statistics of [`NormalLoc`][bayes_em.families.NormalLoc] /
     [`MvnLoc`][bayes_em.families.MvnLoc] (a, b) and
@@ -123,7 +143,8 @@ class GaussianPair:
         self.multivariate = multivariate
 
     def raw_stats(self, base, x, w, idx_loc, n_loc, ref, idx_spread, n_spread) -> dict:
-        """`{"s0", "s1", "s2"}` of shape (rows_loc, rows_spread) + event (pseudo rows: 1)."""
+        """`{"s0", "s1"}` of shape (rows_loc, rows_spread) + event and `"s2"` of shape
+        (rows_spread,) + event, summed over the location rows (pseudo rows: 1)."""
         mv = self.multivariate
         joint = (_mvn_joint(base) if mv
                  else jnp.broadcast_shapes(jnp.shape(base.loc), jnp.shape(base.scale)))
@@ -140,9 +161,22 @@ class GaussianPair:
             raise ValueError("a MultivariateNormal location needs its covariance fitted too")
         else:
             js, w = jnp.zeros(joint, jnp.int32), w / jnp.square(base.scale)
-        pair = jnp.where((il < nl) & (js < ns), il * ns + js, nl * ns)
+        valid = (il < nl) & (js < ns)
+        pair = jnp.where(valid, il * ns + js, nl * ns)
+        row = jnp.where(valid, js, ns)  # s2 is kept per spread row, over its location rows
         if mv:
-            sums = _mv_sums(w, x, c, joint, None if shared else _precision(base.scale_tril))
+            # the batch of the spread rows: s2 may be summed over the dims it does not vary in
+            shape = (1,) * (len(joint) - jnp.ndim(idx_spread)) + jnp.shape(idx_spread)
+            spread = tuple(1 if a == 1 else b for a, b in zip(shape, joint))
+            sums = _mv_sums(w, x, c, joint, None if shared else _precision(base.scale_tril),
+                            spread, il < nl)
+            if jnp.shape(sums["s2"][0])[:len(joint)] != tuple(joint):  # over `spread`
+                s2, ev = sums.pop("s2")
+                idx = jnp.broadcast_to(idx_spread, spread)
+                out = _scatter(s2, jnp.where(idx < ns, idx, ns), ns, ev)
+                sums = {k: _scatter(v, pair, nl * ns, ev).reshape((nl, ns) + ev)
+                        for k, (v, ev) in sums.items()}
+                return {**sums, "s2": out}
         else:
             def entrywise():
                 d = x - c
@@ -164,8 +198,9 @@ class GaussianPair:
                 sums = jax.lax.cond(fits, lambda: _column_sums(w, x, c, joint), entrywise)
             else:
                 sums = entrywise()
-        return {k: _scatter(v, pair, nl * ns, ev).reshape((nl, ns) + ev)
-                for k, (v, ev) in sums.items()}
+        out = {k: _scatter(v, pair, nl * ns, ev).reshape((nl, ns) + ev)
+               for k, (v, ev) in sums.items() if k != "s2"}
+        return {**out, "s2": _scatter(sums["s2"][0], row, ns, sums["s2"][1])}
 
     def loc_stats(self, st, ref, loc, prec) -> dict:
         """NormalLoc / MvnLoc's `{"a", "b"}` at locations `loc` (rows) and the spread rows'
@@ -181,8 +216,8 @@ class GaussianPair:
         """NormalScale / MvnCovariance's `{"n", "ss"}` about locations `loc` (rows; a
         pseudo row: `loc = ref = 0`)."""
         s0, s1, s2 = st["s0"], st["s1"], st["s2"]
-        _, about_loc = shift_moments(s0, s1, s2, (ref - loc)[:, None], self.multivariate)
-        ss, n = jnp.sum(about_loc, axis=0), jnp.sum(s0, axis=0)
+        _, moved = shift_moments(s0, s1, 0.0, (ref - loc)[:, None], self.multivariate)
+        ss, n = s2 + jnp.sum(moved, axis=0), jnp.sum(s0, axis=0)
         if self.multivariate:
             return {"ss": 0.5 * (ss + jnp.swapaxes(ss, -1, -2)), "n": n}
         return {"n": n, "ss": jnp.maximum(ss, 0.0)}

@@ -1,7 +1,8 @@
 """Gaussian-mixture EM: bayes_em (an ordinary NumPyro model) vs a hand-written sufficient-statistics
 JAX EM and scikit-learn, from the same initial parameters, in the same run.
 
-    python benchmarks/gmm.py [--quick] [--f32] [--sizes 1e4,1e5] [--iters 20]
+    python benchmarks/gmm.py [--quick] [--f32] [--sizes 1e4,1e5] [--cov full,diag,tied,spherical]
+        [--iters 20]
 
 Prints a markdown table: ms/iteration (median of repeats, compile excluded), compile time,
 final log-likelihood and ratios to scikit-learn. Threads pinned to one BLAS thread per process.
@@ -14,6 +15,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse
+import functools
 import time
 import warnings
 
@@ -30,7 +32,7 @@ def parse():
     ap.add_argument("--sizes", default=None, help="comma-separated N values")
     ap.add_argument("--dims", default="2,8")
     ap.add_argument("--ks", default="4,16")
-    ap.add_argument("--cov", default="full,diag")
+    ap.add_argument("--cov", default="full,diag", help="of full, diag, tied, spherical")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-sklearn", action="store_true",
@@ -70,6 +72,26 @@ def gmm_diag(x, K):
     with numpyro.plate("data", x.shape[0]):
         z = numpyro.sample("z", dist.Categorical(w))
         numpyro.sample("x", dist.Normal(loc[z], scale[z]).to_event(1), obs=x)
+
+
+def gmm_tied(x, K):
+    D = x.shape[1]
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    loc = numpyro.param("loc", jnp.zeros((K, D)))
+    cov = numpyro.param("cov", jnp.eye(D), constraint=constraints.positive_definite)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.MultivariateNormal(loc[z], covariance_matrix=cov), obs=x)
+
+
+def gmm_spherical(x, K):
+    D = x.shape[1]
+    w = numpyro.param("w", jnp.ones(K) / K, constraint=constraints.simplex)
+    loc = numpyro.param("loc", jnp.zeros((K, D)))
+    scale = numpyro.param("scale", jnp.ones(K), constraint=constraints.positive)
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(loc[z], scale[z][:, None]).to_event(1), obs=x)
 
 
 # ---- the hand-written reference: sufficient statistics as matrix products -------------------
@@ -158,6 +180,66 @@ def ss_em_diag(x, w, mu, var, n_iter):
     return w, mu, var, lls
 
 
+def ss_em_tied(x, w, mu, cov, n_iter, block=None):
+    """Tied covariance: log-densities −½ xᵀPx + xᵀPμ_k − ½ μ_kᵀPμ_k (one (N, D) × (D, K)
+    product and xᵀPx); statistics Σ r, rᵀx, and Σ x xᵀ once (it does not change); `block`: in
+    one pass over blocks of rows (N a multiple of it)."""
+    N, D = x.shape
+    sxx = x.T @ x
+    xb = x.reshape(-1, block or N, D)
+
+    def step(carry, _):
+        w, mu, cov = carry
+        P = jnp.linalg.inv(cov)
+        Pm = mu @ P
+        const = jnp.log(w) - 0.5 * (jnp.sum(mu * Pm, 1) + jnp.linalg.slogdet(cov)[1]
+                                    + D * jnp.log(2 * jnp.pi))
+
+        def body(b, acc):
+            rows = lax.dynamic_index_in_dim(xb, b, 0, keepdims=False)
+            logp = rows @ Pm.T - 0.5 * jnp.sum((rows @ P) * rows, 1, keepdims=True) + const
+            ll = jax.nn.logsumexp(logp, axis=1)
+            r = jnp.exp(logp - ll[:, None])
+            return acc[0] + r.sum(0), acc[1] + r.T @ rows, acc[2] + ll.sum()
+
+        n, sx, ll = lax.fori_loop(0, xb.shape[0], body, (
+            jnp.zeros(len(w), x.dtype), jnp.zeros((len(w), D), x.dtype), jnp.zeros((), x.dtype)))
+        mu = sx / n[:, None]
+        return (n / N, mu, (sxx - (mu * n[:, None]).T @ mu) / N), ll
+
+    (w, mu, cov), lls = lax.scan(step, (w, mu, cov), None, length=n_iter)
+    return w, mu, cov, lls
+
+
+def ss_em_spherical(x, w, mu, var, n_iter, block=None):
+    """Spherical covariances σ_k² I: log-densities from one product with [x, ‖x‖²]; statistics
+    rᵀ[x, ‖x‖²]; `block`: in one pass over blocks of rows (N a multiple of it)."""
+    N, D = x.shape
+    xb = x.reshape(-1, block or N, D)
+
+    def step(carry, _):
+        w, mu, var = carry
+        coef = jnp.concatenate([mu / var[:, None], -0.5 / var[:, None]], 1)
+        const = jnp.log(w) - 0.5 * (jnp.sum(mu**2, 1) / var + D * jnp.log(2 * jnp.pi * var))
+
+        def body(b, acc):
+            rows = lax.dynamic_index_in_dim(xb, b, 0, keepdims=False)
+            f = jnp.concatenate([rows, jnp.sum(rows**2, 1, keepdims=True)], 1)
+            logp = f @ coef.T + const
+            ll = jax.nn.logsumexp(logp, axis=1)
+            r = jnp.exp(logp - ll[:, None])
+            return acc[0] + r.sum(0), acc[1] + r.T @ f, acc[2] + ll.sum()
+
+        n, sf, ll = lax.fori_loop(0, xb.shape[0], body, (
+            jnp.zeros(len(w), x.dtype), jnp.zeros((len(w), D + 1), x.dtype),
+            jnp.zeros((), x.dtype)))
+        mu = sf[:, :D] / n[:, None]
+        return (n / N, mu, (sf[:, D] / n - jnp.sum(mu**2, 1)) / D), ll
+
+    (w, mu, var), lls = lax.scan(step, (w, mu, var), None, length=n_iter)
+    return w, mu, var, lls
+
+
 # seconds XLA spends compiling (JAX's monitoring event; tracing is not counted: its events nest)
 COMPILE_SECONDS = [0.0]
 
@@ -202,8 +284,10 @@ def sklearn_fit(row, x, K, cov_type, n_iter, w0, m0, c0):
     N, D = x.shape
     gm = GaussianMixture(K, covariance_type=cov_type, reg_covar=0.0, tol=0.0, max_iter=n_iter,
                          weights_init=w0, means_init=m0,
-                         precisions_init=(np.linalg.inv(c0) if cov_type == "full"
-                                          else 0.5 * np.ones((K, D))))
+                         precisions_init={"full": np.linalg.inv(c0),
+                                          "tied": np.linalg.inv(c0[0]),
+                                          "diag": 0.5 * np.ones((K, D)),
+                                          "spherical": 0.5 * np.ones(K)}[cov_type])
     xs = np.asarray(x, np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -216,30 +300,33 @@ def bench_jax(row, x, K, cov_type, n_iter, repeats, w0, m0, c0):
     D = x.shape[1]
     # hand-written sufficient-statistics JAX EM
     xj = jnp.asarray(x)
-    if cov_type == "full":
-        ref = jax.jit(ss_em_full, static_argnums=4)
-        args = (xj, jnp.asarray(w0, DTYPE), jnp.asarray(m0, DTYPE), jnp.asarray(c0, DTYPE), n_iter)
-    else:
-        ref = jax.jit(ss_em_diag, static_argnums=4)
-        args = (xj, jnp.asarray(w0, DTYPE), jnp.asarray(m0, DTYPE),
-                jnp.asarray(2.0 * np.ones((K, D)), DTYPE), n_iter)
+    spread0 = {"full": c0, "tied": c0[0], "diag": 2.0 * np.ones((K, D)),
+               "spherical": 2.0 * np.ones(K)}[cov_type]
+    hand = {"full": ss_em_full, "tied": ss_em_tied, "diag": ss_em_diag,
+            "spherical": ss_em_spherical}[cov_type]
+    ref = jax.jit(hand, static_argnums=4)
+    args = (xj, jnp.asarray(w0, DTYPE), jnp.asarray(m0, DTYPE), jnp.asarray(spread0, DTYPE),
+            n_iter)
     t0 = time.perf_counter()
     jax.block_until_ready(ref(*args))
     row["compile_ref"] = time.perf_counter() - t0
     t_ref, _ = timed(lambda: ref(*args), repeats)
     row["ref"] = 1e3 * t_ref / n_iter
     row["blocked"] = float("nan")
-    if cov_type == "full" and x.shape[0] % 8000 == 0:  # the one-pass, blocked hand-written EM
-        blocked = jax.jit(ss_em_full_blocked, static_argnums=4)
-        jax.block_until_ready(blocked(*args))
-        t_blocked, out = timed(lambda: blocked(*args), repeats)
+    # the one-pass, blocked hand-written EM
+    blocked = {"full": (ss_em_full_blocked, 8000), "tied": (ss_em_tied, 10000),
+               "spherical": (ss_em_spherical, 10000)}.get(cov_type)
+    if blocked and x.shape[0] % blocked[1] == 0:
+        fn = jax.jit(functools.partial(blocked[0], block=blocked[1]), static_argnums=4)
+        jax.block_until_ready(fn(*args))
+        t_blocked, out = timed(lambda: fn(*args), repeats)
         row["blocked"] = 1e3 * t_blocked / n_iter
 
     # bayes_em: the same model as a NumPyro program
-    if cov_type == "full":
-        model, init = gmm_full, dict(w=w0, loc=m0, cov=c0)
-    else:
-        model, init = gmm_diag, dict(w=w0, loc=m0, scale=np.sqrt(2.0) * np.ones((K, D)))
+    model = {"full": gmm_full, "tied": gmm_tied, "diag": gmm_diag,
+             "spherical": gmm_spherical}[cov_type]
+    init = dict(w=w0, loc=m0, **({"cov": spread0} if cov_type in ("full", "tied")
+                                 else {"scale": np.sqrt(spread0)}))
     init = {k: jnp.asarray(v, DTYPE) for k, v in init.items()}
     em = EM(model, max_iter=n_iter, tol=0.0, init_values=init, progress_bar=False)
     t0, c0 = time.perf_counter(), COMPILE_SECONDS[0]
