@@ -13,6 +13,7 @@ from bayes_em import chunked, outcome
 from bayes_em import em as core
 from bayes_em import fit as fitting
 from bayes_em.compiled import jit
+from bayes_em.compiled import large as _large
 from bayes_em.compiled import quick as _quick
 from bayes_em.lbfgs import LBFGS
 from bayes_em.missing import check_missing, marginalize_missing
@@ -179,8 +180,9 @@ class EM:
         self._bar = {}  # {"bar": the running fit's tqdm bar}, shown by a host callback
 
     # -- compiled pieces, one set per model structure and static arguments ----------------------
-    def _functions(self, sites, rebuild, key, data, quick=False):
-        cache_key = (key, _sites_key(sites), quick)  # quick: see bayes_em.compiled.quick
+    def _functions(self, sites, rebuild, key, data, quick=False, large=False):
+        # quick / large: the compiler settings by size (bayes_em.compiled)
+        cache_key = (key, _sites_key(sites), quick, large)
         if cache_key not in self._compiled:
             problem = fitting.problem_for(self.model, sites, rebuild, data, self.options)
             bar = self._bar
@@ -198,10 +200,10 @@ class EM:
             self._compiled[cache_key] = (
                 problem,
                 dict(
-                    fit=jit(fit, quick=quick),
-                    latents=jit(latents, quick=quick),
+                    fit=jit(fit, quick=quick, large=large),
+                    latents=jit(latents, quick=quick, large=large),
                     e_step=jit(lambda params, data: core.e_step(problem, params, data, "sum")[:2],
-                               quick=quick),
+                               quick=quick, large=large),
                     # compiled only where a restart stopped at a symmetric point
                     hvp=jit(lambda params, data, v: core.objective_hvp(problem, params, data, v)),
                     # compiled only if the guard rejects a closed-form M-step
@@ -228,8 +230,9 @@ class EM:
         checked = chunked.head(chunked.configure(bare, init_params, data, self.chunk_size), data)
         size = check_enumeration(bare, init_params, checked, self.memory_limit,
                                  fitting.devices_of(data))
-        problem, functions = self._functions(sites, rebuild, key, data,
-                                             _quick(self.restarts * size, *data))
+        work = (self.restarts * size, *data)
+        problem, functions = self._functions(sites, rebuild, key, data, _quick(*work),
+                                             _large(*work))
         return problem, functions, init_params, data
 
     def e_step(self, params, *args, **kwargs) -> EStep:

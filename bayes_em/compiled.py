@@ -2,10 +2,14 @@
 persistent compilation cache in one call (`compilation_cache`).
 
 On CPU, XLA's classic loop emitters (`xla_cpu_use_fusion_emitters=False`) compile a fit's
-program about 40% faster than its newer MLIR fusion emitters, with equal or better run time
-(`benchmarks/README.md`). A *quick* program (a small fit, see `quick`) is compiled without
-LLVM's optimisation passes (`xla_backend_optimization_level=0`): less than half the compile
-time, for a run time that stays in milliseconds at its size. Other backends keep XLA's
+program 20–40% faster than its newer fusion emitters. But where an elementwise loop writes
+in place over its input (the E-step's exp of the log-weights, in every block of rows), the
+classic emitters' code checks the two buffers for overlap at run time and, finding it, runs
+its scalar loop: a float64 Gaussian-mixture iteration at N = 1e6 is 15–50% slower under them.
+So a *large* fit (see `large`) keeps XLA's default emitters, the others the classic ones, and
+a *quick* program (a small fit, see `quick`) is compiled without LLVM's optimisation passes
+(`xla_backend_optimization_level=0`): less than half the compile time, for a run time that
+stays in milliseconds at its size (`benchmarks/README.md`). Other backends keep XLA's
 defaults, and so does a jaxlib that no longer knows an option (checked once per process on a
 trivial program: the options are private).
 """
@@ -18,7 +22,8 @@ import os
 import jax
 import numpy as np
 
-__all__ = ["jit", "quick", "compilation_cache", "CACHE_ENV", "QUICK_BYTES"]
+__all__ = ["jit", "quick", "large", "compilation_cache", "CACHE_ENV", "QUICK_BYTES",
+           "LARGE_BYTES"]
 
 # environment variable: a directory for JAX's persistent compilation cache, set at import
 CACHE_ENV = "BAYES_EM_COMPILATION_CACHE"
@@ -31,6 +36,10 @@ _QUICK_OPTIONS = {"xla_backend_optimization_level": 0}
 # iteration, microseconds at this size, against ~0.2 s of compilation saved; an HMM of 1000
 # steps (sequential, hundreds of iterations in hmm.py) stays above it
 QUICK_BYTES = 2**14
+# a fit whose work per iteration (counted as for QUICK_BYTES) is at least this keeps XLA's
+# default CPU emitters: their run time saves more than their extra compile time (~0.5 s) over
+# tens of iterations (a float64 D = 8, K = 16 mixture from ~2.6e5 rows)
+LARGE_BYTES = 2**25
 
 
 @functools.cache
@@ -55,18 +64,28 @@ def _cpu_options(quick: bool) -> dict:
             for k, v in options.items()}
 
 
+def _bytes(sizes) -> float:
+    return sum(s if isinstance(s, (int, float, np.number)) else s.nbytes for s in sizes)
+
+
 def quick(*sizes) -> bool:
     """Whether a program whose work is `sizes` (bytes, or arrays: their bytes; summed) is
     small enough to be compiled quick (`QUICK_BYTES`)."""
-    return sum(s if isinstance(s, (int, float, np.number)) else s.nbytes
-               for s in sizes) < QUICK_BYTES
+    return _bytes(sizes) < QUICK_BYTES
 
 
-def jit(fn, quick: bool = False, **kwargs):
+def large(*sizes) -> bool:
+    """Whether a program whose work is `sizes` (as for `quick`) is large enough to keep XLA's
+    default emitters (`LARGE_BYTES`)."""
+    return _bytes(sizes) >= LARGE_BYTES
+
+
+def jit(fn, quick: bool = False, large: bool = False, **kwargs):
     """`jax.jit(fn, **kwargs)`, plus the CPU compiler options above (`quick`: without LLVM's
-    optimisation passes) when JAX's default backend is the CPU and the running jaxlib accepts
-    them (a top-level jit only: JAX refuses compiler options on nested jits)."""
-    if jax.default_backend() == "cpu":
+    optimisation passes; `large`: none, XLA's defaults) when JAX's default backend is the CPU
+    and the running jaxlib accepts them (a top-level jit only: JAX refuses compiler options on
+    nested jits)."""
+    if jax.default_backend() == "cpu" and not large:
         options = _cpu_options(bool(quick))
         if options:
             kwargs.setdefault("compiler_options", options)

@@ -247,26 +247,16 @@ def mvn_log_prob(loc, scale_tril, x):
 def diag_normal_log_prob(loc, scale, x):
     """Σ_d log N(x_d | loc_d, scale_d²) over the last dim (see `exact_distances`; float32
     takes the expansion where `expansion_fits`)."""
+    loc, scale = jnp.broadcast_arrays(loc, scale)
     D = x.shape[-1]
-    # one scale for the whole event (spherical): kept of event size 1
-    spherical = jnp.ndim(scale) >= 1 and jnp.shape(scale)[-1] == 1 and D > 1
-    if spherical:
-        shape = jnp.broadcast_shapes(jnp.shape(loc)[:-1], jnp.shape(scale)[:-1])
-        loc = jnp.broadcast_to(loc, shape + (D,))
-        scale = jnp.broadcast_to(scale, shape + (1,))
-    else:
-        loc, scale = jnp.broadcast_arrays(loc, scale)
     prec = 1.0 / jnp.square(scale)
 
     def expanded():  # Σ_d P_d (x_d − μ_d)² about the rows' mean, as products
         centre = jnp.mean(x.reshape(-1, D), axis=0)
         xc, mc = x - centre, loc - centre
-        if spherical:  # P ‖x‖²: no product
-            square = jnp.sum(jnp.square(xc), -1) * prec[..., 0]
-        else:
-            square = broadcast_dot(jnp.square(xc), prec)
         return jnp.maximum(
-            square - 2.0 * broadcast_dot(xc, mc * prec)
+            broadcast_dot(jnp.square(xc), prec)
+            - 2.0 * broadcast_dot(xc, mc * prec)
             + jnp.sum(jnp.square(mc) * prec, -1), 0.0)
 
     if exact_distances(jnp.result_type(x, loc)):

@@ -59,3 +59,31 @@ def test_quick_and_optimised_fits_agree(monkeypatch):
     assert quick.n_iter == slow.n_iter
     for k in quick.params:
         np.testing.assert_allclose(quick.params[k], slow.params[k], rtol=1e-9)
+
+
+def test_large_is_decided_by_bytes():
+    assert compiled.large(np.zeros(compiled.LARGE_BYTES // 8))
+    assert compiled.large(compiled.LARGE_BYTES // 2, compiled.LARGE_BYTES // 2)
+    assert not compiled.large(np.zeros(compiled.LARGE_BYTES // 8 - 1))
+    assert not compiled.large()
+
+
+def test_large_and_classic_fits_agree(monkeypatch):
+    """A fit compiled with XLA's default CPU emitters (large) and with the classic ones reach
+    the same optimum (to round-off), and the large one is compiled without bayes_em's options."""
+    y = jnp.array([1, 1, 0, 1, 0, 0, 1, 0, 1, 1] * 50, dtype=jnp.float64)
+    classic = EM(three_coins, tol=1e-10, progress_bar=False).run(jax.random.PRNGKey(0), y)
+    seen = []
+    real_jit = jax.jit
+
+    def jit(fn, **kw):
+        seen.append(kw.get("compiler_options"))
+        return real_jit(fn, **kw)
+
+    monkeypatch.setattr(compiled.jax, "jit", jit)
+    monkeypatch.setattr(compiled, "LARGE_BYTES", 0)
+    large = EM(three_coins, tol=1e-10, progress_bar=False).run(jax.random.PRNGKey(0), y)
+    assert None in seen  # the fit's program: XLA's defaults
+    assert classic.n_iter == large.n_iter
+    for k in classic.params:
+        np.testing.assert_allclose(classic.params[k], large.params[k], rtol=1e-9)
