@@ -52,6 +52,7 @@ from jax import lax
 from bayes_em import additive
 from bayes_em.conjugate import _trace, plan_prior, plan_stats, plan_value
 from bayes_em.estep import posterior_weights, projections
+from bayes_em.gaussian import expansion_choice
 from bayes_em.lbfgs import maximize
 from bayes_em.predict import RowMask
 from bayes_em.problem import EMProblem, constrain, factors, log_prior, unconstrain
@@ -191,11 +192,35 @@ def with_stages(problem: EMProblem) -> EMProblem:
 
 
 def _sum_over_chunks(problem, fn):
-    """Σ_i fn(i) over the chunks, one at a time."""
-    shapes = jax.eval_shape(fn, jnp.zeros((), jnp.int32))
+    """Σ_i fn(i) over the chunks, one at a time. Where fn holds float32 Gaussian expansions
+    (`gaussian.expansion_cond`), whether they fit is decided once for all chunks: a first
+    loop evaluates only their conditions (XLA drops the rest of fn), then the pass runs with
+    the expansion everywhere or with the exact form everywhere."""
+    conditions = []
+    with expansion_choice(conditions):
+        shapes = jax.eval_shape(fn, jnp.zeros((), jnp.int32))
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    return lax.fori_loop(0, problem.chunks.n_chunks,
-                         lambda i, acc: jax.tree.map(jnp.add, acc, fn(i)), init)
+    n = problem.chunks.n_chunks
+
+    def total():
+        return lax.fori_loop(0, n, lambda i, acc: jax.tree.map(jnp.add, acc, fn(i)), init)
+
+    if not conditions:
+        return total()
+
+    def fits(i, ok):
+        found = []
+        with expansion_choice(found):
+            fn(i)
+        return ok & jnp.all(jnp.stack(found))
+
+    def choose(choice):
+        def run():
+            with expansion_choice(choice):
+                return total()
+        return run
+
+    return lax.cond(lax.fori_loop(0, n, fits, jnp.asarray(True)), choose(True), choose(False))
 
 
 def _chunk_e_step(problem, params, data, i):

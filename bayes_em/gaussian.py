@@ -19,6 +19,8 @@ with P = L⁻ᵀ L⁻¹:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import string
 
 import jax
@@ -36,7 +38,11 @@ ROW_BLOCK = 8192
 # of scikit-learn's float32 L⁻¹x − L⁻¹μ); 0: always entry by entry
 EXPANSION_BUDGET = 4096.0
 
-__all__ = ["exact_distances", "expansion_fits", "inverse_tril", "rows_broadcast",
+# how the float32 expansion's conditions are traced (`expansion_choice`): None, a `lax.cond`
+_CHOICE = contextvars.ContextVar("bayes_em_expansion_choice", default=None)
+
+__all__ = ["exact_distances", "expansion_fits", "expansion_choice", "expansion_cond",
+           "inverse_tril", "rows_broadcast",
            "by_row_blocks", "sum_row_blocks",
            "broadcast_dot", "broadcast_matvec", "packed_outer", "moment_features",
            "split_moments", "pack_symmetric",
@@ -189,6 +195,31 @@ def expansion_fits(x, loc, prec, diagonal: bool = False):
     return jnp.max(norm * jnp.square(rx + rm)) <= EXPANSION_BUDGET
 
 
+@contextlib.contextmanager
+def expansion_choice(choice):
+    """Within it, `expansion_cond` is decided at trace time: True, the expansion; False, the
+    exact form; a list, the expansion, each condition's predicate appended to the list (so a
+    loop over blocks of rows can decide once for all its blocks, outside the loop: a
+    `lax.cond` per block kept XLA from laying out the block's arrays for their consumers)."""
+    token = _CHOICE.set(choice)
+    try:
+        yield
+    finally:
+        _CHOICE.reset(token)
+
+
+def expansion_cond(fits, expanded, exact):
+    """`lax.cond(fits(), expanded, exact)`, or the choice of the enclosing `expansion_choice`
+    (`fits`, `expanded`, `exact`: functions of no arguments)."""
+    choice = _CHOICE.get()
+    if choice is None:
+        return jax.lax.cond(fits(), expanded, exact)
+    if isinstance(choice, list):
+        choice.append(fits())
+        return expanded()
+    return expanded() if choice else exact()
+
+
 def _expanded_distances(x, loc, prec, centre, feats):
     """(x − μ)ᵀ P (x − μ) = ⟨x xᵀ, P⟩ − 2⟨x, Pμ⟩ + μᵀPμ about the rows' mean, as products with
     the loop-invariant `feats`, x̃ ⊗ x̃ (`moment_features`) of x̃ = [x − centre, 1]."""
@@ -231,8 +262,8 @@ def mvn_log_prob(loc, scale_tril, x):
             # (`gaussian_pair`), and XLA computes them once per block for both
             centre = jnp.mean(x, axis=0)
             feats = moment_features(x - centre)
-            maha = jax.lax.cond(
-                expansion_fits(x, loc, prec),
+            maha = expansion_cond(
+                lambda: expansion_fits(x, loc, prec),
                 lambda: jnp.broadcast_to(_expanded_distances(x, loc, prec, centre, feats),
                                          shape), exact)
         else:
@@ -266,8 +297,8 @@ def diag_normal_log_prob(loc, scale, x):
             return jnp.broadcast_to(jnp.sum(jnp.square((x - loc) / scale), -1), shape)
 
         if EXPANSION_BUDGET and x.ndim == 2:
-            maha = jax.lax.cond(expansion_fits(x, loc, prec, diagonal=True),
-                                lambda: jnp.broadcast_to(expanded(), shape), exact)
+            maha = expansion_cond(lambda: expansion_fits(x, loc, prec, diagonal=True),
+                                  lambda: jnp.broadcast_to(expanded(), shape), exact)
         else:
             maha = exact()
     else:

@@ -9,13 +9,13 @@ same products where their round-off is small (`bayes_em.gaussian.expansion_fits`
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from bayes_em.families import _count, _mvn_joint, _scatter, _weighted_outer, _weighted_sum
 from bayes_em.gaussian import (
     EXPANSION_BUDGET,
     exact_distances,
+    expansion_cond,
     expansion_fits,
     inverse_tril,
     moment_features,
@@ -89,7 +89,7 @@ def _mv_sums(w, x, c, joint, prec=None, spread=None, keep=None):
             s2m, s1m, s0m = split_moments(_weighted_sum(w, feats, joint, 1), D)
             return shift_moments(s0m, s1m, s2m, jnp.broadcast_to(m - c, s1m.shape), True)
 
-        s1, s2 = jax.lax.cond(expansion_fits(x, c, prec), expanded, exact)
+        s1, s2 = expansion_cond(lambda: expansion_fits(x, c, prec), expanded, exact)
     else:
         s1, s2 = exact()
     return {"s0": (s0, ()), "s1": (s1, (D,)), "s2": (s2, (D, D))}
@@ -192,10 +192,11 @@ class GaussianPair:
                   and joint[-1] == x.shape[-1]):
                 # float32 (N, D) rows, a location per column: the column sums' products (about
                 # each column's mean) where their round-off is small
-                fits = expansion_fits(x, jnp.broadcast_to(c, joint),
-                                      jnp.broadcast_to(1.0 / jnp.square(base.scale), joint),
-                                      diagonal=True)
-                sums = jax.lax.cond(fits, lambda: _column_sums(w, x, c, joint), entrywise)
+                sums = expansion_cond(
+                    lambda: expansion_fits(
+                        x, jnp.broadcast_to(c, joint),
+                        jnp.broadcast_to(1.0 / jnp.square(base.scale), joint), diagonal=True),
+                    lambda: _column_sums(w, x, c, joint), entrywise)
             else:
                 sums = entrywise()
         out = {k: _scatter(v, pair, nl * ns, ev).reshape((nl, ns) + ev)

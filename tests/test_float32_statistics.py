@@ -193,3 +193,54 @@ def test_float32_takes_the_expansion_where_its_bound_allows(covariance, monkeypa
         lp = np.stack([np.log(p["w"][k]) + multivariate_normal(p["loc"][k], cov[k]).logpdf(x)
                        for k in range(K)], 1)
         assert abs(got.log_likelihood - logsumexp(lp, 1).sum()) < 0.5
+
+
+def test_expansion_choice_decides_at_trace_time():
+    """`expansion_cond` is a `lax.cond` by default; inside `expansion_choice` it takes the
+    expansion (True), the exact form (False), or records its predicate and takes the
+    expansion (a list)."""
+    expanded, exact = (lambda: jnp.asarray(1.0)), (lambda: jnp.asarray(2.0))
+    assert float(gaussian.expansion_cond(lambda: jnp.asarray(False), expanded, exact)) == 2.0
+    assert float(gaussian.expansion_cond(lambda: jnp.asarray(True), expanded, exact)) == 1.0
+    with gaussian.expansion_choice(False):
+        assert float(gaussian.expansion_cond(lambda: jnp.asarray(True), expanded, exact)) == 2.0
+    found = []
+    with gaussian.expansion_choice(found):
+        assert float(gaussian.expansion_cond(lambda: jnp.asarray(False), expanded, exact)) == 1.0
+    assert [bool(f) for f in found] == [False]
+    assert gaussian._CHOICE.get() is None  # restored
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+def test_float32_blocks_decide_the_expansion_together(covariance, monkeypatch):
+    """The blocked one-pass iteration takes the float32 expansion in every block or in none:
+    one far outlier in the last block (its bound fails there only) puts the whole fit on the
+    exact form, the same fit as with the expansion switched off; without the outlier the
+    fit takes the expansion (it differs from the exact one by round-off only)."""
+    rng = np.random.default_rng(3)
+    K, D, n = 2, 2, 40000
+    x = np.concatenate([rng.normal(size=(n // 2, D)), rng.normal(size=(n // 2, D)) + 4.0])
+    rng.shuffle(x)
+    far = x.copy()
+    far[-1] = 3e3  # in the last block
+    loc0 = np.array([[0.5, 0.5], [3.0, 3.0]])
+    model, init = ((full_gmm, dict(loc=loc0, cov=np.stack([np.eye(D)] * K)))
+                   if covariance == "full" else (diag_gmm, dict(loc=loc0, scale=np.ones((K, D)))))
+
+    def fit(data):
+        with jax.enable_x64(False):
+            result = EM(model, init_values={k: np.asarray(v, np.float32)
+                                            for k, v in init.items()},
+                        tol=0.0, max_iter=8, progress_bar=False).run(
+                jax.random.PRNGKey(0), jnp.asarray(data, jnp.float32), K)
+        assert result.problem.fused.blocks is not None and result.problem.fused.blocks.n_chunks > 1
+        return result
+
+    chosen, chosen_far = fit(x), fit(far)
+    monkeypatch.setattr(gaussian, "EXPANSION_BUDGET", 0.0)
+    exact, exact_far = fit(x), fit(far)
+    for k in exact.params:
+        np.testing.assert_allclose(chosen_far.params[k], exact_far.params[k], rtol=1e-6,
+                                   atol=1e-7)
+        np.testing.assert_allclose(chosen.params[k], exact.params[k], rtol=1e-3, atol=1e-4)
+    assert any(not np.array_equal(chosen.params[k], exact.params[k]) for k in exact.params)
