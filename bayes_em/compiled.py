@@ -6,7 +6,9 @@ program 20–40% faster than its newer fusion emitters. But where an elementwise
 in place over its input (the E-step's exp of the log-weights, in every block of rows), the
 classic emitters' code checks the two buffers for overlap at run time and, finding it, runs
 its scalar loop: a float64 Gaussian-mixture iteration at N = 1e6 is 15–50% slower under them.
-So a *large* fit (see `large`) keeps XLA's default emitters, the others the classic ones, and
+So a *large* fit (see `large`) keeps XLA's default emitters, the others the classic ones
+(their traces keep the mixture's exp out of place: `classic_emitters`,
+`bayes_em.contraction.log_sum_exp`), and
 a *quick* program (a small fit, see `quick`) is compiled without LLVM's optimisation passes
 (`xla_backend_optimization_level=0`): less than half the compile time, for a run time that
 stays in milliseconds at its size (`benchmarks/README.md`). Other backends keep XLA's
@@ -16,14 +18,15 @@ trivial program: the options are private).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 
 import jax
 import numpy as np
 
-__all__ = ["jit", "quick", "large", "compilation_cache", "CACHE_ENV", "QUICK_BYTES",
-           "LARGE_BYTES"]
+__all__ = ["jit", "quick", "large", "classic_emitters", "compilation_cache", "CACHE_ENV",
+           "QUICK_BYTES", "LARGE_BYTES"]
 
 # environment variable: a directory for JAX's persistent compilation cache, set at import
 CACHE_ENV = "BAYES_EM_COMPILATION_CACHE"
@@ -40,6 +43,15 @@ QUICK_BYTES = 2**14
 # default CPU emitters: their run time saves more than their extra compile time (~0.5 s) over
 # tens of iterations (a float64 D = 8, K = 16 mixture from ~2.6e5 rows)
 LARGE_BYTES = 2**25
+
+# set while a program for the classic emitters is traced (`classic_emitters`)
+_CLASSIC = contextvars.ContextVar("bayes_em_classic_emitters", default=False)
+
+
+def classic_emitters() -> bool:
+    """Whether the program being traced is compiled with the classic emitters (code that
+    would rather not write an elementwise result over its input: see the module's docstring)."""
+    return _CLASSIC.get()
 
 
 @functools.cache
@@ -89,7 +101,21 @@ def jit(fn, quick: bool = False, large: bool = False, **kwargs):
         options = _cpu_options(bool(quick))
         if options:
             kwargs.setdefault("compiler_options", options)
+            if options.get("xla_cpu_use_fusion_emitters") is False:
+                fn = _traced_classic(fn)
     return jax.jit(fn, **kwargs)
+
+
+def _traced_classic(fn):
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        token = _CLASSIC.set(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _CLASSIC.reset(token)
+
+    return traced
 
 
 def compilation_cache(path: str | os.PathLike | None = None) -> str:

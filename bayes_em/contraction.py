@@ -9,6 +9,7 @@ allows, else by funsor's contraction (parallel-in-time with `parallel_time`).
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict, defaultdict
 from functools import reduce
 from typing import NamedTuple
@@ -20,6 +21,7 @@ from jax import Array
 
 from bayes_em import _numpyro as npi
 from bayes_em._numpyro import UNITS, compute_markov_factors, partition
+from bayes_em.compiled import classic_emitters
 from bayes_em.factors import Factors, time_sizes
 from bayes_em.forward import forward_scan
 from bayes_em.viterbi import max_first, viterbi_scan
@@ -297,6 +299,48 @@ def _forward_chain(graph, time, sum_op, prod_op):
     return rest + [a_last], a_last, exact
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def log_sum_exp(a, axes: tuple):
+    """log Σ exp(a) over `axes` (as `jax.nn.logsumexp`), its derivative Σ softmax(a) · ȧ
+    from the same exp, reading a once more so that XLA does not write the exp of a − max a
+    over a: XLA:CPU's classic emitters (`compiled.classic_emitters`) run an elementwise loop
+    that writes over its own input as scalar code (a run-time overlap check), which made the
+    E-step's exp of a mixture's log-weights 2.3× slower than a vectorised one (a mid-size
+    float64 mixture 21–29% per iteration)."""
+    return _log_sum_exp(a, axes)[0]
+
+
+def _log_sum_exp(a, axes):
+    m = jax.lax.stop_gradient(jnp.max(a, axes, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(a - m)
+    s = jnp.sum(e, axes, keepdims=True)
+    return jnp.squeeze(jnp.log(s) + m, axes), e, s
+
+
+@log_sum_exp.defjvp
+def _log_sum_exp_jvp(axes, primals, tangents):
+    a, = primals
+    out, e, s = _log_sum_exp(a, axes)
+    # e where a > -inf (0 there anyway): reading a after the exp keeps XLA from writing the
+    # exp over a
+    e = jnp.where(a == -jnp.inf, 0.0, e)
+    return out, jnp.squeeze(jnp.sum(e * tangents[0], axes, keepdims=True) / s, axes)
+
+
+def _sum_out(f, sum_op, names):
+    """`f.reduce(sum_op, names)`; under the classic emitters a log-sum-exp by `log_sum_exp`
+    (under XLA's default ones funsor's measured 10% faster on a diagonal mixture)."""
+    if (sum_op is not npi.logaddexp or not isinstance(f, funsor.Tensor)
+            or not classic_emitters()):
+        return f.reduce(sum_op, names)
+    axes = tuple(i for i, n in enumerate(f.inputs) if n in names)
+    if not axes or jnp.ndim(f.data) != len(f.inputs):
+        return f.reduce(sum_op, names)
+    return funsor.Tensor(log_sum_exp(f.data, axes),
+                         OrderedDict((n, d) for n, d in f.inputs.items() if n not in names))
+
+
 def _lazy_contraction(factors, sum_op, prod_op, parallel_time=False, report=None):
     """The lazy funsor expression of the contraction of `factors` over every latent, plate
     and time dim: chains summed by `_forward_chain` where it applies (not with
@@ -344,7 +388,7 @@ def _lazy_contraction(factors, sum_op, prod_op, parallel_time=False, report=None
         # one factor (a mixture, the three coins): its latents summed out, then its plates, as
         # sum_product does with it, without funsor's lazy interpretation and optimiser
         inputs = frozenset(free[0].inputs)
-        return free[0].reduce(sum_op, graph.sum_vars & inputs).reduce(
+        return _sum_out(free[0], sum_op, graph.sum_vars & inputs).reduce(
             prod_op, graph.prod_vars & inputs)
     with funsor.interpretations.lazy:
         if graph.plate_weights:

@@ -87,3 +87,20 @@ def test_large_and_classic_fits_agree(monkeypatch):
     assert classic.n_iter == large.n_iter
     for k in classic.params:
         np.testing.assert_allclose(classic.params[k], large.params[k], rtol=1e-9)
+
+
+def test_programs_for_the_classic_emitters_are_traced_as_such():
+    """`classic_emitters()` is True while a program compiled with the classic emitters is
+    traced (so the E-step keeps its exp out of place), False for a large one and outside."""
+    seen = []
+
+    def double(x):
+        seen.append(compiled.classic_emitters())
+        return 2 * x
+
+    compiled.jit(double)(jnp.ones(()))
+    compiled.jit(double, large=True)(jnp.ones(()))
+    classic = jax.default_backend() == "cpu" and compiled._accepted(
+        tuple(sorted(compiled._CPU_OPTIONS.items())))
+    assert seen == [classic, False]
+    assert not compiled.classic_emitters()
