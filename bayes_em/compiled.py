@@ -49,8 +49,9 @@ _CLASSIC = contextvars.ContextVar("bayes_em_classic_emitters", default=False)
 
 
 def classic_emitters() -> bool:
-    """Whether the program being traced is compiled with the classic emitters (code that
-    would rather not write an elementwise result over its input: see the module's docstring)."""
+    """Whether the program being traced is compiled, not quick, with the classic emitters
+    (code that would rather not write an elementwise result over its input: see the module's
+    docstring)."""
     return _CLASSIC.get()
 
 
@@ -101,8 +102,8 @@ def jit(fn, quick: bool = False, large: bool = False, **kwargs):
         options = _cpu_options(bool(quick))
         if options:
             kwargs.setdefault("compiler_options", options)
-            if options.get("xla_cpu_use_fusion_emitters") is False:
-                fn = _traced_classic(fn)
+            if options.get("xla_cpu_use_fusion_emitters") is False and not quick:
+                fn = _traced_classic(fn)  # (a quick program's arrays are tiny)
     return jax.jit(fn, **kwargs)
 
 
