@@ -1,11 +1,11 @@
 """Raw Gaussian statistics for additive (one-pass, chunked, online) EM: per pair of a
-location row and a scale / covariance row, Σ w, Σ w (x − c), Σ w (x − c)(x − c)ᵀ about a
-reference c, read by `bayes_em.additive`. Float64 multivariate sums about one shared
-centre are matrix products with the packed x̃ ⊗ x̃ (x̃ = [x, 1]); float64 univariate sums are
-matrix products about each data column's mean, moved to the locations. Float32 sums are the
-same products where their round-off is small (`bayes_em.gaussian.expansion_fits`, a
-`lax.cond`), else formed per row and component (multivariate: over blocks of rows,
-`bayes_em.gaussian.sum_row_blocks`)."""
+location row and a scale / covariance row, Σ w and Σ w (x − c), and per scale / covariance
+row Σ w (x − c)(x − c)ᵀ, about a reference c, read by `bayes_em.additive`. Float64
+multivariate sums about one shared centre are matrix products with the packed x̃ ⊗ x̃
+(x̃ = [x, 1]); float64 univariate sums are matrix products about each data column's mean,
+moved to the locations. Float32 sums are the same products where their round-off is small
+(`bayes_em.gaussian.expansion_fits`, `expansion_cond`), else formed per row and component
+(multivariate: over blocks of rows, `bayes_em.gaussian.sum_row_blocks`)."""
 
 from __future__ import annotations
 
