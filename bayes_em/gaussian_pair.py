@@ -46,7 +46,7 @@ def _mv_sums(w, x, c, joint, prec=None, spread=None, keep=None):
     over the entries sharing a spread row (`keep`: the entries counted) with x ⊗ x. For `c`
     per component, the same about the rows' mean m (the E-step's
     features: XLA forms them once for both) moved to c where the components' precisions `prec`
-    make that accurate (`gaussian.expansion_fits`, a `lax.cond`), else they are formed from
+    make that accurate (`gaussian.expansion_fits`, `expansion_cond`), else they are formed from
     the distances x − c, rows (N, D) that the components meet along a size-1 dim over blocks of
     rows (no rows × components × D intermediate in memory)."""
     D = jnp.shape(x)[-1]
@@ -171,12 +171,8 @@ class GaussianPair:
             sums = _mv_sums(w, x, c, joint, None if shared else _precision(base.scale_tril),
                             spread, il < nl)
             if jnp.shape(sums["s2"][0])[:len(joint)] != tuple(joint):  # over `spread`
-                s2, ev = sums.pop("s2")
                 idx = jnp.broadcast_to(idx_spread, spread)
-                out = _scatter(s2, jnp.where(idx < ns, idx, ns), ns, ev)
-                sums = {k: _scatter(v, pair, nl * ns, ev).reshape((nl, ns) + ev)
-                        for k, (v, ev) in sums.items()}
-                return {**sums, "s2": out}
+                row = jnp.where(idx < ns, idx, ns)
         else:
             def entrywise():
                 d = x - c
